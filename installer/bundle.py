@@ -1,0 +1,398 @@
+"""The bundle format, version 1: the one place that knows the on-disk layout.
+
+Both sides use this module: `pack build` writes bundles through :class:`BundleWriter`, and `pack verify`
+and the installer read them with :class:`Bundle`. It runs on the target's bare Python, so it uses the
+standard library only (signature checks fall back to the `openssl` command when `cryptography` is absent).
+See docs/bundle-format.md for the format itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from installer.errors import BundleError, IntegrityError, SignatureError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "MANIFEST.json"
+SIGNATURE_NAME = "MANIFEST.json.sig"
+INSTALL_SH = "install.sh"
+INSTALLER_ARCHIVE = "installer.tar.gz"
+ENVS_DIR = "envs"
+RUNTIME_DIR = "runtime"
+MODELS_DIR = "models"
+# split volumes (see installer/volumes.py)
+VOLUME_PREFIX = "vol"
+VOLUME_INDEX = "VOLUME.sha256"
+SPLIT_INFO = "SPLIT.json"
+
+ARTIFACT_KINDS = ("bootstrap", "installer", "runtime", "environment", "model")
+BUFSIZE = 1 << 20
+
+
+def env_artifact(name: str) -> str:
+    return f"{ENVS_DIR}/{name}.tar.zst"
+
+
+def runtime_artifact(name: str) -> str:
+    return f"{RUNTIME_DIR}/{name}.tar.gz"
+
+
+def model_dir(name: str) -> str:
+    return f"{MODELS_DIR}/{name}"
+
+
+def bundle_dirname(name: str, version: str) -> str:
+    return f"{name}-{version}"
+
+
+def canonical_json(obj: object) -> bytes:
+    """The exact bytes of MANIFEST.json for ``obj`` (stable across runs and Python versions)."""
+    return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def check_relpath(path: str, *, what: str = "artifact path") -> str:
+    """Reject paths that could escape the bundle: absolute, '..', empty parts, backslashes."""
+    p = PurePosixPath(path)
+    if (not path or p.is_absolute() or "\\" in path or any(part in ("", ".", "..") for part in path.split("/"))):
+        raise BundleError(f"unsafe {what} {path!r} in {MANIFEST_NAME}",
+                          hint="the manifest was not produced by `pack build`; do not install this bundle")
+    return path
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def sha256_file(path: str | os.PathLike[str], bufsize: int = BUFSIZE) -> tuple[str, int]:
+    """Stream ``path`` through sha256; returns (hexdigest, size). Memory stays at one buffer."""
+    h = hashlib.sha256()
+    size = 0
+    buf = bytearray(bufsize)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+    return h.hexdigest(), size
+
+
+def _hash_job(path: str) -> tuple[str, str, int]:
+    digest, size = sha256_file(path)
+    return path, digest, size
+
+
+def hash_files(paths: Iterable[str | os.PathLike[str]], *, jobs: int | None = None) -> Iterator[tuple[str, str, int]]:
+    """Hash files in parallel processes (OpenSSL's sha256 is CPU-bound: one core ~1.9 GB/s).
+
+    Yields (path, sha256, size) in the order given. Small files are not worth a process pool.
+    """
+    items = [os.fspath(p) for p in paths]
+    jobs = jobs or min(len(items), os.cpu_count() or 1)
+    if jobs <= 1 or len(items) <= 1:
+        for p in items:
+            yield _hash_job(p)
+        return
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        yield from pool.map(_hash_job, items, chunksize=1)
+
+
+# --------------------------------------------------------------------------- signatures
+
+
+def verify_signature(message: bytes, signature: bytes, pubkey_pem: bytes) -> bool:
+    """True if ``signature`` is a valid ed25519 signature of ``message`` by ``pubkey_pem``."""
+    try:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    except ImportError:
+        return _verify_with_openssl(message, signature, pubkey_pem)
+    try:
+        key = load_pem_public_key(pubkey_pem)
+    except ValueError as e:
+        raise SignatureError(f"not a PEM public key: {e}") from e
+    if not isinstance(key, Ed25519PublicKey):
+        raise SignatureError("the public key is not an ed25519 key", hint="create keys with `pack keygen`")
+    try:
+        key.verify(signature, message)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _verify_with_openssl(message: bytes, signature: bytes, pubkey_pem: bytes) -> bool:
+    with tempfile.TemporaryDirectory(prefix="llm-sig-") as d:
+        paths = {n: Path(d, n) for n in ("msg", "sig", "key.pub")}
+        paths["msg"].write_bytes(message)
+        paths["sig"].write_bytes(signature)
+        paths["key.pub"].write_bytes(pubkey_pem)
+        r = subprocess.run(["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(paths["key.pub"]),
+                            "-rawin", "-in", str(paths["msg"]), "-sigfile", str(paths["sig"])],
+                           capture_output=True, check=False)
+    return r.returncode == 0
+
+
+def key_fingerprint(pubkey_pem: bytes) -> str:
+    """Short, stable fingerprint of a PEM public key (sha256 of the DER bytes, first 16 hex)."""
+    lines = [ln.strip() for ln in pubkey_pem.decode("ascii", "replace").splitlines()]
+    body = "".join(ln for ln in lines if ln and not ln.startswith("-----"))
+    import base64
+    try:
+        der = base64.b64decode(body, validate=True)
+    except ValueError as e:
+        raise SignatureError(f"not a PEM public key: {e}") from e
+    return "sha256:" + hashlib.sha256(der).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact:
+    path: str
+    size: int
+    sha256: str
+    kind: str
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Artifact:
+        try:
+            art = cls(path=check_relpath(str(d["path"])), size=int(d["size"]), sha256=str(d["sha256"]),
+                      kind=str(d["kind"]))
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, BundleError):
+                raise
+            raise BundleError(f"malformed artifact entry in {MANIFEST_NAME}: {d!r}") from e
+        if len(art.sha256) != 64 or art.size < 0:
+            raise BundleError(f"malformed artifact entry in {MANIFEST_NAME}: {d!r}")
+        return art
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "size": self.size, "sha256": self.sha256, "kind": self.kind}
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle directory opened for reading. ``manifest`` is the parsed MANIFEST.json."""
+
+    root: Path
+    manifest_bytes: bytes
+    manifest: dict
+    artifacts: tuple[Artifact, ...]
+
+    @classmethod
+    def load(cls, root: str | os.PathLike[str]) -> Bundle:
+        root = Path(root)
+        mpath = root / MANIFEST_NAME
+        if not root.is_dir():
+            raise BundleError(f"{root}: not a bundle directory (it does not exist or is not a directory)",
+                              hint="pass the directory `pack build` printed, e.g. out/<name>-<version>")
+        try:
+            raw = mpath.read_bytes()
+        except FileNotFoundError as e:
+            hint = ("this looks like split volumes: run install.sh from the first volume"
+                    if (root / SPLIT_INFO).exists() else "pass the directory `pack build` printed")
+            raise BundleError(f"{root}: no {MANIFEST_NAME}: not a bundle", hint=hint) from e
+        try:
+            manifest = json.loads(raw)
+        except ValueError as e:
+            raise BundleError(f"{mpath}: not valid JSON ({e})",
+                              hint="the manifest is corrupt; copy the bundle again") from e
+        if not isinstance(manifest, dict):
+            raise BundleError(f"{mpath}: expected a JSON object")
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(f"{mpath}: bundle format version {version!r} is not supported "
+                              f"(this tool reads version {FORMAT_VERSION})",
+                              hint="use the installer that came with the bundle, or rebuild it")
+        arts = tuple(Artifact.from_dict(a) for a in manifest.get("artifacts", []))
+        seen: set[str] = set()
+        for a in arts:
+            if a.path in seen or a.path in (MANIFEST_NAME, SIGNATURE_NAME):
+                raise BundleError(f"{mpath}: artifact {a.path!r} listed twice or reserved")
+            seen.add(a.path)
+        return cls(root=root, manifest_bytes=raw, manifest=manifest, artifacts=arts)
+
+    # -- identity
+    @property
+    def name(self) -> str:
+        return str(self.manifest["bundle"]["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["bundle"]["version"])
+
+    @property
+    def manifest_sha256(self) -> str:
+        return hashlib.sha256(self.manifest_bytes).hexdigest()
+
+    def artifact(self, path: str) -> Artifact:
+        for a in self.artifacts:
+            if a.path == path:
+                return a
+        raise BundleError(f"{self.root}: {path!r} is not listed in {MANIFEST_NAME}")
+
+    def path_of(self, artifact: Artifact | str) -> Path:
+        rel = artifact.path if isinstance(artifact, Artifact) else check_relpath(artifact)
+        return self.root.joinpath(*rel.split("/"))
+
+    def total_size(self) -> int:
+        return sum(a.size for a in self.artifacts)
+
+    # -- checks
+    def unlisted_files(self) -> list[str]:
+        """Files in the directory that MANIFEST.json does not list (an extra file is an error)."""
+        listed = {a.path for a in self.artifacts} | {MANIFEST_NAME, SIGNATURE_NAME}
+        extra: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames.sort()
+            for fn in sorted(filenames):
+                rel = Path(dirpath, fn).relative_to(self.root).as_posix()
+                if rel not in listed:
+                    extra.append(rel)
+        return extra
+
+    def check_signature(self, pubkeys: Iterable[bytes]) -> str:
+        """Verify MANIFEST.json.sig against any of ``pubkeys``; returns the matching key's fingerprint."""
+        sig_path = self.root / SIGNATURE_NAME
+        if not sig_path.exists():
+            raise SignatureError(f"{self.root}: the bundle is not signed (no {SIGNATURE_NAME})",
+                                 hint="build it with `pack build --key KEY`, or accept it explicitly with "
+                                      "--insecure")
+        sig = sig_path.read_bytes()
+        keys = list(pubkeys)
+        if not keys:
+            raise SignatureError("no trusted public key to check the signature with",
+                                 hint="pass --pubkey FILE (the .pub written by `pack keygen`)")
+        for key in keys:
+            if verify_signature(self.manifest_bytes, sig, key):
+                return key_fingerprint(key)
+        raise SignatureError(f"{self.root}: {SIGNATURE_NAME} does not match {MANIFEST_NAME} for any trusted "
+                             f"key ({', '.join(key_fingerprint(k) for k in keys)})",
+                             hint="the manifest was modified after signing, or it was signed by a key you "
+                                  "do not trust")
+
+    def check_files(self, *, jobs: int | None = None,
+                    on_progress: Callable[[Artifact], None] | None = None) -> None:
+        """Check every artifact's presence, size and sha256; raise for the first failing one (manifest order)."""
+        extra = self.unlisted_files()
+        if extra:
+            raise BundleError(f"{self.root}: {len(extra)} file(s) not listed in {MANIFEST_NAME}: "
+                              f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}",
+                              hint="something was added to the bundle after it was built; remove it or "
+                                   "copy the bundle again")
+        for a in self.artifacts:
+            p = self.path_of(a)
+            try:
+                st = p.lstat()
+            except FileNotFoundError as e:
+                raise IntegrityError(a.path, expected=f"{a.size} bytes", actual="missing", what="file") from e
+            if not p.is_file() or p.is_symlink():
+                raise IntegrityError(a.path, expected="regular file", actual="not a regular file", what="type")
+            if st.st_size != a.size:
+                raise IntegrityError(a.path, expected=str(a.size), actual=str(st.st_size), what="size")
+        by_path = {os.fspath(self.path_of(a)): a for a in self.artifacts}
+        bad: dict[str, str] = {}
+        # biggest first keeps both cores busy to the end; failures are reported in manifest order
+        for path, digest, _size in hash_files(sorted(by_path, key=lambda p: -by_path[p].size), jobs=jobs):
+            a = by_path[path]
+            if digest != a.sha256:
+                bad[a.path] = digest
+            elif on_progress:
+                on_progress(a)
+        for a in self.artifacts:
+            if a.path in bad:
+                raise IntegrityError(a.path, expected=a.sha256, actual=bad[a.path])
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class BundleWriter:
+    """Assemble a bundle in a staging directory beside its final place, then switch atomically.
+
+    Usage: ``w = BundleWriter(out_dir, name, version)``; ``w.add_file(...)`` / ``w.place(...)``;
+    ``w.commit(manifest_without_artifacts, sign=callable)``. Until ``commit`` nothing is visible at the
+    final path, and :meth:`abort` (or an exception inside ``with``) removes the staging directory.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], name: str, version: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.final = self.out_dir / bundle_dirname(name, version)
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".partial",
+                                             dir=self.out_dir))
+        self._artifacts: dict[str, Artifact] = {}
+
+    def __enter__(self) -> BundleWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def path(self, relpath: str) -> Path:
+        """Where an artifact goes inside the staging directory (parents created)."""
+        p = self.staging.joinpath(*check_relpath(relpath).split("/"))
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def record(self, relpath: str, *, kind: str, sha256: str, size: int) -> Artifact:
+        """Record an artifact already written at ``self.path(relpath)`` with its known hash."""
+        if kind not in ARTIFACT_KINDS:
+            raise ValueError(f"unknown artifact kind {kind!r}")
+        art = Artifact(path=check_relpath(relpath), size=size, sha256=sha256, kind=kind)
+        self._artifacts[relpath] = art
+        return art
+
+    def add_bytes(self, relpath: str, data: bytes, *, kind: str, mode: int = 0o644) -> Artifact:
+        p = self.path(relpath)
+        p.write_bytes(data)
+        os.chmod(p, mode)
+        return self.record(relpath, kind=kind, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+
+    @property
+    def artifacts(self) -> list[Artifact]:
+        return sorted(self._artifacts.values(), key=lambda a: a.path)
+
+    def commit(self, manifest: dict, *, sign: Callable[[bytes], bytes] | None,
+               verify_jobs: int | None = None) -> Bundle:
+        """Write MANIFEST.json, re-open with the reader and verify, sign, then move into place."""
+        manifest = dict(manifest)
+        manifest["format_version"] = FORMAT_VERSION
+        manifest["artifacts"] = [a.to_dict() for a in self.artifacts]
+        data = canonical_json(manifest)
+        (self.staging / MANIFEST_NAME).write_bytes(data)
+        # Re-open with the installer's own reader before signing (a bundle we cannot read is never signed).
+        bundle = Bundle.load(self.staging)
+        bundle.check_files(jobs=verify_jobs)
+        if sign is not None:
+            (self.staging / SIGNATURE_NAME).write_bytes(sign(data))
+        os.chmod(self.staging, 0o755)
+        self._switch()
+        return Bundle.load(self.final)
+
+    def _switch(self) -> None:
+        old = None
+        if self.final.exists():
+            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+            os.replace(self.final, old)
+        try:
+            os.replace(self.staging, self.final)
+        except OSError:
+            if old is not None:
+                os.replace(old, self.final)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
