@@ -1,0 +1,372 @@
+"""Load and validate a bundle manifest (YAML) into `packager.spec.Manifest`.
+
+Validation happens before anything is downloaded and reports every problem at once, each with the file,
+line, field path, what was expected and what was found, plus a "did you mean" for unknown keys. The
+schema below is a small JSON-Schema subset; `pack schema` publishes it for editors
+(packager/schema/manifest.schema.json).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from installer.errors import ManifestError
+from packager.spec import BundleSpec, EnvSpec, Manifest, ModelSpec, PipSpec, ServiceSpec, TargetSpec
+
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+VERSION_RE = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
+CUDA_RE = r"^[0-9]+\.[0-9]+$"
+
+
+def _str(desc: str, **kw: Any) -> dict:
+    return {"type": "string", "description": desc, **kw}
+
+
+def _strlist(desc: str) -> dict:
+    return {"type": "array", "items": {"type": "string"}, "description": desc}
+
+
+def _obj(props: dict, required: tuple[str, ...] = (), desc: str = "") -> dict:
+    return {"type": "object", "properties": props, "required": list(required), "additionalProperties": False,
+            **({"description": desc} if desc else {})}
+
+
+PIP_SCHEMA = _obj({
+    "packages": _strlist("pip requirement specifiers, e.g. vllm==0.11.0"),
+    "index_url": _str("pip --index-url (e.g. the PyTorch index for your CUDA)"),
+    "extra_index_urls": _strlist("pip --extra-index-url values"),
+    "find_links": _strlist("pip --find-links values (local wheel directories)"),
+    "no_index": {"type": "boolean", "description": "pip --no-index: install only from find_links"},
+    "remove": _strlist("distributions to uninstall after the pip layer"),
+}, desc="the pip layer, installed with the environment's own pip")
+
+ENV_SCHEMA = _obj({
+    "name": _str("environment name (directory name on the target)", pattern=NAME_RE),
+    "python": _str("Python version, e.g. '3.12'", pattern=r"^3\.[0-9]+(\.[0-9]+)?$"),
+    "cuda": {"type": ["string", "null"], "pattern": CUDA_RE,
+             "description": "CUDA version the environment is built for, e.g. '12.8'; null/omitted = CPU only"},
+    "channels": _strlist("conda channels (names or URLs, file:// for a local channel)"),
+    "conda": _strlist("conda match specs"),
+    "pip": PIP_SCHEMA,
+    "prefix": _str("pack this existing environment instead of building one"),
+    "download_kernels": {"type": "boolean", "description": "run `vllm download-kernels` at build time"},
+}, ("name",), "a conda environment (with vLLM) built for the target")
+
+MODEL_SCHEMA = _obj({
+    "name": _str("model name (directory name on the target)", pattern=NAME_RE),
+    "source": {"type": "string", "enum": ["huggingface", "modelscope", "local"], "description": "where it comes from"},
+    "repo": _str("hub repository id, org/name", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"),
+    "revision": _str("branch, tag or commit (pinned to a commit at build time)"),
+    "path": _str("directory on the build host (source: local)"),
+    "allow_patterns": _strlist("only files matching these glob patterns"),
+    "ignore_patterns": _strlist("skip files matching these glob patterns"),
+    "endpoint": _str("hub endpoint or mirror URL (default: HF_ENDPOINT / MODELSCOPE_ENDPOINT)",
+                     pattern=r"^https?://"),
+}, ("name", "source"), "a model snapshot")
+
+SERVICE_SCHEMA = _obj({
+    "name": _str("instance name: systemctl start llm@<name>", pattern=NAME_RE),
+    "model": _str("a models[].name"),
+    "environment": _str("an environments[].name"),
+    "served_model_name": _str("name clients use in the API (default: name)"),
+    "host": _str("address to listen on"),
+    "port": {"type": "integer", "minimum": 1, "maximum": 65535, "description": "TCP port"},
+    "gpus": {"type": "array", "items": {"type": "integer", "minimum": 0}, "description": "GPU indices"},
+    "tensor_parallel_size": {"type": "integer", "minimum": 1, "description": "vLLM --tensor-parallel-size"},
+    "pipeline_parallel_size": {"type": "integer", "minimum": 1, "description": "vLLM --pipeline-parallel-size"},
+    "max_model_len": {"type": "integer", "minimum": 1, "description": "vLLM --max-model-len"},
+    "dtype": {"type": "string", "enum": ["auto", "half", "float16", "bfloat16", "float", "float32"],
+              "description": "vLLM --dtype"},
+    "gpu_memory_utilization": {"type": "number", "minimum": 0.05, "maximum": 1.0,
+                               "description": "vLLM --gpu-memory-utilization"},
+    "trust_remote_code": {"type": "boolean", "description": "vLLM --trust-remote-code"},
+    "api_key_file": _str("file on the target holding the API key (never put the key in the manifest)",
+                         pattern=r"^/"),
+    "serve_by": {"type": "string", "enum": ["path", "repo_id"],
+                 "description": "serve the model from its directory, or by repo id from an offline HF cache"},
+    "vllm_args": _strlist("extra vLLM arguments"),
+    "env": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]},
+            "description": "extra environment variables for the service"},
+}, ("name", "model"), "a vLLM instance run by systemd as llm@<name>")
+
+SCHEMA: dict = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "https://llm-pack.invalid/manifest.schema.json",
+    "title": "llm-pack bundle manifest",
+    **_obj({
+        "bundle": _obj({"name": _str("bundle name", pattern=NAME_RE),
+                        "version": _str("bundle version, e.g. 2026.11.21", pattern=VERSION_RE),
+                        "description": _str("free text")}, ("name", "version")),
+        "target": _obj({"platform": {"type": "string", "enum": ["linux-64", "linux-aarch64"],
+                                     "description": "conda platform of the target servers"},
+                        "glibc": _str("oldest glibc on the target servers", pattern=r"^[0-9]+\.[0-9]+$")}),
+        "environments": {"type": "array", "items": ENV_SCHEMA},
+        "models": {"type": "array", "items": MODEL_SCHEMA},
+        "services": {"type": "array", "items": SERVICE_SCHEMA},
+    }, ("bundle",)),
+}
+
+def _construct_scalar(node: yaml.ScalarNode) -> Any:
+    return yaml.SafeLoader("").construct_object(node, deep=True)
+
+
+_PY_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list,
+             "object": dict, "null": type(None)}
+
+
+class _Checker:
+    """Walks the YAML node tree (for line numbers) against SCHEMA and collects problems."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.problems: list[tuple[int, str]] = []
+
+    def add(self, node: yaml.Node | None, path: str, msg: str) -> None:
+        line = node.start_mark.line + 1 if node is not None else 0
+        where = f"{self.file}:{line}:{node.start_mark.column + 1}" if node is not None else self.file
+        self.problems.append((line, f"{where}: {path or '<top>'}: {msg}"))
+
+    def check(self, node: yaml.Node, schema: dict, path: str) -> Any:
+        value = _plain(node)
+        types = schema.get("type")
+        if types is not None:
+            tlist = types if isinstance(types, list) else [types]
+            ok = any(isinstance(value, _PY_TYPES[t]) and not (t in ("integer", "number") and isinstance(value, bool))
+                     for t in tlist)
+            if not ok:
+                quote = (f" (write it in quotes: \"{node.value}\")"
+                         if "string" in tlist and isinstance(value, (int, float)) and not isinstance(value, bool)
+                         else "")
+                self.add(node, path, f"expected {' or '.join(tlist)}, found {_describe(value)}{quote}")
+                return None
+        if isinstance(value, dict) and isinstance(node, yaml.MappingNode):
+            return self._check_object(node, schema, path)
+        if isinstance(value, list) and isinstance(node, yaml.SequenceNode):
+            items = schema.get("items", {})
+            return [self.check(child, items, f"{path}[{i}]") for i, child in enumerate(node.value)]
+        if "enum" in schema and value not in schema["enum"]:
+            hint = _did_you_mean(str(value), [str(e) for e in schema["enum"]])
+            self.add(node, path, f"expected one of {', '.join(map(str, schema['enum']))}, found {value!r}{hint}")
+        if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
+            self.add(node, path, f"{value!r} is not a valid {schema.get('description', 'value')} "
+                                 f"(must match {schema['pattern']})")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if "minimum" in schema and value < schema["minimum"]:
+                self.add(node, path, f"expected at least {schema['minimum']}, found {value}")
+            if "maximum" in schema and value > schema["maximum"]:
+                self.add(node, path, f"expected at most {schema['maximum']}, found {value}")
+        return value
+
+    def _check_object(self, node: yaml.MappingNode, schema: dict, path: str) -> dict:
+        props: dict = schema.get("properties", {})
+        extra = schema.get("additionalProperties", True)
+        out: dict = {}
+        for knode, vnode in node.value:
+            key = _plain(knode)
+            kpath = f"{path}.{key}" if path else str(key)
+            if not isinstance(key, str):
+                self.add(knode, kpath, f"keys must be strings, found {_describe(key)}")
+                continue
+            if key in out:
+                self.add(knode, kpath, "duplicate key (the later value would silently win)")
+                continue
+            if key in props:
+                out[key] = self.check(vnode, props[key], kpath)
+            elif extra is False:
+                self.add(knode, kpath, f"unknown key {key!r}{_did_you_mean(key, list(props))}; "
+                                       f"allowed: {', '.join(props)}")
+            else:
+                out[key] = self.check(vnode, extra if isinstance(extra, dict) else {}, kpath)
+        for req in schema.get("required", []):
+            if req not in out and not any(_plain(k) == req for k, _ in node.value):
+                self.add(node, f"{path}.{req}" if path else req, "required field is missing")
+        return out
+
+
+def _plain(node: yaml.Node) -> Any:
+    """Python value of a node (scalars resolved with YAML's core types)."""
+    if isinstance(node, yaml.ScalarNode):
+        return _construct_scalar(node)
+    if isinstance(node, yaml.SequenceNode):
+        return [None] * len(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return {}
+    return None
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    kind = {dict: "a mapping", list: "a list", bool: "a boolean", int: "an integer", float: "a number",
+            str: "a string"}.get(type(value), type(value).__name__)
+    return kind if isinstance(value, (dict, list)) else f"{kind} {value!r}"
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _node_at(root: yaml.Node, path: list[Any]) -> yaml.Node | None:
+    node = root
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if _plain(k) == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            return None
+        if node is None:
+            return None
+    return node
+
+
+def _cross_checks(chk: _Checker, root: yaml.Node, data: dict, base: Path) -> None:
+    def add(path: list[Any], msg: str) -> None:
+        node = _node_at(root, path)
+        chk.add(node, ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in path).replace(".[", "["), msg)
+
+    envs = data.get("environments") or []
+    models = data.get("models") or []
+    services = data.get("services") or []
+    if not envs and not models:
+        add([], "a manifest needs at least one entry under environments or models")
+    for section, items in (("environments", envs), ("models", models), ("services", services)):
+        seen: dict[str, int] = {}
+        for i, item in enumerate(items):
+            name = (item or {}).get("name")
+            if isinstance(name, str):
+                if name in seen:
+                    add([section, i, "name"], f"duplicate name {name!r} (also {section}[{seen[name]}])")
+                seen[name] = i
+    for i, env in enumerate(envs):
+        env = env or {}
+        if env.get("prefix") is not None:
+            for key in ("conda", "pip", "channels", "python"):
+                if key in env:
+                    add(["environments", i, key], f"{key!r} cannot be combined with 'prefix' (an existing "
+                                                  "environment is packed as it is)")
+            prefix = base / str(env["prefix"])
+            if not (prefix / "conda-meta").is_dir():
+                add(["environments", i, "prefix"], f"{prefix} is not a conda environment (no conda-meta/)")
+        elif not env.get("conda") and not env.get("python"):
+            add(["environments", i], "an environment needs 'conda' specs (and usually 'python') or a 'prefix'")
+    for i, m in enumerate(models):
+        m = m or {}
+        src = m.get("source")
+        if src in ("huggingface", "modelscope"):
+            if not m.get("repo"):
+                add(["models", i], f"source {src} needs 'repo' (org/name)")
+            if m.get("path") is not None:
+                add(["models", i, "path"], f"'path' is only for source: local (source is {src})")
+        elif src == "local":
+            if not m.get("path"):
+                add(["models", i], "source local needs 'path' (a directory on the build host)")
+            elif not (base / str(m["path"])).is_dir():
+                add(["models", i, "path"], f"{base / str(m['path'])} is not a directory")
+            for key in ("repo", "revision", "endpoint"):
+                if m.get(key) is not None and key != "repo":
+                    add(["models", i, key], f"{key!r} does not apply to source: local")
+    model_names = {m.get("name") for m in models if m}
+    env_names = {e.get("name") for e in envs if e}
+    ports: dict[tuple[str, int], int] = {}
+    for i, s in enumerate(services):
+        s = s or {}
+        if s.get("model") is not None and s["model"] not in model_names:
+            add(["services", i, "model"], f"no model named {s['model']!r} in this manifest"
+                                          f"{_did_you_mean(str(s['model']), [str(n) for n in model_names])}")
+        if s.get("environment") is not None and s["environment"] not in env_names:
+            add(["services", i, "environment"],
+                f"no environment named {s['environment']!r} in this manifest"
+                f"{_did_you_mean(str(s['environment']), [str(n) for n in env_names])}")
+        if s.get("environment") is None and len(env_names) > 1:
+            add(["services", i], "several environments: say which one with 'environment'")
+        tp, pp = s.get("tensor_parallel_size") or 1, s.get("pipeline_parallel_size") or 1
+        gpus = s.get("gpus")
+        if isinstance(gpus, list) and gpus and isinstance(tp, int) and isinstance(pp, int) and len(gpus) != tp * pp:
+            add(["services", i, "gpus"], f"{len(gpus)} GPU(s) listed but tensor_parallel_size × "
+                                         f"pipeline_parallel_size = {tp * pp}")
+        if isinstance(gpus, list) and len(set(gpus)) != len(gpus):
+            add(["services", i, "gpus"], "a GPU index is listed twice")
+        port = s.get("port")
+        if isinstance(port, int):
+            key = (str(s.get("host", "0.0.0.0")), port)
+            if key in ports:
+                add(["services", i, "port"], f"port {port} is already used by services[{ports[key]}]")
+            ports[key] = i
+        if "--api-key" in (s.get("vllm_args") or []):
+            add(["services", i, "vllm_args"], "do not put the API key in the manifest; use api_key_file "
+                                              "(a file on the target)")
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Parse and validate ``path``; raise ManifestError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise ManifestError(str(path), ["file not found"]) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(str(path), [f"cannot read: {e}"]) from e
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ManifestError(str(path), [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from e
+    if root is None:
+        raise ManifestError(str(path), [f"{path}: the file is empty"])
+    chk = _Checker(str(path))
+    data = chk.check(root, SCHEMA, "")
+    if isinstance(data, dict):
+        _cross_checks(chk, root, data, path.parent)
+    if chk.problems:
+        raise ManifestError(str(path), [msg for _, msg in sorted(chk.problems, key=lambda p: p[0])])
+    return _to_spec(path, yaml.safe_load(text))
+
+
+def _tuple(v: Any) -> tuple:
+    return tuple(v or ())
+
+
+def _to_spec(path: Path, d: dict) -> Manifest:
+    base = path.parent
+    target = TargetSpec(**{k: str(v) for k, v in (d.get("target") or {}).items()})
+    envs = []
+    for e in d.get("environments") or []:
+        pip = e.get("pip") or {}
+        envs.append(EnvSpec(
+            name=e["name"], python=e.get("python"), cuda=e.get("cuda"),
+            channels=_tuple(e.get("channels", ["conda-forge"])), conda=_tuple(e.get("conda")),
+            pip=PipSpec(packages=_tuple(pip.get("packages")), index_url=pip.get("index_url"),
+                        extra_index_urls=_tuple(pip.get("extra_index_urls")),
+                        find_links=_tuple(pip.get("find_links")), no_index=bool(pip.get("no_index", False)),
+                        remove=_tuple(pip.get("remove"))),
+            prefix=(base / e["prefix"]).resolve() if e.get("prefix") else None,
+            download_kernels=bool(e.get("download_kernels", True))))
+    models = [ModelSpec(name=m["name"], source=m["source"], repo=m.get("repo"), revision=m.get("revision"),
+                        path=(base / m["path"]).resolve() if m.get("path") else None,
+                        allow_patterns=_tuple(m.get("allow_patterns")),
+                        ignore_patterns=_tuple(m.get("ignore_patterns")), endpoint=m.get("endpoint"))
+              for m in d.get("models") or []]
+    default_env = envs[0].name if len(envs) == 1 else None
+    services = []
+    for s in d.get("services") or []:
+        kw = {k: v for k, v in s.items() if k not in ("gpus", "vllm_args", "env")}
+        kw.setdefault("environment", default_env)
+        services.append(ServiceSpec(**kw, gpus=_tuple(s.get("gpus")), vllm_args=_tuple(s.get("vllm_args")),
+                                    env=tuple(sorted((str(k), str(v)) for k, v in (s.get("env") or {}).items()))))
+    b = d["bundle"]
+    return Manifest(path=path, bundle=BundleSpec(name=b["name"], version=str(b["version"]),
+                                                 description=b.get("description", "")),
+                    target=target, environments=tuple(envs), models=tuple(models), services=tuple(services))
+
+
+def schema_json() -> str:
+    return json.dumps(SCHEMA, indent=2) + "\n"
