@@ -86,7 +86,7 @@ def _tokenizer_json() -> str:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
-    # Qwen2's split: the same pre-tokenizer that transformers' Qwen2Tokenizer installs, so every loader agrees.
+    # Qwen2's split, the pre-tokenizer transformers' Qwen2Tokenizer installs, so every loader agrees.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
@@ -125,7 +125,8 @@ def _weights(vocab_size: int, seed: int) -> dict[str, tuple[list[int], np.ndarra
         return [n], np.ones(n, dtype=np.float32)
 
     q_out, kv_out = NUM_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM
-    w: dict[str, tuple[list[int], np.ndarray]] = {"model.embed_tokens.weight": normal(vocab_size, HIDDEN_SIZE)}
+    w: dict[str, tuple[list[int], np.ndarray]] = {}
+    w["model.embed_tokens.weight"] = normal(vocab_size, HIDDEN_SIZE)
     for i in range(NUM_LAYERS):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = ones(HIDDEN_SIZE)
