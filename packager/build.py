@@ -1,0 +1,244 @@
+"""`pack build`: manifest → resolve (pin) → fetch into the content store → assemble → verify → sign.
+
+Data only flows forward. Everything that can fail on user input (manifest, key, unknown repo or revision)
+fails before anything large is downloaded or built. The bundle appears at its final path only once it
+has been re-opened with the installer's reader, fully verified and signed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from installer import bundle as fmt
+from installer.errors import UsageError
+from packager import __version__
+from packager.manifest import load_manifest
+from packager.spec import EnvSpec, Manifest, ServiceSpec
+from packager.tarball import write_tar_gz
+
+INSTALLER_PKG = Path(__file__).resolve().parent.parent / "installer"
+CONFIG_KEYS = ("architectures", "model_type", "num_attention_heads", "num_key_value_heads", "hidden_size",
+               "num_hidden_layers", "torch_dtype", "dtype", "max_position_embeddings", "head_dim")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    manifest: Path
+    out_dir: Path = Path("out")
+    key: Path | None = None
+    store: Path | None = None  # content store; default ~/.cache/llm-pack/store or $LLM_PACK_STORE
+    work: Path | None = None  # env build area; default ~/.cache/llm-pack/envs or $LLM_PACK_WORK
+    jobs: int = 4
+    progress: bool = True
+
+
+@dataclass
+class BuildResult:
+    bundle_dir: Path
+    name: str
+    version: str
+    size: int
+    artifacts: int
+    signed_by: str | None
+    seconds: float
+    models: list[dict] = field(default_factory=list)
+    environments: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"bundle": str(self.bundle_dir), "name": self.name, "version": self.version, "size": self.size,
+                "artifacts": self.artifacts, "signed_by": self.signed_by, "seconds": round(self.seconds, 2),
+                "models": self.models, "environments": self.environments,
+                "timings": {k: round(v, 2) for k, v in self.timings.items()}}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLM_PACK_CACHE", Path.home() / ".cache" / "llm-pack"))
+
+
+def build(opts: BuildOptions, log=print) -> BuildResult:
+    from packager.signing import load_private_key
+    from packager.sources import get_source
+    from packager.store import ContentStore
+
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+    manifest = load_manifest(opts.manifest)
+    key = load_private_key(opts.key) if opts.key else None
+    if key is None:
+        log("warning: no --key given: the bundle will be unsigned and install.sh will refuse it "
+            "without --insecure")
+    store = ContentStore(opts.store or Path(os.environ.get("LLM_PACK_STORE", cache_root() / "store")))
+
+    # 1. resolve: pin every model to a commit and a file list (cheap API calls, no downloads yet)
+    t = time.monotonic()
+    pinned = []
+    for spec in manifest.models:
+        p = get_source(spec.source).resolve(spec)
+        if not p.files:
+            raise UsageError(f"model {spec.name}: no files in {p.repo or spec.path} match allow_patterns/"
+                             "ignore_patterns", hint="check the patterns in the manifest")
+        log(f"model {spec.name}: {spec.source} {p.repo or spec.path} {p.revision or ''} -> {p.commit} "
+            f"({len(p.files)} files, {_human(sum(f.size for f in p.files))})")
+        pinned.append(p)
+    timings["resolve"] = time.monotonic() - t
+
+    # 2. environments: solve for the target, install, pip layer, pack (reused when the lock is unchanged)
+    t = time.monotonic()
+    built_envs = [_build_env(e, manifest, opts, log) for e in manifest.environments]
+    timings["environments"] = time.monotonic() - t
+
+    # 3. fetch models into the content store (parallel, resumable, verified)
+    t = time.monotonic()
+    blobs = [get_source(p.source).fetch(p, store, jobs=opts.jobs, progress=opts.progress) for p in pinned]
+    timings["fetch"] = time.monotonic() - t
+
+    # 4. assemble
+    t = time.monotonic()
+    with fmt.BundleWriter(opts.out_dir, manifest.bundle.name, manifest.bundle.version) as w:
+        links: dict[str, int] = {}
+        install_sh = INSTALLER_PKG / "install.sh"
+        w.add_bytes(fmt.INSTALL_SH, install_sh.read_bytes(), kind="bootstrap", mode=0o755)
+        wf = write_tar_gz(w.path(fmt.INSTALLER_ARCHIVE), [("installer", INSTALLER_PKG)])
+        w.record(fmt.INSTALLER_ARCHIVE, kind="installer", sha256=wf.sha256, size=wf.size)
+        runtime = None
+        env_entries = []
+        for i, (spec, built, packed) in enumerate(built_envs):
+            rel = fmt.env_artifact(spec.name)
+            _link_or_copy(Path(packed.path), w.path(rel))
+            w.record(rel, kind="environment", sha256=packed.sha256, size=packed.size)
+            if i == 0:
+                from packager.envpack import cut_runtime
+                rrel = fmt.runtime_artifact(spec.name)
+                rt = cut_runtime(built, w.path(rrel))
+                w.record(rrel, kind="runtime", sha256=rt.sha256, size=rt.size)
+                runtime = {"artifact": rrel, "python": f"bin/python{_short_py(built.python_version)}"}
+            env_entries.append(_env_entry(spec, built, packed, manifest))
+        model_entries = []
+        for p, blob_map in zip(pinned, blobs, strict=True):
+            files = []
+            for f in p.files:
+                rel = f"{fmt.model_dir(p.name)}/{f.path}"
+                how = store.link_into(f.sha256, w.path(rel))
+                links[how] = links.get(how, 0) + 1
+                w.record(rel, kind="model", sha256=f.sha256, size=f.size)
+                files.append({"path": f.path, "size": f.size, "sha256": f.sha256})
+            model_entries.append(_model_entry(p, files, blob_map))
+        doc = {
+            "bundle": {"name": manifest.bundle.name, "version": manifest.bundle.version,
+                       "description": manifest.bundle.description, "tool": f"llm-pack {__version__}"},
+            "target": {"platform": manifest.target.platform, "arch": manifest.target.arch,
+                       "glibc": manifest.target.glibc},
+            "runtime": runtime,
+            "installer": {"artifact": fmt.INSTALLER_ARCHIVE},
+            "environments": env_entries,
+            "models": model_entries,
+            "services": [_service_entry(s) for s in manifest.services],
+        }
+        signer = (lambda data: key.sign(data)) if key is not None else None
+        bundle = w.commit(doc, sign=signer, verify_jobs=opts.jobs)
+    timings["assemble+verify"] = time.monotonic() - t
+    fingerprint = None
+    if key is not None:
+        from packager.signing import public_pem
+        fingerprint = fmt.key_fingerprint(public_pem(key))
+    log(f"models placed: {', '.join(f'{n} {k}' for k, n in sorted(links.items()))}" if links else "")
+    return BuildResult(bundle_dir=bundle.root, name=bundle.name, version=bundle.version,
+                       size=bundle.total_size(), artifacts=len(bundle.artifacts), signed_by=fingerprint,
+                       seconds=time.monotonic() - t0,
+                       models=[{"name": m["name"], "commit": m["commit"], "files": len(m["files"]),
+                                "size": m["size"]} for m in model_entries],
+                       environments=[{"name": e["name"], "cuda_runtime": e["cuda_runtime"],
+                                      "min_driver": e["min_driver"], "size": e["archive_size"]}
+                                     for e in env_entries],
+                       timings=timings)
+
+
+def _build_env(spec: EnvSpec, manifest: Manifest, opts: BuildOptions, log):
+    from packager.envpack import cached_pack
+    from packager.envs import build_env
+
+    work = opts.work or Path(os.environ.get("LLM_PACK_WORK", cache_root() / "envs"))
+    t = time.monotonic()
+    built = build_env(spec, manifest.target, work, progress=opts.progress)
+    log(f"environment {spec.name}: python {built.python_version}, CUDA runtime {built.cuda_runtime or 'none (CPU)'}"
+        f", {len(built.lock.get('conda', []))} conda + {len(built.lock.get('pip', []))} pip packages "
+        f"({time.monotonic() - t:.1f}s)")
+    t = time.monotonic()
+    packed = cached_pack(built, work / "packed")
+    log(f"environment {spec.name}: packed {_human(packed.size)} ({time.monotonic() - t:.1f}s)")
+    return spec, built, packed
+
+
+def _env_entry(spec: EnvSpec, built, packed, manifest: Manifest) -> dict:
+    from installer import cuda
+
+    runtime_cuda = built.cuda_runtime or spec.cuda
+    return {
+        "name": spec.name,
+        "artifact": fmt.env_artifact(spec.name),
+        "archive_size": packed.size,
+        "content_hash": built.content_hash,
+        "python": built.python_version,
+        "platform": manifest.target.platform,
+        "cuda": spec.cuda,
+        "cuda_runtime": runtime_cuda,
+        "min_driver": cuda.min_driver(runtime_cuda) if runtime_cuda else None,
+        "driver_floor": cuda.driver_floor(runtime_cuda) if runtime_cuda else None,
+        "glibc": manifest.target.glibc,
+        "unpacked_size": packed.unpacked_size,
+        "files": packed.files,
+        "vllm": built.vllm,
+        "needed_libraries": list(built.needed_libraries),
+        "lock": built.lock,
+    }
+
+
+def _model_entry(p, files: list[dict], blob_map: dict[str, Path]) -> dict:
+    config: dict = {}
+    cfg_blob = blob_map.get("config.json")
+    if cfg_blob is not None:
+        try:
+            raw = json.loads(Path(cfg_blob).read_text(encoding="utf-8"))
+            text_cfg = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+            config = {k: raw.get(k, text_cfg.get(k)) for k in CONFIG_KEYS if k in raw or k in text_cfg}
+        except (OSError, ValueError):
+            config = {}
+    return {"name": p.name, "source": p.source, "repo": p.repo, "revision": p.revision, "commit": p.commit,
+            "endpoint": p.endpoint, "dir": fmt.model_dir(p.name), "files": files,
+            "size": sum(f["size"] for f in files), "config": config}
+
+
+def _service_entry(s: ServiceSpec) -> dict:
+    return {"name": s.name, "model": s.model, "environment": s.environment,
+            "served_model_name": s.served_model_name or s.name, "host": s.host, "port": s.port,
+            "gpus": list(s.gpus), "tensor_parallel_size": s.tensor_parallel_size,
+            "pipeline_parallel_size": s.pipeline_parallel_size, "max_model_len": s.max_model_len,
+            "dtype": s.dtype, "gpu_memory_utilization": s.gpu_memory_utilization,
+            "trust_remote_code": s.trust_remote_code, "api_key_file": s.api_key_file, "serve_by": s.serve_by,
+            "vllm_args": list(s.vllm_args), "env": dict(s.env)}
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    """Hardlink a cached artifact into the bundle (no second copy of its bytes), else copy it."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        import shutil
+        shutil.copyfile(src, dest)
+
+
+def _short_py(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
