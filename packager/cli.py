@@ -1,0 +1,207 @@
+"""`pack`: build, verify, inspect, sign and split air-gapped LLM serving bundles.
+
+Thin commands: parse, call the library, print text or --json. Errors the user can fix print one clear
+message (what, where, how to fix) and exit non-zero; a traceback means a bug (set LLM_PACK_DEBUG=1 to see
+one for any error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from installer.errors import LlmPackError
+from packager import __version__
+
+EPILOG = """\b
+Typical flow:
+  pack keygen --out keys/build            # once: keys/build.key (secret), keys/build.pub
+  pack build manifests/qwen3-32b.yaml --key keys/build.key --out out/
+  pack verify out/qwen3-32b-2026.11.21 --pubkey keys/build.pub
+  pack split out/qwen3-32b-2026.11.21 --size 3.9G     # FAT32 USB disks
+Then on the server: ./install.sh --pubkey build.pub   (see README.md)
+"""
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LlmPackError as e:
+            if os.environ.get("LLM_PACK_DEBUG"):
+                raise
+            click.secho(f"error: {e}", fg="red", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.secho("interrupted: nothing was left half-written (re-run to resume downloads)", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pack")
+def main() -> None:
+    """Package vLLM environments and models into a signed bundle for an offline GPU server."""
+
+
+def _emit(obj: dict, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True) if as_json else text)
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out"), show_default=True,
+              help="Directory the bundle is written into (as OUT/<name>-<version>/).")
+@click.option("--key", type=click.Path(path_type=Path), help="ed25519 private key from `pack keygen` to sign with.")
+@click.option("--store", type=click.Path(path_type=Path),
+              help="Content store for downloads, reused between builds [default: ~/.cache/llm-pack/store].")
+@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Parallel downloads / hashing processes.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (logs go to stderr).")
+def build(manifest: Path, out_dir: Path, key: Path | None, store: Path | None, jobs: int, no_progress: bool,
+          as_json: bool) -> None:
+    """Build a bundle from MANIFEST (YAML).
+
+    Models are pinned to exact commits and every file is checked against the sha256 the hub lists;
+    environments are solved for the target's CUDA and glibc, not this host's. Re-running after an
+    interruption resumes: files already in the content store are not fetched again.
+    """
+    from packager.build import BuildOptions
+    from packager.build import build as do_build
+
+    def log(msg: str) -> None:
+        if msg:
+            click.echo(msg, err=as_json)
+
+    res = do_build(BuildOptions(manifest=manifest, out_dir=out_dir, key=key, store=store, jobs=jobs,
+                                progress=not no_progress and not as_json), log=log)
+    _emit(res.to_dict(), as_json,
+          f"bundle {res.bundle_dir} ({_human(res.size)}, {res.artifacts} artifacts, "
+          f"{'signed by ' + res.signed_by if res.signed_by else 'UNSIGNED'}) in {res.seconds:.1f}s")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(path_type=Path),
+              help="Trusted public key (.pub from `pack keygen`); repeat for several.")
+@click.option("--insecure", is_flag=True, help="Skip the signature check (hashes are still checked).")
+@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=None, help="Hashing processes [default: cores].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify(bundle: Path, pubkeys: tuple[Path, ...], insecure: bool, jobs: int | None, as_json: bool) -> None:
+    """Check BUNDLE's signature and the size and sha256 of every file.
+
+    Exit 0 if everything holds; otherwise non-zero, naming the first failing artifact. Works on the
+    bundle directory (not on split volumes: install.sh reassembles those itself).
+    """
+    import time
+
+    from installer.bundle import Bundle
+    from installer.errors import UsageError
+    from packager.signing import read_pubkeys
+
+    t = time.monotonic()
+    b = Bundle.load(bundle)
+    if insecure:
+        signer = None
+    elif not pubkeys:
+        raise UsageError("no --pubkey given", hint="pass the .pub file from `pack keygen`, or --insecure to check "
+                                                   "hashes only")
+    else:
+        signer = b.check_signature(read_pubkeys(list(pubkeys)))
+    b.check_files(jobs=jobs)
+    secs = time.monotonic() - t
+    size = b.total_size()
+    _emit({"ok": True, "bundle": str(b.root), "signed_by": signer, "artifacts": len(b.artifacts), "size": size,
+           "seconds": round(secs, 2)}, as_json,
+          f"OK {b.root}: signature {'by ' + signer if signer else 'NOT CHECKED (--insecure)'}, "
+          f"{len(b.artifacts)} artifacts, {_human(size)} verified in {secs:.1f}s "
+          f"({size / max(secs, 1e-9) / 1e6:.0f} MB/s)")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (stable keys, for scripts).")
+def inspect(bundle: Path, as_json: bool) -> None:
+    """Show what BUNDLE contains and what it needs from the target server (no hashing; see verify)."""
+    from packager.inspect import describe, render
+
+    info = describe(bundle)
+    _emit(info, as_json, render(info))
+
+
+@main.command()
+@click.option("--out", "prefix", required=True, type=click.Path(path_type=Path),
+              help="Writes PREFIX.key (secret, mode 0600) and PREFIX.pub.")
+@click.option("--force", is_flag=True, help="Replace existing key files.")
+def keygen(prefix: Path, force: bool) -> None:
+    """Create an ed25519 signing key pair.
+
+    Keep PREFIX.key on the build host; copy PREFIX.pub to each server's /etc/llm/trusted-keys/. A server
+    can check a bundle with OpenSSL alone:
+    openssl pkeyutl -verify -pubin -inkey PREFIX.pub -rawin -in MANIFEST.json -sigfile MANIFEST.json.sig
+    """
+    from packager.signing import keygen as do_keygen
+
+    key, pub, fp = do_keygen(prefix, force=force)
+    click.echo(f"wrote {key} (secret, mode 0600) and {pub}\nfingerprint {fp}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--size", default="3.9G", show_default=True,
+              help="Largest volume, e.g. 3.9G (FAT32), 700M, 25G. No single piece exceeds 4 GiB - 1.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Where to write the volumes [default: beside the bundle].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def split(bundle: Path, size: str, out_dir: Path | None, as_json: bool) -> None:
+    """Cut BUNDLE into volumes for removable media, each with its own VOLUME.sha256.
+
+    Copy each volume directory to its own disk. On the server, run install.sh from the first volume with
+    the others mounted beside it (or pass --volumes): it reassembles the bundle and verifies it itself.
+    """
+    from installer.bundle import Bundle
+    from installer.volumes import parse_size, split_bundle
+
+    b = Bundle.load(bundle)
+    vols = split_bundle(b.root, out_dir or b.root.parent, parse_size(size))
+    info = {"bundle": str(b.root), "volumes": [{"path": str(v), "size": _dir_size(v)} for v in vols]}
+    lines = [f"{len(vols)} volume(s) of at most {size}:"] + [f"  {v['path']}  {_human(v['size'])}"
+                                                            for v in info["volumes"]]
+    _emit(info, as_json, "\n".join(lines))
+
+
+@main.command()
+def schema() -> None:
+    """Print the manifest's JSON Schema (for editors: yaml-language-server, VS Code)."""
+    from packager.manifest import schema_json
+
+    click.echo(schema_json(), nl=False)
+
+
+@main.command(name="validate")
+@click.argument("manifest", type=click.Path(path_type=Path))
+def validate(manifest: Path) -> None:
+    """Check MANIFEST without downloading or building anything."""
+    from packager.manifest import load_manifest
+
+    m = load_manifest(manifest)
+    click.echo(f"OK {manifest}: bundle {m.bundle.name} {m.bundle.version}, {len(m.environments)} environment(s), "
+               f"{len(m.models)} model(s), {len(m.services)} service(s)")
+
+
+def _dir_size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def _human(n: float) -> str:
+    from packager.build import _human as h
+
+    return h(n)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""`pack inspect`: what a bundle holds and what it needs from the target, as a dict and as text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from installer.bundle import SIGNATURE_NAME, Bundle
+
+
+def describe(path: Path) -> dict:
+    b = Bundle.load(path)
+    m = b.manifest
+    by_kind: dict[str, int] = {}
+    for a in b.artifacts:
+        by_kind[a.kind] = by_kind.get(a.kind, 0) + a.size
+    envs = [{"name": e["name"], "python": e.get("python"), "cuda": e.get("cuda"),
+             "cuda_runtime": e.get("cuda_runtime"), "min_driver": e.get("min_driver"),
+             "driver_floor": e.get("driver_floor"), "glibc": e.get("glibc"), "platform": e.get("platform"),
+             "archive_size": b.artifact(e["artifact"]).size, "unpacked_size": e.get("unpacked_size"),
+             "vllm": (e.get("vllm") or {}).get("version"),
+             "packages": {"conda": len((e.get("lock") or {}).get("conda", [])),
+                          "pip": len((e.get("lock") or {}).get("pip", []))},
+             "needed_libraries": e.get("needed_libraries", [])}
+            for e in m.get("environments", [])]
+    models = [{"name": x["name"], "source": x["source"], "repo": x.get("repo"), "revision": x.get("revision"),
+               "commit": x["commit"], "files": len(x["files"]), "size": x["size"]}
+              for x in m.get("models", [])]
+    return {"bundle": str(b.root), "name": b.name, "version": b.version, "format_version": m["format_version"],
+            "signed": (b.root / SIGNATURE_NAME).exists(), "manifest_sha256": b.manifest_sha256,
+            "target": m.get("target"), "environments": envs, "models": models,
+            "services": m.get("services", []), "size_by_kind": by_kind, "total_size": b.total_size(),
+            "artifacts": len(b.artifacts)}
+
+
+def _h(n: int | None) -> str:
+    from packager.build import _human
+
+    return "?" if n is None else _human(n)
+
+
+def render(info: dict) -> str:
+    t = info.get("target") or {}
+    out = [f"bundle {info['name']} {info['version']}  (format v{info['format_version']}, "
+           f"{'signed' if info['signed'] else 'UNSIGNED'}, {info['artifacts']} artifacts, {_h(info['total_size'])})",
+           f"  path    {info['bundle']}",
+           f"  target  {t.get('platform')} ({t.get('arch')}), glibc >= {t.get('glibc')}"]
+    out.append("environments:" if info["environments"] else "environments: none (model-only bundle)")
+    for e in info["environments"]:
+        cuda = (f"CUDA {e['cuda_runtime']} (driver >= {e['min_driver']}, >= {e['driver_floor']} with "
+                "minor-version compatibility)") if e["cuda_runtime"] else "CPU only"
+        out.append(f"  {e['name']}: python {e['python']}, {cuda}, vLLM {e['vllm'] or '-'}, "
+                   f"{e['packages']['conda']} conda + {e['packages']['pip']} pip packages, "
+                   f"{_h(e['archive_size'])} packed / {_h(e['unpacked_size'])} unpacked")
+        if e["needed_libraries"]:
+            out.append(f"      needs from the server: {', '.join(e['needed_libraries'])}")
+    out.append("models:" if info["models"] else "models: none")
+    for x in info["models"]:
+        src = x["repo"] or "local directory"
+        out.append(f"  {x['name']}: {x['source']} {src} @ {x['revision'] or '-'} -> {x['commit']}, "
+                   f"{x['files']} files, {_h(x['size'])}")
+    out.append("services:" if info["services"] else "services: none")
+    for s in info["services"]:
+        gpus = ",".join(map(str, s.get("gpus") or [])) or "-"
+        out.append(f"  llm@{s['name']}: model {s['model']} as {s.get('served_model_name')!r} on "
+                   f"{s['host']}:{s['port']}, env {s.get('environment')}, GPUs {gpus}, "
+                   f"tp {s.get('tensor_parallel_size')}, max_model_len {s.get('max_model_len') or 'auto'}")
+    return "\n".join(out)
