@@ -1,0 +1,138 @@
+"""Manifest validation: every kind of problem is reported at once, with file:line, field and a hint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from installer.errors import ManifestError
+from packager.manifest import load_manifest, schema_json
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_bad(tmp_path: Path, text: str) -> list[str]:
+    p = tmp_path / "m.yaml"
+    p.write_text(text)
+    with pytest.raises(ManifestError) as ei:
+        load_manifest(p)
+    assert ei.value.path == str(p)
+    return ei.value.problems
+
+
+GOOD = """\
+bundle: {name: demo, version: "1.0"}
+target: {platform: linux-64, glibc: "2.28"}
+models:
+  - {name: tiny, source: huggingface, repo: org/tiny, revision: main}
+services:
+  - {name: tiny, model: tiny, port: 8000}
+"""
+
+
+def test_good_manifest_loads_with_defaults(tmp_path: Path) -> None:
+    p = tmp_path / "m.yaml"
+    p.write_text(GOOD)
+    m = load_manifest(p)
+    assert m.bundle.name == "demo" and m.bundle.version == "1.0"
+    assert m.models[0].repo == "org/tiny" and m.models[0].revision == "main"
+    s = m.services[0]
+    assert (s.host, s.port, s.tensor_parallel_size, s.serve_by) == ("0.0.0.0", 8000, 1, "path")
+    assert m.environments == ()
+
+
+@pytest.mark.parametrize("name", ["qwen3-32b", "deepseek-r1-1.5b", "glm-4-9b-chat"])
+def test_shipped_manifests_are_valid(name: str) -> None:
+    m = load_manifest(ROOT / "manifests" / f"{name}.yaml")
+    assert m.services and m.models and m.environments
+
+
+def test_shipped_manifests_match_the_deployments() -> None:
+    q = load_manifest(ROOT / "manifests" / "qwen3-32b.yaml").services[0]
+    assert (q.name, q.port, q.gpus, q.tensor_parallel_size, q.max_model_len) == ("qwen3-32b", 11434, (1, 2), 2, 18480)
+    d = load_manifest(ROOT / "manifests" / "deepseek-r1-1.5b.yaml")
+    assert d.models[0].source == "modelscope"
+    s = d.services[0]
+    assert (s.served_model_name, s.max_model_len, s.dtype, s.gpu_memory_utilization) == (
+        "DeepSeek-R1-1.5B", 2048, "half", 0.9)
+    assert s.api_key_file and s.api_key_file.startswith("/")
+    g = load_manifest(ROOT / "manifests" / "glm-4-9b-chat.yaml").services[0]
+    assert g.trust_remote_code and g.max_model_len == 2048 and g.name == "glm-4-9b-chat"
+
+
+def test_unknown_key_did_you_mean_with_line(tmp_path: Path) -> None:
+    probs = _load_bad(tmp_path, GOOD.replace("revision: main", "revison: main"))
+    assert any(":4:" in p and "models[0].revison" in p and "did you mean 'revision'" in p for p in probs), probs
+
+
+def test_every_problem_reported_at_once(tmp_path: Path) -> None:
+    text = """\
+bundle: {name: demo}
+target: {platform: linux64, glibc: 2.28}
+models:
+  - {name: tiny, source: hugginface, repo: a/b}
+  - {name: tiny, source: local}
+services:
+  - {name: s1, model: tinny, port: 99999, gpus: [0], tensor_parallel_size: 2}
+"""
+    probs = _load_bad(tmp_path, text)
+    joined = "\n".join(probs)
+    for needle in ["bundle.version: required field is missing",
+                   "target.platform: expected one of linux-64, linux-aarch64, found 'linux64' (did you mean 'linux-64'?)",
+                   'target.glibc: expected string, found a number 2.28 (write it in quotes: "2.28")',
+                   "models[0].source", "did you mean 'huggingface'",
+                   "models[1].name: duplicate name 'tiny'",
+                   "source local needs 'path'",
+                   "services[0].port: expected at most 65535, found 99999",
+                   "no model named 'tinny' in this manifest (did you mean 'tiny'?)",
+                   "1 GPU(s) listed but tensor_parallel_size × pipeline_parallel_size = 2"]:
+        assert needle in joined, f"{needle!r} not in:\n{joined}"
+    assert all(p.startswith(str(tmp_path / "m.yaml") + ":") for p in probs)
+    lines = [int(p.split(":")[1]) for p in probs]
+    assert lines == sorted(lines)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("bundle: [a, b]\n", "bundle: expected object, found a list"),
+    ("bundle: {name: x, version: '1'\n", "not valid YAML"),
+    ("", "the file is empty"),
+    ("bundle: {name: x, version: '1'}\n", "at least one entry under environments or models"),
+    ("bundle: {name: 'bad name', version: '1'}\nmodels: [{name: m, source: local, path: .}]\n", "bundle.name"),
+    (GOOD + "  - {name: tiny2, model: tiny, port: 8000}\n", "port 8000 is already used by services[0]"),
+    (GOOD.replace("port: 8000", "port: 8000, vllm_args: [--api-key, secret]"), "use api_key_file"),
+    (GOOD.replace("port: 8000", "port: 8000, environment: nope"), "no environment named 'nope'"),
+    (GOOD.replace("port: 8000", "port: '8000'"), "services[0].port: expected integer, found a string '8000'"),
+    ("bundle: {name: x, version: '1'}\nenvironments: [{name: e, prefix: /nonexistent}]\n",
+     "is not a conda environment"),
+    ("bundle: {name: x, version: '1'}\nenvironments: [{name: e, cuda: '12.8'}]\n",
+     "needs 'conda' specs"),
+    ("bundle: {name: x, version: '1'}\nmodels: [{name: m, source: local, path: nope}]\n", "is not a directory"),
+    ("bundle: {name: x, version: '1', name: y}\nmodels: [{name: m, source: local, path: .}]\n", "duplicate key"),
+])
+def test_each_kind_of_error(tmp_path: Path, text: str, needle: str) -> None:
+    probs = _load_bad(tmp_path, text)
+    assert any(needle in p for p in probs), probs
+
+
+def test_missing_file_is_a_manifest_error(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="file not found"):
+        load_manifest(tmp_path / "nope.yaml")
+
+
+def test_published_schema_is_current_and_valid_json() -> None:
+    shipped = (ROOT / "packager" / "schema" / "manifest.schema.json").read_text()
+    assert shipped == schema_json(), "run: pack schema > packager/schema/manifest.schema.json"
+    schema = json.loads(shipped)
+    assert set(schema["properties"]) == {"bundle", "target", "environments", "models", "services"}
+    assert schema["properties"]["services"]["items"]["properties"]["port"]["maximum"] == 65535
+
+
+def test_published_schema_accepts_shipped_manifests_with_jsonschema() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    import yaml
+
+    schema = json.loads(schema_json())
+    for f in sorted((ROOT / "manifests").glob("*.yaml")):
+        jsonschema.validate(yaml.safe_load(f.read_text()), schema)
