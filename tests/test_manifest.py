@@ -80,7 +80,8 @@ services:
     probs = _load_bad(tmp_path, text)
     joined = "\n".join(probs)
     for needle in ["bundle.version: required field is missing",
-                   "target.platform: expected one of linux-64, linux-aarch64, found 'linux64' (did you mean 'linux-64'?)",
+                   "target.platform: expected one of linux-64, linux-aarch64, found 'linux64'",
+                   "(did you mean 'linux-64'?)",
                    'target.glibc: expected string, found a number 2.28 (write it in quotes: "2.28")',
                    "models[0].source", "did you mean 'huggingface'",
                    "models[1].name: duplicate name 'tiny'",

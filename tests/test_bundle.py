@@ -1,0 +1,203 @@
+"""Bundle format: writer → reader round trip, verify catches a flipped byte in every kind of artifact,
+unlisted files, and the signature checks with both cryptography and the bare `openssl` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from installer import bundle as fmt
+from installer.errors import BundleError, IntegrityError, SignatureError
+from packager.cli import main
+from packager.signing import keygen, load_private_key
+
+KINDS = {
+    "install.sh": "bootstrap",
+    "installer.tar.gz": "installer",
+    "runtime/env.tar.gz": "runtime",
+    "envs/env.tar.zst": "environment",
+    "models/tiny/model.safetensors": "model",
+    "models/tiny/config.json": "model",
+}
+
+
+@pytest.fixture()
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    (tmp_path / "keys").mkdir()
+    key, pub, fp = keygen(tmp_path / "keys" / "build")
+    assert fp.startswith("sha256:") and oct(key.stat().st_mode & 0o777) == "0o600"
+    return key, pub
+
+
+def make_bundle(out: Path, key_path: Path | None, *, name: str = "b", version: str = "1") -> Path:
+    key = load_private_key(key_path) if key_path else None
+    with fmt.BundleWriter(out, name, version) as w:
+        for i, (rel, kind) in enumerate(sorted(KINDS.items())):
+            data = os.urandom(4096 + i) if kind != "bootstrap" else b"#!/bin/bash\necho hi\n"
+            w.add_bytes(rel, data, kind=kind)
+        b = w.commit({"bundle": {"name": name, "version": version}, "models": [], "environments": [],
+                      "services": []}, sign=(key.sign if key else None))
+    return b.root
+
+
+def test_round_trip_and_layout(tmp_path: Path, keys) -> None:
+    key, pub = keys
+    root = make_bundle(tmp_path / "out", key)
+    assert root == tmp_path / "out" / "b-1"
+    assert sorted(os.listdir(tmp_path / "out")) == ["b-1"], "no staging leftovers"
+    b = fmt.Bundle.load(root)
+    assert b.manifest["format_version"] == fmt.FORMAT_VERSION
+    assert {a.path: a.kind for a in b.artifacts} == KINDS
+    assert b.check_signature([pub.read_bytes()]).startswith("sha256:")
+    b.check_files()
+    # canonical bytes: re-serialising gives the same bytes (what was signed is what is parsed)
+    assert fmt.canonical_json(json.loads(b.manifest_bytes)) == b.manifest_bytes
+
+
+@pytest.mark.parametrize("rel", sorted(KINDS))
+def test_one_flipped_byte_in_any_artifact_fails_naming_it(tmp_path: Path, keys, rel: str) -> None:
+    key, pub = keys
+    root = make_bundle(tmp_path / "out", key)
+    p = root / rel
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError) as ei:
+        fmt.Bundle.load(root).check_files()
+    assert ei.value.path == rel
+    r = CliRunner().invoke(main, ["verify", str(root), "--pubkey", str(pub)])
+    assert r.exit_code != 0 and rel in r.output and "sha256 mismatch" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_verify_cli_ok_and_json(tmp_path: Path, keys) -> None:
+    key, pub = keys
+    root = make_bundle(tmp_path / "out", key)
+    r = CliRunner().invoke(main, ["verify", str(root), "--pubkey", str(pub), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["ok"] is True and out["artifacts"] == len(KINDS) and out["signed_by"].startswith("sha256:")
+
+
+def test_missing_truncated_and_unlisted_files(tmp_path: Path, keys) -> None:
+    key, _ = keys
+    root = make_bundle(tmp_path / "out", key)
+    (root / "models" / "tiny" / "extra.bin").write_bytes(b"x")
+    with pytest.raises(BundleError, match="not listed in MANIFEST.json: models/tiny/extra.bin"):
+        fmt.Bundle.load(root).check_files()
+    (root / "models" / "tiny" / "extra.bin").unlink()
+    (root / "installer.tar.gz").unlink()
+    with pytest.raises(IntegrityError, match="installer.tar.gz: file mismatch"):
+        fmt.Bundle.load(root).check_files()
+    root2 = make_bundle(tmp_path / "out2", key)
+    with open(root2 / "envs" / "env.tar.zst", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(IntegrityError, match="envs/env.tar.zst: size mismatch"):
+        fmt.Bundle.load(root2).check_files()
+
+
+def test_tampered_manifest_and_wrong_key_refused(tmp_path: Path, keys) -> None:
+    key, pub = keys
+    root = make_bundle(tmp_path / "out", key)
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    _, other_pub, _ = keygen(other_dir / "o")
+    with pytest.raises(SignatureError, match="does not match"):
+        fmt.Bundle.load(root).check_signature([other_pub.read_bytes()])
+    m = (root / fmt.MANIFEST_NAME).read_bytes().replace(b'"version": "1"', b'"version": "2"')
+    (root / fmt.MANIFEST_NAME).write_bytes(m)
+    with pytest.raises(SignatureError):
+        fmt.Bundle.load(root).check_signature([pub.read_bytes()])
+    r = CliRunner().invoke(main, ["verify", str(root), "--pubkey", str(pub)])
+    assert r.exit_code == 1 and "does not match" in r.output
+
+
+def test_unsigned_bundle(tmp_path: Path, keys) -> None:
+    _, pub = keys
+    root = make_bundle(tmp_path / "out", None)
+    with pytest.raises(SignatureError, match="not signed"):
+        fmt.Bundle.load(root).check_signature([pub.read_bytes()])
+    r = CliRunner().invoke(main, ["verify", str(root), "--insecure"])
+    assert r.exit_code == 0 and "NOT CHECKED" in r.output
+
+
+def _openssl_verify(pub: Path, root: Path) -> subprocess.CompletedProcess:
+    # exactly the command documented in docs/bundle-format.md and `pack keygen --help`
+    return subprocess.run(["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(pub), "-rawin",
+                           "-in", str(root / "MANIFEST.json"), "-sigfile", str(root / "MANIFEST.json.sig")],
+                          capture_output=True, text=True)
+
+
+def test_openssl_alone_accepts_good_and_refuses_tampered(tmp_path: Path, keys) -> None:
+    key, pub = keys
+    root = make_bundle(tmp_path / "out", key)
+    good = _openssl_verify(pub, root)
+    assert good.returncode == 0 and "Signature Verified Successfully" in good.stdout
+    m = bytearray((root / "MANIFEST.json").read_bytes())
+    m[10] ^= 0x20
+    (root / "MANIFEST.json").write_bytes(bytes(m))
+    bad = _openssl_verify(pub, root)
+    assert bad.returncode != 0
+
+
+def test_openssl_fallback_used_without_cryptography(tmp_path: Path, keys, monkeypatch) -> None:
+    key, pub = keys
+    root = make_bundle(tmp_path / "out", key)
+    data = (root / "MANIFEST.json").read_bytes()
+    sig = (root / "MANIFEST.json.sig").read_bytes()
+    assert fmt._verify_with_openssl(data, sig, pub.read_bytes()) is True
+    assert fmt._verify_with_openssl(data + b" ", sig, pub.read_bytes()) is False
+
+
+@pytest.mark.parametrize("bad", ["/etc/passwd", "../x", "a/../../b", "a//b", "a\\b", ""])
+def test_unsafe_artifact_paths_rejected(tmp_path: Path, bad: str) -> None:
+    root = tmp_path / "b"
+    root.mkdir()
+    doc = {"format_version": 1, "bundle": {"name": "b", "version": "1"},
+           "artifacts": [{"path": bad, "size": 1, "sha256": "0" * 64, "kind": "model"}]}
+    (root / "MANIFEST.json").write_bytes(fmt.canonical_json(doc))
+    with pytest.raises(BundleError, match="unsafe artifact path"):
+        fmt.Bundle.load(root)
+
+
+def test_unknown_format_version_and_not_a_bundle(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="not a bundle directory"):
+        fmt.Bundle.load(tmp_path / "nope")
+    with pytest.raises(BundleError, match="no MANIFEST.json"):
+        fmt.Bundle.load(tmp_path)
+    (tmp_path / "MANIFEST.json").write_text('{"format_version": 99}')
+    with pytest.raises(BundleError, match="format version 99 is not supported"):
+        fmt.Bundle.load(tmp_path)
+
+
+def test_failed_commit_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with fmt.BundleWriter(out, "b", "1") as w:
+            w.add_bytes("install.sh", b"x", kind="bootstrap")
+            raise RuntimeError("boom")
+    assert os.listdir(out) == []
+
+
+def test_rebuild_replaces_previous_bundle_atomically(tmp_path: Path, keys) -> None:
+    key, pub = keys
+    make_bundle(tmp_path / "out", key)
+    root = make_bundle(tmp_path / "out", key)
+    assert sorted(os.listdir(tmp_path / "out")) == ["b-1"]
+    fmt.Bundle.load(root).check_files()
+
+
+def test_keygen_refuses_to_overwrite_and_cli(tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, ["keygen", "--out", str(tmp_path / "k")])
+    assert r.exit_code == 0 and "fingerprint sha256:" in r.output
+    r = CliRunner().invoke(main, ["keygen", "--out", str(tmp_path / "k")])
+    assert r.exit_code == 2 and "already exists" in r.output and "--force" in r.output
+    os.chmod(tmp_path / "k.key", 0o644)
+    from installer.errors import UsageError
+    with pytest.raises(UsageError, match="chmod 600"):
+        load_private_key(tmp_path / "k.key")
