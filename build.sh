@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Set up llm-pack on a build host, and run its demo or its tests.
+#
+#   ./build.sh            create .venv and install the `pack` command into it
+#   ./build.sh demo       ... then build the built-in demo bundle, install it into a network-less systemd
+#                         container, start llm@tiny and print a real completion (needs root + apt)
+#   ./build.sh test       ... then run the whole test suite (what CI runs)
+#
+# Environment: PYTHON (interpreter to build the venv with, default python3), LLM_PACK_VENV (default .venv).
+set -eu
+
+main() {
+    local here cmd
+    here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+    cd "$here"
+    cmd="${1:-setup}"
+    [ "$#" -gt 0 ] && shift
+    case "$cmd" in
+        -h|--help|help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; return 0 ;;
+        setup|demo|test) ;;
+        *) echo "build.sh: unknown command '$cmd' (try: ./build.sh --help)" >&2; return 2 ;;
+    esac
+    setup_venv
+    case "$cmd" in
+        setup) echo "ready: $(venv_bin)/pack --help" ;;
+        demo) "$(venv_bin)/python" -m packager.demo "$@" ;;
+        test) "$(venv_bin)/python" -m pytest "$@" ;;
+    esac
+}
+
+venv_bin() { echo "${LLM_PACK_VENV:-$PWD/.venv}/bin"; }
+
+setup_venv() {
+    local venv py stamp
+    venv="${LLM_PACK_VENV:-$PWD/.venv}"
+    py="${PYTHON:-python3}"
+    if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        echo "build.sh: needs Python >= 3.11 (found: $("$py" --version 2>&1 || echo none)); set PYTHON=..." >&2
+        return 1
+    fi
+    [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
+    # reinstall only when the dependency list changed
+    stamp="$venv/.llm-pack-setup.sha256"
+    if [ ! -f "$stamp" ] || ! sha256sum --status -c "$stamp" 2>/dev/null; then
+        "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+        "$venv/bin/python" -m pip install -q -e ".[test]"
+        sha256sum setup.cfg pyproject.toml > "$stamp"
+    fi
+}
+
+main "$@"
