@@ -1,0 +1,126 @@
+"""Streaming hash and copy helpers for the build host.
+
+Every function reads a file once, in fixed-size chunks, so memory stays flat whatever the model size.
+``hashlib.sha256`` (OpenSSL) releases the GIL on large buffers, but a process pool measured faster than
+threads on this kind of work, so :func:`hash_files_parallel` and :func:`copy_and_hash_parallel` use
+processes once there is enough data to amortise starting them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+BUFSIZE = 1 << 20
+# Below this many bytes in total, starting worker processes costs more than it saves.
+PARALLEL_MIN_BYTES = 64 << 20
+
+
+def _read_chunks(f, bufsize: int):
+    buf = bytearray(bufsize)
+    view = memoryview(buf)
+    while True:
+        n = f.readinto(buf)
+        if not n:
+            return
+        yield view[:n]
+
+
+def sha256_file(path: str | os.PathLike[str], bufsize: int = BUFSIZE) -> tuple[str, int]:
+    """Return ``(sha256 hex, size)`` of a file, read once in ``bufsize`` chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        for chunk in _read_chunks(f, bufsize):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def git_blob_sha1_and_sha256(path: str | os.PathLike[str], bufsize: int = BUFSIZE) -> tuple[str, str, int]:
+    """Return ``(git blob sha1, sha256, size)`` in one pass (the hub lists git oids for non-LFS files)."""
+    size = os.stat(path).st_size
+    g = hashlib.sha1(f"blob {size}\0".encode(), usedforsecurity=False)
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        for chunk in _read_chunks(f, bufsize):
+            g.update(chunk)
+            h.update(chunk)
+            n += len(chunk)
+    if n != size:  # the file changed while we read it
+        raise OSError(f"{path}: size changed while hashing ({size} -> {n} bytes)")
+    return g.hexdigest(), h.hexdigest(), n
+
+
+def copy_and_hash(src: str | os.PathLike[str], dst: str | os.PathLike[str],
+                  bufsize: int = BUFSIZE) -> tuple[str, int]:
+    """Copy ``src`` to ``dst`` and hash the bytes in the same pass; return ``(sha256 hex, size)``.
+
+    Writes ``dst.tmp`` first and renames it over ``dst`` only when the copy is complete, so a crash
+    never leaves a truncated ``dst``.
+    """
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    h = hashlib.sha256()
+    size = 0
+    try:
+        with open(src, "rb", buffering=0) as fin, open(tmp, "wb", buffering=0) as fout:
+            for chunk in _read_chunks(fin, bufsize):
+                h.update(chunk)
+                size += len(chunk)
+                # an unbuffered write may be short; loop until the chunk is out
+                while chunk:
+                    chunk = chunk[fout.write(chunk):]
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return h.hexdigest(), size
+
+
+def _pool(jobs: int) -> ProcessPoolExecutor:
+    # forkserver: safe even when the caller runs threads (progress bars, HTTP servers in tests).
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else None)
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+
+
+def _total_size(paths: Iterable[Path]) -> int:
+    total = 0
+    for p in paths:
+        try:
+            total += p.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+def hash_files_parallel(paths: Sequence[str | os.PathLike[str]], jobs: int) -> dict[Path, tuple[str, int]]:
+    """Hash many files with ``jobs`` worker processes; return ``{path: (sha256 hex, size)}``.
+
+    Memory stays flat: each worker streams its file. Small batches are hashed in-process.
+    """
+    ps = [Path(p) for p in paths]
+    if jobs <= 1 or len(ps) <= 1 or _total_size(ps) < PARALLEL_MIN_BYTES:
+        return {p: sha256_file(p) for p in ps}
+    with _pool(min(jobs, len(ps))) as pool:
+        return dict(zip(ps, pool.map(sha256_file, ps)))
+
+
+def _copy_pair(pair: tuple[Path, Path]) -> tuple[str, int]:
+    return copy_and_hash(pair[0], pair[1])
+
+
+def copy_and_hash_parallel(pairs: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]],
+                           jobs: int) -> list[tuple[str, int]]:
+    """Run :func:`copy_and_hash` over ``(src, dst)`` pairs with ``jobs`` processes, results in order."""
+    ps = [(Path(s), Path(d)) for s, d in pairs]
+    if jobs <= 1 or len(ps) <= 1 or _total_size(s for s, _ in ps) < PARALLEL_MIN_BYTES:
+        return [_copy_pair(p) for p in ps]
+    with _pool(min(jobs, len(ps))) as pool:
+        return list(pool.map(_copy_pair, ps))

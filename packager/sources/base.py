@@ -1,0 +1,179 @@
+"""The model-source interface: ``resolve(spec) -> PinnedModel``, ``fetch(pinned, store) -> files``.
+
+A source pins what the manifest asked for (a branch, tag or directory) to something immutable
+(a commit sha, or a content hash) together with every file's size and sha256, then makes sure each
+file sits verified in the content store. Helpers shared by the sources live here too: HF-compatible
+allow/ignore pattern matching, a parallel runner that keeps going when one file fails (so a re-run
+only fetches what is missing), and token scrubbing for error messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from tqdm.auto import tqdm
+
+from installer.errors import LlmPackError, SourceError
+
+if TYPE_CHECKING:
+    from packager.spec import ModelSpec
+    from packager.store import ContentStore
+
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str  # relative to the repo root, posix
+    size: int
+    sha256: str  # "" only where the hub lists no sha256 (HF non-LFS files) until fetched: see with_hashes
+    git_oid: str | None = None  # git blob sha1 the hub lists (HF); used to verify non-LFS files
+
+
+@dataclass(frozen=True)
+class PinnedModel:
+    name: str
+    source: str
+    repo: str | None
+    revision: str | None  # as requested
+    commit: str  # pinned: 40-hex commit sha (HF/ModelScope), or a content hash (local dirs, see sources)
+    endpoint: str | None
+    files: tuple[RemoteFile, ...]  # sorted by path, after allow/ignore patterns
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def with_hashes(self, fetched: dict[str, Path]) -> PinnedModel:
+        """A copy whose every ``sha256`` is filled from ``fetch``'s result (blob names are sha256)."""
+        files = tuple(replace(f, sha256=f.sha256 or Path(fetched[f.path]).name) for f in self.files)
+        return replace(self, files=files)
+
+
+class Source(Protocol):
+    def resolve(self, spec: ModelSpec) -> PinnedModel: ...
+
+    def fetch(self, pinned: PinnedModel, store: ContentStore, *, jobs: int = 4,
+              progress: bool = True) -> dict[str, Path]:
+        """Ensure every file is in the store, verified; return {relative path: store blob path}."""
+        ...
+
+
+# -- patterns -------------------------------------------------------------------------------------------
+def _dir_wildcard(pattern: str) -> str:
+    return pattern + "*" if pattern.endswith("/") else pattern
+
+
+def filter_paths(paths: Iterable[T], allow: Sequence[str] = (), ignore: Sequence[str] = (),
+                 key: Callable[[T], str] = str) -> list[T]:
+    """Keep items whose path matches an allow pattern (if any) and no ignore pattern.
+
+    Same semantics as ``huggingface_hub.utils.filter_repo_objects``: ``fnmatch`` on the whole posix
+    path (``*`` also matches ``/``), and a pattern ending in ``/`` matches everything below it.
+    """
+    allow_p = [_dir_wildcard(p) for p in allow]
+    ignore_p = [_dir_wildcard(p) for p in ignore]
+    out = []
+    for item in paths:
+        path = key(item)
+        if allow_p and not any(fnmatch(path, p) for p in allow_p):
+            continue
+        if ignore_p and any(fnmatch(path, p) for p in ignore_p):
+            continue
+        out.append(item)
+    return out
+
+
+def content_hash(files: Iterable[tuple[str, str]]) -> str:
+    """sha256 over the sorted ``path\\0sha256\\n`` lines: the pinned id of a file set without a commit."""
+    h = hashlib.sha256()
+    for path, sha in sorted(files):
+        h.update(f"{path}\0{sha}\n".encode())
+    return h.hexdigest()
+
+
+def check_relative_path(path: str, where: str) -> str:
+    """Refuse repo paths that could escape a directory (absolute, ``..``, empty segments)."""
+    parts = path.split("/")
+    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in path:
+        raise SourceError(f"{where}: refusing unsafe file path {path!r}")
+    return path
+
+
+# -- secrets ----------------------------------------------------------------------------------------------
+def scrub(text: str, *secrets: str | None) -> str:
+    for s in secrets:
+        if s:
+            text = text.replace(s, "***")
+    return text
+
+
+def env_token(*names: str) -> str | None:
+    for n in names:
+        v = os.environ.get(n, "").strip()
+        if v:
+            return v
+    return None
+
+
+# -- parallel fetch ---------------------------------------------------------------------------------------
+class Progress:
+    """One byte-counting bar per model (per-file bars come from the hub clients)."""
+
+    def __init__(self, desc: str, total: int, enabled: bool) -> None:
+        self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                         disable=not enabled, leave=enabled)
+        self._lock = threading.Lock()
+
+    def done(self, nbytes: int) -> None:
+        with self._lock:
+            self._bar.update(nbytes)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def run_all(fn: Callable[[T], None], items: Sequence[T], jobs: int, what: str) -> None:
+    """Run ``fn`` on every item with ``jobs`` threads; every item is tried even when some fail.
+
+    Completed files stay in the store, so a re-run only fetches the failed ones. Raises the first
+    failure (a :class:`LlmPackError`), mentioning how many others failed.
+    """
+    errors: list[tuple[T, BaseException]] = []
+
+    def one(item: T) -> None:
+        try:
+            fn(item)
+        except Exception as e:
+            errors.append((item, e))
+
+    if jobs <= 1 or len(items) <= 1:
+        for it in items:
+            one(it)
+    else:
+        with ThreadPoolExecutor(max_workers=min(jobs, len(items)), thread_name_prefix="fetch") as pool:
+            list(pool.map(one, items))
+    if not errors:
+        return
+    first = errors[0][1]
+    if len(errors) > 1:
+        more = f" ({len(errors) - 1} more file(s) of {what} failed too; completed files are kept, " \
+               "re-run to fetch only what is missing)"
+    else:
+        more = ""
+    if isinstance(first, LlmPackError):
+        if more:
+            first.message += more
+            first.args = (first.message,)
+        raise first
+    raise SourceError(f"{what}: {first}{more}") from first

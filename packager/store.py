@@ -1,0 +1,184 @@
+"""The build host's content store: sha256-addressed blobs that later builds reuse.
+
+Layout under the root (default ``~/.cache/llm-pack/store``, or ``$LLM_PACK_STORE``)::
+
+    sha256/ab/<hex>          one verified blob per distinct content, read-only
+    alias/<kind>/ab/<key>    small text files mapping another id (a git blob sha1) to a sha256
+    tmp/                     scratch space on the same filesystem (partial downloads, copies)
+
+A blob only ever appears under ``sha256/`` after its bytes were hashed and matched, and it is
+written by rename, so a crash leaves either nothing or a complete, correct blob.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import uuid
+from pathlib import Path
+
+from installer.errors import IntegrityError, NotFoundError, UsageError
+from packager.hashing import copy_and_hash, sha256_file
+
+FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_KEY = re.compile(r"[0-9A-Za-z._-]{1,128}")
+
+
+def default_store_root() -> Path:
+    env = os.environ.get("LLM_PACK_STORE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "llm-pack" / "store"
+
+
+class ContentStore:
+    """sha256-addressed blobs under ``root/sha256/ab/<hex>``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).expanduser().absolute()
+
+    @classmethod
+    def default(cls) -> ContentStore:
+        return cls(default_store_root())
+
+    def __repr__(self) -> str:
+        return f"ContentStore({str(self.root)!r})"
+
+    # -- lookup -------------------------------------------------------------------------------------
+    def blob(self, sha256: str) -> Path:
+        if not _HEX64.fullmatch(sha256):
+            raise UsageError(f"not a sha256 hex digest: {sha256!r}")
+        return self.root / "sha256" / sha256[:2] / sha256
+
+    def has(self, sha256: str) -> bool:
+        return bool(sha256) and _HEX64.fullmatch(sha256) is not None and self.blob(sha256).is_file()
+
+    def tmpdir(self) -> Path:
+        d = self.root / "tmp"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def verify(self, sha256: str) -> bool:
+        """Re-hash a blob (e.g. after a disk scare); False if it is missing or its bytes changed."""
+        if not self.has(sha256):
+            return False
+        return sha256_file(self.blob(sha256))[0] == sha256
+
+    # -- aliases: other content ids (git blob sha1) that map to a sha256 -----------------------------
+    def _alias_path(self, kind: str, key: str) -> Path:
+        if not _KEY.fullmatch(kind) or not _KEY.fullmatch(key):
+            raise UsageError(f"bad alias {kind!r}/{key!r}")
+        return self.root / "alias" / kind / key[:2] / key
+
+    def record_alias(self, kind: str, key: str, sha256: str) -> None:
+        """Remember that content known as ``kind:key`` (e.g. ``git-sha1:<oid>``) is blob ``sha256``."""
+        self.blob(sha256)  # validates
+        path = self._alias_path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(sha256 + "\n")
+        os.replace(tmp, path)
+
+    def lookup_alias(self, kind: str, key: str) -> str | None:
+        """The sha256 recorded for ``kind:key``, or None (also when that blob is gone)."""
+        try:
+            sha = self._alias_path(kind, key).read_text().strip()
+        except (OSError, UsageError):
+            return None
+        return sha if self.has(sha) else None
+
+    # -- adding -------------------------------------------------------------------------------------
+    def add_file(self, src: Path, *, expected_sha256: str | None, expected_size: int | None, name: str,
+                 move: bool, hint: str | None = None) -> Path:
+        """Put ``src`` into the store after checking its size and sha256; return the blob path.
+
+        ``move=False`` copies and hashes in one pass. ``move=True`` hashes ``src`` and then renames it
+        into place (``src`` must be on the store's filesystem for that to be free; otherwise it is
+        copied). On a mismatch :class:`IntegrityError` names ``name`` and ``src`` is left untouched.
+        """
+        src = Path(src)
+        if move:
+            sha, size = sha256_file(src)
+            _check(name, expected_sha256, expected_size, sha, size, hint)
+            blob = self.blob(sha)
+            if blob.is_file():
+                src.unlink()
+                return blob
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(src, 0o444)
+            try:
+                os.replace(src, blob)
+                return blob
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+            # another filesystem: fall through to a verified copy, then drop the source
+            blob = self._copy_in(src, name, sha, size, hint)
+            src.unlink()
+            return blob
+        return self._copy_in(src, name, expected_sha256, expected_size, hint)
+
+    def _copy_in(self, src: Path, name: str, expected_sha256: str | None, expected_size: int | None,
+                 hint: str | None) -> Path:
+        tmp = self.tmpdir() / f"add-{uuid.uuid4().hex}"
+        try:
+            sha, size = copy_and_hash(src, tmp)
+            _check(name, expected_sha256, expected_size, sha, size, hint)
+            blob = self.blob(sha)
+            if not blob.is_file():
+                blob.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(tmp, 0o444)
+                os.replace(tmp, blob)
+            return blob
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # -- placing blobs into a bundle -----------------------------------------------------------------
+    def link_into(self, sha256: str, dest: Path) -> str:
+        """Make ``dest`` a real file with the blob's bytes, without copying them where possible.
+
+        Tries a hardlink, then a reflink (``FICLONE``), then a copy that re-hashes the bytes.
+        Returns ``"hardlink"``, ``"reflink"`` or ``"copy"``. ``dest`` is replaced atomically.
+        Hardlinked blobs share the inode with the store: never write into ``dest`` afterwards.
+        """
+        blob = self.blob(sha256)
+        if not blob.is_file():
+            raise NotFoundError(f"blob {sha256} is not in the content store {self.root}",
+                                hint="fetch the model again (`pack build` does this)")
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            try:
+                os.link(blob, tmp)
+                os.replace(tmp, dest)
+                return "hardlink"
+            except OSError:
+                tmp.unlink(missing_ok=True)
+            try:
+                with open(blob, "rb") as s, open(tmp, "wb") as d:
+                    fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
+                os.replace(tmp, dest)
+                return "reflink"
+            except OSError:
+                tmp.unlink(missing_ok=True)
+            sha, _ = copy_and_hash(blob, tmp)
+            if sha != sha256:
+                raise IntegrityError(str(blob), expected=sha256, actual=sha,
+                                     hint="the content store is corrupt; delete this blob and build again")
+            os.replace(tmp, dest)
+            return "copy"
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _check(name: str, expected_sha256: str | None, expected_size: int | None, sha: str, size: int,
+           hint: str | None) -> None:
+    if expected_size is not None and size != expected_size:
+        raise IntegrityError(name, expected=f"{expected_size} bytes", actual=f"{size} bytes", what="size",
+                             hint=hint)
+    if expected_sha256 is not None and sha != expected_sha256.lower():
+        raise IntegrityError(name, expected=expected_sha256, actual=sha, hint=hint)
