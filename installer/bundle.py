@@ -280,9 +280,12 @@ class Bundle:
                              hint="the manifest was modified after signing, or it was signed by a key you "
                                   "do not trust")
 
-    def check_files(self, *, jobs: int | None = None,
+    def check_files(self, *, jobs: int | None = None, rehash: bool = True,
                     on_progress: Callable[[Artifact], None] | None = None) -> None:
-        """Check every artifact's presence, size and sha256; raise for the first failing one (manifest order)."""
+        """Check every artifact's presence, size and sha256; raise for the first failing one (manifest order).
+
+        ``rehash=False`` checks only the listing and sizes: for a writer that hashed each byte as it wrote it.
+        """
         extra = self.unlisted_files()
         if extra:
             raise BundleError(f"{self.root}: {len(extra)} file(s) not listed in {MANIFEST_NAME}: "
@@ -299,6 +302,8 @@ class Bundle:
                 raise IntegrityError(a.path, expected="regular file", actual="not a regular file", what="type")
             if st.st_size != a.size:
                 raise IntegrityError(a.path, expected=str(a.size), actual=str(st.st_size), what="size")
+        if not rehash:
+            return
         by_path = {os.fspath(self.path_of(a)): a for a in self.artifacts}
         bad: dict[str, str] = {}
         # biggest first keeps both cores busy to the end; failures are reported in manifest order
@@ -364,7 +369,7 @@ class BundleWriter:
         return sorted(self._artifacts.values(), key=lambda a: a.path)
 
     def commit(self, manifest: dict, *, sign: Callable[[bytes], bytes] | None,
-               verify_jobs: int | None = None) -> Bundle:
+               verify_jobs: int | None = None, rehash: bool = False) -> Bundle:
         """Write MANIFEST.json, re-open with the reader and verify, sign, then move into place."""
         manifest = dict(manifest)
         manifest["format_version"] = FORMAT_VERSION
@@ -372,8 +377,10 @@ class BundleWriter:
         data = canonical_json(manifest)
         (self.staging / MANIFEST_NAME).write_bytes(data)
         # Re-open with the installer's own reader before signing (a bundle we cannot read is never signed).
+        # Every artifact was hashed in the pass that wrote it, so the reader checks listing and sizes here
+        # and does not read the bytes a second time (`pack verify` does the full check).
         bundle = Bundle.load(self.staging)
-        bundle.check_files(jobs=verify_jobs)
+        bundle.check_files(jobs=verify_jobs, rehash=rehash)
         if sign is not None:
             (self.staging / SIGNATURE_NAME).write_bytes(sign(data))
         os.chmod(self.staging, 0o755)

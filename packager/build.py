@@ -95,6 +95,7 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
     # 3. fetch models into the content store (parallel, resumable, verified)
     t = time.monotonic()
     blobs = [get_source(p.source).fetch(p, store, jobs=opts.jobs, progress=opts.progress) for p in pinned]
+    pinned = [p.with_hashes(b) for p, b in zip(pinned, blobs, strict=True)]
     timings["fetch"] = time.monotonic() - t
 
     # 4. assemble
