@@ -92,7 +92,7 @@ def parse_query_csv(text: str, fields: tuple[str, ...] = QUERY_FIELDS) -> tuple[
             continue
         if len(row) != len(fields):
             raise ValueError(f"nvidia-smi row has {len(row)} fields, expected {len(fields)}: {row!r}")
-        rec = {f: _value(v) for f, v in zip(fields, row, strict=True)}
+        rec = {fields[i]: _value(row[i]) for i in range(len(fields))}
         driver = driver or rec.get("driver_version")
         gpus.append(Gpu(
             index=int(rec["index"]) if rec.get("index") is not None else len(gpus),

@@ -204,12 +204,13 @@ def check_driver(ctx: _Context) -> list[CheckResult]:
         cuda = str(env.get("cuda_runtime") or env["cuda"])
         min_d, floor = _required_driver(env)
         want = min_d or floor
+        get = f"install NVIDIA driver ≥ {want}" if want else f"install an NVIDIA driver for CUDA {cuda}"
         have = info.driver_version
         if not have:
             tried = "; ".join(info.notes) or "nvidia-smi, NVML, /proc/driver/nvidia/version"
             out.append(CheckResult("driver", FAIL, f"no NVIDIA driver found ({tried}); CUDA {cuda} needs "
-                                   f"driver ≥ {want or '?'}",
-                                   f"install NVIDIA driver ≥ {want or 'one supporting CUDA ' + cuda} and reboot",
+                                   + (f"driver ≥ {want}" if want else f"a driver for CUDA {cuda}"),
+                                   f"{get} and reboot",
                                    name))
             continue
         drv_cuda = info.cuda_version
@@ -220,7 +221,7 @@ def check_driver(ctx: _Context) -> list[CheckResult]:
                 "driver", FAIL,
                 f"{says}; CUDA {cuda} needs a driver for CUDA {_major(cuda)}.x"
                 + (f" (≥ {want})" if want else "") + ": minor-version compatibility stops at the major",
-                f"install NVIDIA driver ≥ {want or 'one supporting CUDA ' + cuda}, or rebuild the "
+                f"{get}, or rebuild the "
                 f"environment for CUDA ≤ {drv_cuda} (environments[].cuda in the manifest)", name))
         elif floor and cmp(have, floor) < 0:
             out.append(CheckResult(
