@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.nspawn import Container, ContainerCommandError, reap_stale
+from tests.nspawn import Container, ContainerCommandError, fixtures, reap_stale
 from tests.nspawn.container import base_dir
-from tests.nspawn.fixtures import nspawn_container, nspawn_rootfs  # noqa: F401 - pytest fixtures
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+# The shared fixtures (a conftest.py could load them with pytest_plugins instead).
+nspawn_rootfs = fixtures.nspawn_rootfs
+nspawn_container = fixtures.nspawn_container
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,11 +1,11 @@
 """A real systemd test target: a debootstrapped Debian booted with systemd-nspawn, with no network.
 
-    from tests.nspawn import Container, ensure_rootfs
+from tests.nspawn import Container, ensure_rootfs
 
-    with Container(ensure_rootfs(), binds=[(usb_dir, "/media/usb", True)]) as c:
-        c.run(["bash", "/media/usb/install.sh"])
-        c.run("systemctl start llm@tiny")
-        print(c.journal("llm@tiny"))
+with Container(ensure_rootfs(), binds=[(usb_dir, "/media/usb", True)]) as c:
+    c.run(["bash", "/media/usb/install.sh"])
+    c.run("systemctl start llm@tiny")
+    print(c.journal("llm@tiny"))
 """
 
 from tests.nspawn.container import (

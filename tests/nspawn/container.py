@@ -533,5 +533,5 @@ def _stop_all() -> None:
     for c in list(_live):
         try:
             c.stop(timeout=5)
-        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+        except Exception:  # best effort at interpreter exit
             pass
