@@ -1,0 +1,203 @@
+"""Is an instance serving? /health polling, one real completion, the user's curl, and instance status.
+
+/health alone proves little: measured with vLLM's CPU build under `MemoryDenyWriteExecute=yes`, /health
+answered 200 while every completion failed with 500. So the post-start check is :func:`wait_healthy`
+followed by :func:`probe_completion`. Standard library only (``http.client``): runs on the target.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shlex
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+from installer import systemd
+from installer.errors import InstallError
+
+PROBE_PROMPT = "Say hello."
+
+
+def connect_host(host: str | None) -> str:
+    """The address to reach a server listening on ``host`` from the same machine."""
+    if not host or host in ("0.0.0.0", "*"):
+        return "127.0.0.1"
+    if host in ("::", "[::]"):
+        return "::1"
+    return host.strip("[]")
+
+
+def base_url(host: str | None, port: int) -> str:
+    h = connect_host(host)
+    return f"http://[{h}]:{port}" if ":" in h else f"http://{h}:{port}"
+
+
+def request(host: str | None, port: int, method: str, path: str, *, body: object | None = None,
+            api_key: str | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
+    """One HTTP request; returns (status, body). Raises OSError when nothing answers."""
+    headers = {"Accept": "application/json"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode("utf-8")
+        headers["Content-Type"] = "application/json"
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    conn = http.client.HTTPConnection(connect_host(host), int(port), timeout=timeout)
+    try:
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def wait_healthy(host: str | None, port: int, *, timeout: float, api_key: str | None = None,
+                 interval: float = 1.0, alive: Callable[[], bool] | None = None, unit: str | None = None) -> float:
+    """Poll ``GET /health`` until it answers 200; returns the seconds waited.
+
+    ``alive()`` is asked between polls (e.g. "is the unit still active?"); when it says False the wait ends
+    at once instead of running into the timeout. Raises :class:`InstallError` naming the last answer.
+    """
+    start = time.monotonic()
+    deadline = start + timeout
+    last = "no answer yet"
+    where = unit or f"the server on port {port}"
+    hint = f"see `journalctl -u {unit} -n 100`" if unit else "look at the server's log"
+    while True:
+        try:
+            status, body = request(host, port, "GET", "/health", api_key=api_key, timeout=min(10.0, timeout))
+            if status == 200:
+                return time.monotonic() - start
+            last = f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
+        except (OSError, http.client.HTTPException) as e:
+            last = f"{type(e).__name__}: {e}"
+        if alive is not None and not alive():
+            raise InstallError(f"{where} stopped before it became healthy (last: {last})", hint=hint)
+        if time.monotonic() >= deadline:
+            raise InstallError(f"{where} was not healthy after {timeout:.0f} s (last: {last})", hint=hint)
+        time.sleep(interval)
+
+
+def probe_completion(host: str | None, port: int, model: str, api_key: str | None = None, *,
+                     timeout: float = 300.0, max_tokens: int = 8, prompt: str = PROBE_PROMPT) -> dict:
+    """Send one short ``/v1/chat/completions`` request; it must answer 200 with a choice.
+
+    Returns {"status", "seconds", "model", "content", "finish_reason", "usage"}; raises
+    :class:`InstallError` with the server's answer otherwise.
+    """
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0}
+    t0 = time.monotonic()
+    try:
+        status, raw = request(host, port, "POST", "/v1/chat/completions", body=body, api_key=api_key,
+                              timeout=timeout)
+    except (OSError, http.client.HTTPException) as e:
+        raise InstallError(f"completion request to {base_url(host, port)} failed: {e}") from e
+    seconds = time.monotonic() - t0
+    text = raw[:500].decode("utf-8", "replace")
+    if status != 200:
+        hint = "the API key is wrong or missing" if status == 401 else "see the service's journal"
+        raise InstallError(f"completion request answered HTTP {status}: {text}", hint=hint)
+    try:
+        doc = json.loads(raw)
+        choice = doc["choices"][0]
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise InstallError(f"completion answer has no choice: {text}") from e
+    message = choice.get("message") or {}
+    content = message.get("content")
+    if content is None:
+        content = message.get("reasoning_content") or choice.get("text")
+    return {"status": status, "seconds": round(seconds, 3), "model": doc.get("model"), "content": content,
+            "finish_reason": choice.get("finish_reason"), "usage": doc.get("usage")}
+
+
+def list_models(host: str | None, port: int, api_key: str | None = None, *, timeout: float = 10.0) -> list[str]:
+    """Model ids from ``GET /v1/models``."""
+    status, raw = request(host, port, "GET", "/v1/models", api_key=api_key, timeout=timeout)
+    if status != 200:
+        raise InstallError(f"/v1/models answered HTTP {status}: {raw[:300].decode('utf-8', 'replace')}")
+    return [m.get("id") for m in json.loads(raw).get("data", [])]
+
+
+def read_api_key(root: Path, key_file: str | None) -> str | None:
+    """The API key from its file on the target (first line, stripped), as the launcher reads it."""
+    if not key_file:
+        return None
+    text = (Path(root) / str(key_file).lstrip("/")).read_text(encoding="utf-8")
+    lines = text.splitlines()
+    return lines[0].strip() if lines else None
+
+
+def curl_example(service: Mapping, *, max_tokens: int = 64) -> str:
+    """The ``curl`` a user can run on the server to talk to ``service`` (a MANIFEST services[] entry)."""
+    url = base_url(service.get("host"), int(service["port"])) + "/v1/chat/completions"
+    model = service.get("served_model_name") or service["name"]
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello! Who are you?"}],
+                       "max_tokens": max_tokens}, separators=(",", ":"))
+    parts = [f"curl -sS {shlex.quote(url)}", "-H 'Content-Type: application/json'"]
+    if service.get("api_key_file"):
+        parts.append(f'-H "Authorization: Bearer $(sudo cat {shlex.quote(str(service["api_key_file"]))})"')
+    parts.append(f"-d {shlex.quote(body)}")
+    return " \\\n  ".join(parts)
+
+
+def _health(host: str | None, port: int | None, timeout: float) -> str:
+    if not port:
+        return "unknown"
+    try:
+        status, _ = request(host, int(port), "GET", "/health", timeout=timeout)
+    except (OSError, http.client.HTTPException):
+        return "unreachable"
+    return "healthy" if status == 200 else f"unhealthy (HTTP {status})"
+
+
+def instance_status(root: Path, names: Iterable[str] | None = None, *,
+                    version_of: Callable[[str], str | None] | None = None, timeout: float = 2.0) -> list[dict]:
+    """One JSON-friendly record per instance: unit state, main PID, version, port, health.
+
+    ``names`` defaults to every instance with an env file under ``root``. On a staging tree (``root`` is not
+    ``/``) nothing runs, so state and health are None. ``version_of(name)`` overrides the bundle version
+    recorded in the env file (e.g. from /var/lib/llm state).
+    """
+    root = Path(root)
+    live = root == Path("/") and systemd.systemd_running()
+    rows = []
+    for name in (list(names) if names is not None else systemd.installed_instances(root)):
+        env_path = systemd.env_file_path(root, name)
+        env = systemd.parse_env_file(env_path.read_text(encoding="utf-8")) if env_path.exists() else {}
+        port = int(env["LLM_PORT"]) if env.get("LLM_PORT", "").isdigit() else None
+        host = env.get("LLM_HOST")
+        row: dict = {
+            "instance": name,
+            "unit": systemd.unit_name(name),
+            "installed": env_path.exists(),
+            "version": (version_of(name) if version_of else None) or env.get("LLM_BUNDLE_VERSION"),
+            "environment": env.get("LLM_ENVIRONMENT"),
+            "model": env.get("LLM_SERVED_MODEL_NAME"),
+            "host": host,
+            "port": port,
+            "url": base_url(host, port) if port else None,
+            "active": None, "sub": None, "main_pid": None, "restarts": None, "enabled": None, "health": None,
+        }
+        if live:
+            props = systemd.unit_properties(name, ["ActiveState", "SubState", "MainPID", "NRestarts",
+                                                   "UnitFileState"])
+            row["active"] = props.get("ActiveState")
+            row["sub"] = props.get("SubState")
+            row["main_pid"] = int(props["MainPID"]) if props.get("MainPID", "").isdigit() else None
+            row["restarts"] = int(props["NRestarts"]) if props.get("NRestarts", "").isdigit() else None
+            row["enabled"] = props.get("UnitFileState")
+            row["health"] = _health(host, port, timeout) if row["active"] == "active" else "down"
+        rows.append(row)
+    return rows
+
+
+def format_status(rows: list[dict]) -> str:
+    """A plain table of :func:`instance_status` rows."""
+    cols = [("INSTANCE", "instance"), ("VERSION", "version"), ("ACTIVE", "active"), ("PID", "main_pid"),
+            ("PORT", "port"), ("MODEL", "model"), ("HEALTH", "health")]
+    table = [[h for h, _ in cols]] + [["-" if r.get(k) is None else str(r.get(k)) for _, k in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
