@@ -83,14 +83,14 @@ def copy_and_hash(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     return h.hexdigest(), size
 
 
-def _pool(jobs: int) -> ProcessPoolExecutor:
+def process_pool(jobs: int) -> ProcessPoolExecutor:
     # forkserver: safe even when the caller runs threads (progress bars, HTTP servers in tests).
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else None)
     return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
 
 
-def _total_size(paths: Iterable[Path]) -> int:
+def total_size(paths: Iterable[Path]) -> int:
     total = 0
     for p in paths:
         try:
@@ -106,9 +106,9 @@ def hash_files_parallel(paths: Sequence[str | os.PathLike[str]], jobs: int) -> d
     Memory stays flat: each worker streams its file. Small batches are hashed in-process.
     """
     ps = [Path(p) for p in paths]
-    if jobs <= 1 or len(ps) <= 1 or _total_size(ps) < PARALLEL_MIN_BYTES:
+    if jobs <= 1 or len(ps) <= 1 or total_size(ps) < PARALLEL_MIN_BYTES:
         return {p: sha256_file(p) for p in ps}
-    with _pool(min(jobs, len(ps))) as pool:
+    with process_pool(min(jobs, len(ps))) as pool:
         return dict(zip(ps, pool.map(sha256_file, ps)))
 
 
@@ -120,7 +120,7 @@ def copy_and_hash_parallel(pairs: Sequence[tuple[str | os.PathLike[str], str | o
                            jobs: int) -> list[tuple[str, int]]:
     """Run :func:`copy_and_hash` over ``(src, dst)`` pairs with ``jobs`` processes, results in order."""
     ps = [(Path(s), Path(d)) for s, d in pairs]
-    if jobs <= 1 or len(ps) <= 1 or _total_size(s for s, _ in ps) < PARALLEL_MIN_BYTES:
+    if jobs <= 1 or len(ps) <= 1 or total_size(s for s, _ in ps) < PARALLEL_MIN_BYTES:
         return [_copy_pair(p) for p in ps]
-    with _pool(min(jobs, len(ps))) as pool:
+    with process_pool(min(jobs, len(ps))) as pool:
         return list(pool.map(_copy_pair, ps))

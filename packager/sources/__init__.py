@@ -1,0 +1,38 @@
+"""Model sources: one module per source, one small interface (see :mod:`packager.sources.base`).
+
+    source = get_source(spec.source)
+    pinned = source.resolve(spec)                 # PinnedModel: commit + files with size/sha256
+    blobs = source.fetch(pinned, store, jobs=4)   # {path: verified blob in the content store}
+    pinned = pinned.with_hashes(blobs)            # fills sha256 the hub did not list (HF non-LFS files)
+
+Hub clients are imported only when their source is used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from installer.errors import UsageError
+
+if TYPE_CHECKING:
+    from packager.sources.base import Source
+    from packager.store import ContentStore
+
+SOURCES = ("huggingface", "modelscope", "local")
+
+
+def get_source(name: str, *, store: ContentStore | None = None) -> Source:
+    """The source called ``name``. ``store``: where the local source ingests while it resolves."""
+    if name == "huggingface":
+        from packager.sources.huggingface import HuggingFaceSource
+
+        return HuggingFaceSource()
+    if name == "modelscope":
+        from packager.sources.modelscope import ModelScopeSource
+
+        return ModelScopeSource()
+    if name == "local":
+        from packager.sources.local import LocalSource
+
+        return LocalSource(store=store)
+    raise UsageError(f"unknown model source {name!r}", hint=f"use one of: {', '.join(SOURCES)}")

@@ -1,0 +1,189 @@
+"""ModelScope source, through the real ``modelscope`` client (1.40.x delegates to ``modelscope_hub``).
+
+resolve: ``HubApi.list_repo_files(repo, "model", revision=..., recursive=True)`` (GET
+``/api/v1/models/{id}/repo/files``) gives every file's path, size and sha256.
+
+Pinning: the ModelScope API exposes no branch -> commit mapping that we can rely on, so a revision
+that is a 40-hex commit sha is pinned as is; for a branch or tag we record the revision name and
+``commit`` = sha256 over the sorted ``(path, sha256)`` list (the same content hash the local source
+uses). Every file is then checked against its listed sha256, so if the branch moves between resolve
+and fetch the build fails naming the file instead of mixing two versions.
+
+fetch: ``HubApi.download_file(repo, "model", path, revision=..., local_dir=<store tmp>, file_size=...)``
+per missing file, ``jobs`` at a time, then our own size + sha256 check and a rename into the content
+store. The client keeps ``<file>.incomplete`` under a stable name and resumes it with a Range request,
+within a run and across runs. We do not pass ``expected_sha256`` to the client: it would retry a
+mismatching file 3 times with back-off before failing; we verify once and name the file.
+
+Endpoint: ``spec.endpoint``, else ``$MODELSCOPE_ENDPOINT``, else https://www.modelscope.cn. Token:
+``$MODELSCOPE_API_TOKEN`` only (a token saved by ``modelscope login`` is not used); never written
+or shown. The client's cache and lock dirs are pointed inside the content store's tmp dir.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import requests
+from modelscope.hub.api import HubApi
+from modelscope_hub.errors import (
+    APIError,
+    AuthenticationError,
+    FileIntegrityError,
+    HubError,
+    NetworkError,
+    NotExistError,
+    PermissionDeniedError,
+)
+
+from installer.errors import AuthError, LlmPackError, NotFoundError, SourceError, UsageError
+from packager.sources.base import (
+    COMMIT_RE,
+    PinnedModel,
+    Progress,
+    RemoteFile,
+    check_relative_path,
+    content_hash,
+    env_token,
+    filter_paths,
+    run_all,
+    scrub,
+)
+from packager.spec import ModelSpec
+from packager.store import ContentStore
+
+DEFAULT_ENDPOINT = "https://www.modelscope.cn"
+TOKEN_VARS = ("MODELSCOPE_API_TOKEN",)
+CORRUPT_HINT = ("ModelScope served bytes that differ from what it lists; the bad download was discarded, "
+                "re-run to fetch it again (if it persists, the branch moved: build again to re-resolve)")
+
+
+def ms_endpoint(spec_endpoint: str | None) -> str:
+    return (spec_endpoint or os.environ.get("MODELSCOPE_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def _api(endpoint: str, token: str | None) -> HubApi:
+    # token "" (not None): do not fall back to credentials saved by `modelscope login`
+    return HubApi(endpoint=endpoint, token=token or "")
+
+
+class ModelScopeSource:
+    name = "modelscope"
+
+    def resolve(self, spec: ModelSpec) -> PinnedModel:
+        if not spec.repo:
+            raise UsageError(f"model {spec.name}: source modelscope needs `repo: org/name`")
+        endpoint = ms_endpoint(spec.endpoint)
+        token = env_token(*TOKEN_VARS)
+        rev = spec.revision or "master"
+        api = _api(endpoint, token)
+        try:
+            infos = api.list_repo_files(spec.repo, "model", revision=rev, recursive=True)
+        except NotExistError as e:
+            raise self._not_found(api, spec.repo, rev, endpoint, token) from e
+        except Exception as e:
+            raise map_error(e, repo=spec.repo, revision=rev, endpoint=endpoint, token=token) from e
+        blobs = [i for i in infos if getattr(i, "type", "blob") != "tree"]
+        if not blobs:
+            # some servers answer an unknown revision with an empty listing
+            raise self._not_found(api, spec.repo, rev, endpoint, token)
+        files = []
+        for i in blobs:
+            path = check_relative_path(i.path, f"{spec.repo}@{rev}")
+            sha = (i.sha256 or "").lower()
+            if len(sha) != 64:
+                raise SourceError(f"{endpoint} lists no sha256 for {spec.repo}/{path} at {rev}; "
+                                  "cannot verify it", hint="is the endpoint a ModelScope compatible hub?")
+            files.append(RemoteFile(path, int(i.size), sha))
+        kept = sorted(filter_paths(files, spec.allow_patterns, spec.ignore_patterns, key=lambda f: f.path),
+                      key=lambda f: f.path)
+        if not kept:
+            raise NotFoundError(
+                f"model {spec.name}: no file of {spec.repo}@{rev} matches allow_patterns "
+                f"{list(spec.allow_patterns)} / ignore_patterns {list(spec.ignore_patterns)}",
+                hint=f"the repo has: {', '.join(f.path for f in files[:12])}")
+        commit = rev if COMMIT_RE.fullmatch(rev) else content_hash((f.path, f.sha256) for f in kept)
+        return PinnedModel(name=spec.name, source=self.name, repo=spec.repo, revision=rev, commit=commit,
+                           endpoint=endpoint, files=tuple(kept))
+
+    @staticmethod
+    def _not_found(api: HubApi, repo: str, rev: str, endpoint: str, token: str | None) -> LlmPackError:
+        try:
+            refs = api.list_repo_revisions(repo, "model")
+        except NotExistError:
+            return NotFoundError(f"repository {repo} not found at {endpoint}",
+                                 hint="check the model id (org/name); a private model also looks missing "
+                                 "without a token: set MODELSCOPE_API_TOKEN")
+        except Exception as e:
+            return map_error(e, repo=repo, revision=rev, endpoint=endpoint, token=token)
+        names = [r.get("Revision") for r in refs if isinstance(r, dict) and r.get("Revision")]
+        return NotFoundError(f"revision {rev!r} of {repo} not found at {endpoint}",
+                             hint=f"branches and tags there: {', '.join(names) or '(none listed)'}")
+
+    def fetch(self, pinned: PinnedModel, store: ContentStore, *, jobs: int = 4,
+              progress: bool = True) -> dict[str, Path]:
+        repo = pinned.repo or ""
+        endpoint = pinned.endpoint or ms_endpoint(None)
+        token = env_token(*TOKEN_VARS)
+        result: dict[str, Path] = {}
+        todo = []
+        for f in pinned.files:
+            if store.has(f.sha256):
+                result[f.path] = store.blob(f.sha256)
+            else:
+                todo.append(f)
+        if not todo:
+            return result
+        rev = pinned.commit if COMMIT_RE.fullmatch(pinned.commit) else (pinned.revision or "master")
+        work = store.tmpdir() / "modelscope" / repo.replace("/", "--") / pinned.commit
+        cache_dir = store.tmpdir() / "modelscope-cache"  # the client puts its lock files there
+        api = _api(endpoint, token)
+        bar = Progress(f"{pinned.name} ({len(todo)} files)", sum(f.size for f in todo), progress)
+        lock = threading.Lock()
+
+        def one(f: RemoteFile) -> None:
+            try:
+                local = Path(api.download_file(repo, "model", f.path, revision=rev, local_dir=work,
+                                               cache_dir=cache_dir, file_size=f.size))
+            except Exception as e:
+                raise map_error(e, repo=repo, revision=rev, endpoint=endpoint, token=token,
+                                path=f.path) from e
+            try:
+                blob = store.add_file(local, expected_sha256=f.sha256, expected_size=f.size,
+                                      name=f"{repo}/{f.path}", move=True, hint=CORRUPT_HINT)
+            except BaseException:
+                local.unlink(missing_ok=True)
+                raise
+            with lock:
+                result[f.path] = blob
+            bar.done(f.size)
+
+        try:
+            run_all(one, todo, jobs, f"{repo}@{rev}")
+        finally:
+            bar.close()
+        return result
+
+
+def map_error(e: BaseException, *, repo: str, revision: str, endpoint: str, token: str | None,
+              path: str | None = None) -> LlmPackError:
+    where = f"{repo}/{path}" if path else repo
+    detail = scrub(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, token)
+    if isinstance(e, (AuthenticationError, PermissionDeniedError)):
+        hint = ("the token in MODELSCOPE_API_TOKEN has no access to this model" if token else
+                "the model is private or gated: set MODELSCOPE_API_TOKEN to a token with access to it")
+        return AuthError(f"access to {where} at {endpoint} was refused (HTTP {e.status_code})", hint=hint)
+    if isinstance(e, NotExistError):
+        return NotFoundError(f"{where} not found at {endpoint} (revision {revision})")
+    if isinstance(e, FileIntegrityError):
+        return SourceError(f"{where}: {detail}", hint=CORRUPT_HINT)
+    if isinstance(e, APIError):
+        return SourceError(f"{endpoint} answered HTTP {e.status_code} for {where}: {detail}",
+                           hint="retry later; if it persists check MODELSCOPE_ENDPOINT / the model's endpoint")
+    if isinstance(e, (NetworkError, requests.RequestException, ConnectionError, TimeoutError, HubError, OSError)):
+        return SourceError(f"cannot download {where} from {endpoint}: {detail}",
+                           hint="check the network, proxy settings and MODELSCOPE_ENDPOINT; completed files "
+                           "are kept, re-run to continue")
+    return SourceError(f"{where} from {endpoint}: {type(e).__name__}: {detail}")

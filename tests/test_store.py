@@ -1,0 +1,188 @@
+"""Content store and streaming hash helpers, on real files (and a second filesystem for the copy path)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from installer.errors import IntegrityError, NotFoundError, UsageError
+from packager.hashing import (
+    PARALLEL_MIN_BYTES,
+    copy_and_hash,
+    copy_and_hash_parallel,
+    git_blob_sha1_and_sha256,
+    hash_files_parallel,
+    sha256_file,
+)
+from packager.store import ContentStore, default_store_root
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ContentStore:
+    return ContentStore(tmp_path / "store")
+
+
+# -- hashing -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [0, 1, (1 << 20) - 1, 1 << 20, 3 * (1 << 20) + 17])
+def test_sha256_and_copy_match_hashlib(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    src = _write(tmp_path / "src.bin", data)
+    assert sha256_file(src) == (_sha(data), size)
+    dst = tmp_path / "out" / "dst.bin"
+    dst.parent.mkdir()
+    assert copy_and_hash(src, dst, bufsize=65536) == (_sha(data), size)
+    assert dst.read_bytes() == data
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["dst.bin"]  # no .tmp left behind
+
+
+def test_git_blob_sha1_matches_git(tmp_path: Path) -> None:
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    data = os.urandom(5000) + b"\n"
+    src = _write(tmp_path / "f", data)
+    want = subprocess.run(["git", "hash-object", str(src)], capture_output=True, text=True, check=True).stdout
+    oid, sha, size = git_blob_sha1_and_sha256(src)
+    assert (oid, sha, size) == (want.strip(), _sha(data), len(data))
+
+
+def test_parallel_hash_and_copy_use_processes_and_agree(tmp_path: Path) -> None:
+    # enough bytes that the process pool is really used
+    per_file = PARALLEL_MIN_BYTES // 2 + 1
+    files = [_write(tmp_path / f"w{i}.bin", os.urandom(per_file)) for i in range(3)]
+    expected = {p: sha256_file(p) for p in files}
+    assert hash_files_parallel(files, jobs=2) == expected
+    dsts = [tmp_path / f"copy{i}.bin" for i in range(3)]
+    assert copy_and_hash_parallel(list(zip(files, dsts)), jobs=2) == [expected[p] for p in files]
+    assert all(d.read_bytes() == s.read_bytes() for s, d in zip(files, dsts))
+
+
+# -- store ---------------------------------------------------------------------------------------------------
+def test_default_root_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LLM_PACK_STORE", str(tmp_path / "elsewhere"))
+    assert default_store_root() == tmp_path / "elsewhere"
+    assert ContentStore.default().root == tmp_path / "elsewhere"
+    monkeypatch.delenv("LLM_PACK_STORE")
+    assert default_store_root() == Path.home() / ".cache" / "llm-pack" / "store"
+
+
+def test_add_file_copy(store: ContentStore, tmp_path: Path) -> None:
+    data = os.urandom(100_000)
+    src = _write(tmp_path / "a.bin", data)
+    blob = store.add_file(src, expected_sha256=_sha(data), expected_size=len(data), name="m/a.bin", move=False)
+    assert blob == store.root / "sha256" / _sha(data)[:2] / _sha(data)
+    assert blob.read_bytes() == data and src.exists()
+    assert store.has(_sha(data)) and store.blob(_sha(data)) == blob
+    assert blob.stat().st_mode & 0o222 == 0  # blobs are read-only
+    assert list((store.root / "tmp").iterdir()) == []
+    # adding the same content again is a no-op that returns the same blob
+    assert store.add_file(src, expected_sha256=None, expected_size=None, name="m/a.bin", move=False) == blob
+    assert store.verify(_sha(data))
+
+
+def test_add_file_move(store: ContentStore) -> None:
+    data = b"weights" * 1000
+    src = _write(store.tmpdir() / "dl" / "w.bin", data)
+    blob = store.add_file(src, expected_sha256=_sha(data), expected_size=len(data), name="m/w.bin", move=True)
+    assert not src.exists() and blob.read_bytes() == data
+    again = _write(store.tmpdir() / "dl" / "w2.bin", data)
+    assert store.add_file(again, expected_sha256=_sha(data), expected_size=None, name="x", move=True) == blob
+    assert not again.exists()
+
+
+@pytest.mark.parametrize("move", [False, True])
+def test_add_file_mismatch_names_file_and_stores_nothing(store: ContentStore, tmp_path: Path, move: bool) -> None:
+    data = os.urandom(4096)
+    src = _write(store.tmpdir() / "x.bin" if move else tmp_path / "x.bin", data)
+    wrong = _sha(b"something else")
+    with pytest.raises(IntegrityError) as ei:
+        store.add_file(src, expected_sha256=wrong, expected_size=len(data), name="org/m/x.bin", move=move)
+    assert ei.value.path == "org/m/x.bin" and ei.value.expected == wrong and ei.value.actual == _sha(data)
+    assert "org/m/x.bin" in str(ei.value)
+    with pytest.raises(IntegrityError) as ei:
+        store.add_file(src, expected_sha256=_sha(data), expected_size=len(data) + 1, name="org/m/x.bin",
+                       move=move)
+    assert ei.value.what == "size"
+    assert not store.has(_sha(data)) and not (store.root / "sha256").exists()
+    assert src.exists()  # left for the caller
+    assert [p.name for p in (store.root / "tmp").iterdir()] == (["x.bin"] if move else [])
+
+
+def test_link_into_hardlink_is_a_real_file(store: ContentStore, tmp_path: Path) -> None:
+    data = os.urandom(10_000)
+    blob = store.add_file(_write(tmp_path / "a", data), expected_sha256=None, expected_size=None, name="a",
+                          move=False)
+    dest = tmp_path / "bundle" / "models" / "m" / "model.safetensors"
+    assert store.link_into(_sha(data), dest) == "hardlink"
+    assert not dest.is_symlink() and dest.is_file()
+    assert dest.stat().st_ino == blob.stat().st_ino and dest.read_bytes() == data
+    # replacing an existing destination is atomic and leaves no temp files
+    assert store.link_into(_sha(data), dest) == "hardlink"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["model.safetensors"]
+
+
+def _other_filesystem(store: ContentStore) -> Path | None:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shm.stat().st_dev != store.root.stat().st_dev:
+        return shm
+    return None
+
+
+def test_link_into_other_filesystem_copies_and_verifies(store: ContentStore, tmp_path: Path) -> None:
+    data = os.urandom(200_000)
+    blob = store.add_file(_write(tmp_path / "a", data), expected_sha256=None, expected_size=None, name="a",
+                          move=False)
+    other = _other_filesystem(store)
+    if other is None:
+        pytest.skip("no second writable filesystem (/dev/shm) here")
+    out = Path(os.path.realpath(other)) / f"llm-pack-test-{os.getpid()}"
+    try:
+        dest = out / "model.bin"
+        assert store.link_into(_sha(data), dest) in ("reflink", "copy")
+        assert not dest.is_symlink() and dest.read_bytes() == data
+        assert dest.stat().st_ino != blob.stat().st_ino
+        # a blob whose bytes rotted in the store is caught on the copy path, naming the blob
+        os.chmod(blob, 0o644)
+        with open(blob, "r+b") as f:
+            f.seek(100)
+            f.write(bytes([data[100] ^ 0xFF]))
+        assert not store.verify(_sha(data))
+        with pytest.raises(IntegrityError) as ei:
+            store.link_into(_sha(data), out / "again.bin")
+        assert ei.value.path == str(blob)
+        assert not (out / "again.bin").exists()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def test_link_into_missing_blob(store: ContentStore, tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError):
+        store.link_into("0" * 64, tmp_path / "x")
+    with pytest.raises(UsageError):
+        store.blob("not-a-sha")
+
+
+def test_aliases(store: ContentStore, tmp_path: Path) -> None:
+    data = b"tokenizer"
+    store.add_file(_write(tmp_path / "t", data), expected_sha256=None, expected_size=None, name="t", move=False)
+    assert store.lookup_alias("git-sha1", "ab" * 20) is None
+    store.record_alias("git-sha1", "ab" * 20, _sha(data))
+    assert store.lookup_alias("git-sha1", "ab" * 20) == _sha(data)
+    store.record_alias("git-sha1", "cd" * 20, _sha(b"gone"))  # alias to a blob that is not there
+    assert store.lookup_alias("git-sha1", "cd" * 20) is None
+    with pytest.raises(UsageError):
+        store.record_alias("git-sha1", "../escape", _sha(data))
