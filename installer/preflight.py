@@ -270,7 +270,8 @@ def check_gpus(ctx: _Context) -> list[CheckResult]:
         wanted = [int(i) for i in s.get("gpus") or []]
         formula = f"tensor_parallel_size {tp} × pipeline_parallel_size {pp} = {need}"
         if not info.gpus:
-            out.append(CheckResult("gpus", FAIL, f"no NVIDIA GPU detected; the service needs {need}",
+            why = f" ({'; '.join(info.notes)})" if info.notes and info.driver_version else ""
+            out.append(CheckResult("gpus", FAIL, f"no NVIDIA GPU detected{why}; the service needs {need}",
                                    ctx.no_gpu_remedy(), name))
             continue
         present, missing = _service_gpus(s, info)

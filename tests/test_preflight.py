@@ -148,6 +148,11 @@ def test_gpus_more_listed_than_used_warns_and_duplicates_fail():
 def test_gpus_none_detected():
     r = one(manifest(), "gpus", gpu_info=GpuInfo())
     assert r.status == pf.FAIL and "install NVIDIA driver ≥ 570.26" in r.remedy
+    # a driver in /proc but nvidia-smi and NVML broken (e.g. after a driver upgrade without reboot)
+    broken = GpuInfo(driver_version="580.159.04", source="proc",
+                     notes=("nvidia-smi: Failed to initialize NVML: Driver/library version mismatch",))
+    r = one(manifest(), "gpus", gpu_info=broken)
+    assert r.status == pf.FAIL and "version mismatch" in r.detail
 
 
 # --------------------------------------------------------------------------- tp-heads
