@@ -68,7 +68,7 @@ class Fault:
 class Request:
     method: str
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # names lower-cased
     status: int = 0
 
 
@@ -251,7 +251,7 @@ class _Handler(BaseHTTPRequestHandler):
         split = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
         self.raw_path = split.path
-        req = Request(self.command, self.path, dict(self.headers.items()))
+        req = Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
         try:
             self._route(split.path, head)
         except (BrokenPipeError, ConnectionResetError):
