@@ -30,7 +30,10 @@ HEAD_DIM = 32  # vLLM CPU attention refuses 16
 INTERMEDIATE_SIZE = 256
 VOCAB_TARGET = 512  # tokenizer size including the special tokens
 MAX_POSITIONS = 2048
-INIT_STD = 0.02
+INIT_STD = 0.02  # embeddings
+LAYER_STD = 0.07  # attention and MLP: large enough that the next token is not just the last one
+CLASS_SCALE = 0.3  # embedding channel 0: +/- this for printable / other tokens
+CLASS_GAIN = 20.0  # final norm weight on channel 0
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -114,35 +117,80 @@ def _bf16_bytes(a: np.ndarray) -> bytes:
     return (rounded >> np.uint32(16)).astype("<u2").tobytes()
 
 
-def _weights(vocab_size: int, seed: int) -> dict[str, tuple[list[int], np.ndarray]]:
-    """Random Qwen2 weights (float32 here; written as bf16), in a fixed order."""
+def _byte_decoder() -> dict[str, int]:
+    """The byte-level alphabet (GPT-2's bytes_to_unicode), inverted: alphabet character -> byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return {c: b for b, c in enumerate(chars)}
+
+
+def _token_classes(tokenizer_text: str, vocab_size: int) -> np.ndarray:
+    """Per token id: +1 if it decodes to printable ASCII (or newline), -1 otherwise, 0 for special tokens."""
+    decoder = _byte_decoder()
+    vocab: dict[str, int] = json.loads(tokenizer_text)["model"]["vocab"]
+    classes = np.full(vocab_size, -1.0, dtype=np.float32)
+    for token, token_id in vocab.items():
+        raw = bytes(decoder[c] for c in token)
+        if all(0x20 <= b < 0x7F or b == 0x0A for b in raw):
+            classes[token_id] = 1.0
+    for special in SPECIAL_TOKENS:
+        classes[SPECIAL_TOKENS.index(special)] = 0.0
+    return classes
+
+
+def _weights(token_classes: np.ndarray, seed: int) -> dict[str, tuple[list[int], np.ndarray]]:
+    """Random Qwen2 weights (float32 here; written as bf16), in a fixed order.
+
+    One deliberate, non-random detail keeps the demo's output readable: hidden channel 0 carries each token's
+    class (printable or not). The layers neither read it (zero norm weight) nor write it (zero output rows),
+    and the final norm amplifies it, so through the tied embeddings a printable token is followed by
+    printable tokens rather than stray bytes that decode to U+FFFD.
+    """
     rng = np.random.default_rng(seed)
+    vocab_size = len(token_classes)
 
-    def normal(*shape: int) -> tuple[list[int], np.ndarray]:
-        return list(shape), rng.normal(0.0, INIT_STD, size=shape).astype(np.float32)
+    def normal(*shape: int) -> np.ndarray:
+        return rng.normal(0.0, INIT_STD, size=shape).astype(np.float32)
 
-    def ones(n: int) -> tuple[list[int], np.ndarray]:
-        return [n], np.ones(n, dtype=np.float32)
+    def layer(*shape: int) -> np.ndarray:
+        return rng.normal(0.0, LAYER_STD, size=shape).astype(np.float32)
+
+    def norm(*, channel0: float) -> np.ndarray:
+        w = np.ones(HIDDEN_SIZE, dtype=np.float32)
+        w[0] = channel0
+        return w
 
     q_out, kv_out = NUM_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM
-    w: dict[str, tuple[list[int], np.ndarray]] = {}
-    w["model.embed_tokens.weight"] = normal(vocab_size, HIDDEN_SIZE)
+    w: dict[str, np.ndarray] = {}
+    embed = normal(vocab_size, HIDDEN_SIZE)
+    embed[:, 0] = CLASS_SCALE * token_classes
+    w["model.embed_tokens.weight"] = embed
     for i in range(NUM_LAYERS):
         p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = ones(HIDDEN_SIZE)
-        w[p + "self_attn.q_proj.weight"] = normal(q_out, HIDDEN_SIZE)
-        w[p + "self_attn.q_proj.bias"] = normal(q_out)
-        w[p + "self_attn.k_proj.weight"] = normal(kv_out, HIDDEN_SIZE)
-        w[p + "self_attn.k_proj.bias"] = normal(kv_out)
-        w[p + "self_attn.v_proj.weight"] = normal(kv_out, HIDDEN_SIZE)
-        w[p + "self_attn.v_proj.bias"] = normal(kv_out)
-        w[p + "self_attn.o_proj.weight"] = normal(HIDDEN_SIZE, q_out)
-        w[p + "post_attention_layernorm.weight"] = ones(HIDDEN_SIZE)
-        w[p + "mlp.gate_proj.weight"] = normal(INTERMEDIATE_SIZE, HIDDEN_SIZE)
-        w[p + "mlp.up_proj.weight"] = normal(INTERMEDIATE_SIZE, HIDDEN_SIZE)
-        w[p + "mlp.down_proj.weight"] = normal(HIDDEN_SIZE, INTERMEDIATE_SIZE)
-    w["model.norm.weight"] = ones(HIDDEN_SIZE)
-    return w  # tied embeddings: no lm_head.weight
+        w[p + "input_layernorm.weight"] = norm(channel0=0.0)
+        w[p + "self_attn.q_proj.weight"] = layer(q_out, HIDDEN_SIZE)
+        w[p + "self_attn.q_proj.bias"] = layer(q_out)
+        w[p + "self_attn.k_proj.weight"] = layer(kv_out, HIDDEN_SIZE)
+        w[p + "self_attn.k_proj.bias"] = layer(kv_out)
+        w[p + "self_attn.v_proj.weight"] = layer(kv_out, HIDDEN_SIZE)
+        w[p + "self_attn.v_proj.bias"] = layer(kv_out)
+        o_proj = layer(HIDDEN_SIZE, q_out)
+        o_proj[0] = 0.0
+        w[p + "self_attn.o_proj.weight"] = o_proj
+        w[p + "post_attention_layernorm.weight"] = norm(channel0=0.0)
+        w[p + "mlp.gate_proj.weight"] = layer(INTERMEDIATE_SIZE, HIDDEN_SIZE)
+        w[p + "mlp.up_proj.weight"] = layer(INTERMEDIATE_SIZE, HIDDEN_SIZE)
+        down_proj = layer(HIDDEN_SIZE, INTERMEDIATE_SIZE)
+        down_proj[0] = 0.0
+        w[p + "mlp.down_proj.weight"] = down_proj
+    w["model.norm.weight"] = norm(channel0=CLASS_GAIN)
+    return {name: (list(a.shape), a) for name, a in w.items()}  # tied embeddings: no lm_head.weight
 
 
 def _safetensors_bytes(weights: dict[str, tuple[list[int], np.ndarray]]) -> bytes:
@@ -246,7 +294,7 @@ def make_tiny_model(dest: Path, *, seed: int = 0) -> Path:
         "generation_config.json": _json_text(_generation_config()).encode(),
         "tokenizer.json": tokenizer_text.encode(),
         "tokenizer_config.json": _json_text(_tokenizer_config()).encode(),
-        "model.safetensors": _safetensors_bytes(_weights(vocab_size, seed)),
+        "model.safetensors": _safetensors_bytes(_weights(_token_classes(tokenizer_text, vocab_size), seed)),
     }
     for name, data in files.items():
         _write(dest / name, data)
