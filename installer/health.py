@@ -186,7 +186,8 @@ def instance_status(root: Path, names: Iterable[str] | None = None, *,
                                                    "UnitFileState"])
             row["active"] = props.get("ActiveState")
             row["sub"] = props.get("SubState")
-            row["main_pid"] = int(props["MainPID"]) if props.get("MainPID", "").isdigit() else None
+            row["main_pid"] = int(props["MainPID"]) if props.get("MainPID", "0").isdigit() else 0
+            row["main_pid"] = row["main_pid"] or None
             row["restarts"] = int(props["NRestarts"]) if props.get("NRestarts", "").isdigit() else None
             row["enabled"] = props.get("UnitFileState")
             row["health"] = _health(host, port, timeout) if row["active"] == "active" else "down"
