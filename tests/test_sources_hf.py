@@ -40,7 +40,7 @@ def _spec(hub: HubServer, **kw) -> ModelSpec:
     return ModelSpec(name="tiny", source="huggingface", repo=kw.pop("repo", REPO), endpoint=hub.url, **kw)
 
 
-def _served_bytes(hub: HubServer, path: str, rev: str = "main") -> bytes:
+def _served_bytes(hub: HubServer, path: str, rev: str | None = None) -> bytes:
     return b"".join(hub.file(REPO, path, rev).content.read())
 
 

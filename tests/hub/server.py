@@ -146,9 +146,13 @@ class HubServer:
         }
         return self.add_repo(repo_id, files, branch=branch, **kw)
 
-    def file(self, repo_id: str, path: str, rev: str = "main") -> HubFile:
+    def file(self, repo_id: str, path: str, rev: str | None = None) -> HubFile:
+        """A served file, at ``rev`` (default: the commit added last)."""
         repo = self.repos[repo_id]
-        return repo.commits[repo.resolve(rev)][path]
+        commit = list(repo.commits)[-1] if rev is None else repo.resolve(rev)
+        if commit is None:
+            raise KeyError(f"{repo_id} has no revision {rev}")
+        return repo.commits[commit][path]
 
     # -- faults ----------------------------------------------------------------------------------------
     def _fault(self, repo_id: str, path: str) -> Fault:
@@ -248,21 +252,28 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, head: bool) -> None:
         self._status = 0
+        self._req: Request | None = None
         split = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
         self.raw_path = split.path
         req = Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
+        self._req = req
+        self.hub._record(req)  # before answering: a client may act on the answer at once
         try:
             self._route(split.path, head)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
             req.status = self._status
-            self.hub._record(req)
+
+    def _set_status(self, status: int) -> None:
+        self._status = status
+        if self._req is not None:
+            self._req.status = status
 
     def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
               head: bool = False, content_type: str = "application/json") -> None:
-        self._status = status
+        self._set_status(status)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -434,7 +445,7 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
             headers = {**headers, "Content-Range": f"bytes {start}-{end - 1}/{size}"}
         if head:
-            self._status = 200
+            self._set_status(200)
             self.send_response(200)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(size))
@@ -447,7 +458,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fail_status is not None:
             return self._send(fail_status, b'{"error": "injected failure"}', None, head)
         self.hub._count_download(repo_id, f.path)
-        self._status = status
+        self._set_status(status)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(end - start))
