@@ -163,11 +163,15 @@ def test_readonly_bind_is_a_usb_disk(nspawn_rootfs: Path, tmp_path: Path) -> Non
     assert c.dir is not None and not c.dir.exists()
 
 
-def test_stop_cleans_up_everything(nspawn_rootfs: Path) -> None:
-    c = Container(nspawn_rootfs, name="stop-test")
+@pytest.mark.parametrize("overlay", [True, False], ids=["overlay", "extracted"])
+def test_stop_cleans_up_everything(nspawn_rootfs: Path, overlay: bool) -> None:
+    c = Container(nspawn_rootfs, name="stop-test", overlay=overlay)
     c.start()
     c.wait_running(timeout=30)
     leader, tree = c.leader_pid, c.dir
+    assert c.overlay is overlay
+    c.run("echo kept > /root/marker")
+    assert c.path("/root/marker").read_text() == "kept\n"
     c.run("nohup sleep 1000 >/dev/null 2>&1 &")
     c.stop()
     assert tree is not None and not tree.exists()
@@ -202,3 +206,15 @@ def test_leftover_container_from_a_crashed_run_is_reaped(nspawn_rootfs: Path) ->
     assert tree in removed
     assert not tree.exists()
     _wait(lambda: not Path(f"/proc/{leader}").exists(), 10, "the leftover container to die")
+
+
+def test_changed_paths_records_what_was_written(nspawn_container: Container) -> None:
+    c = nspawn_container
+    assert c.overlay, "the overlay is the default where the kernel supports it"
+    before = set(c.changed_paths())
+    c.run("mkdir -p /opt/llm/envs/x && echo 1 > /opt/llm/envs/x/f && rm /etc/issue.net")
+    after = set(c.changed_paths())
+    assert {"/opt/llm", "/opt/llm/envs/x/f", "/etc/issue.net"} <= after - before
+    assert "/etc/issue.net" not in before
+    # The golden tree under the overlay is untouched.
+    assert c._lower is not None and (c._lower / "etc" / "issue.net").exists()

@@ -31,6 +31,8 @@ import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
+from tests.nspawn.overlay import extract, golden_tree, overlay_options, overlay_supported
+
 SANE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_BASE_DIR = Path("/var/tmp/llm-pack-nspawn")
 STATE_FILE = "state.json"
@@ -77,14 +79,22 @@ class Container:
         binds: Iterable[tuple[Path, str, bool]] = (),
         name: str = "llm-target",
         keep: bool | None = None,
+        overlay: bool | None = None,
     ) -> None:
         self.rootfs_tar = Path(rootfs_tar)
         self.binds = [(Path(h), str(c), bool(ro)) for h, c, ro in binds]
         self.name = _machine_name(name)
         # LLM_TEST_KEEP_CONTAINER=1 keeps the tree after stop() for debugging.
         self.keep = keep if keep is not None else os.environ.get("LLM_TEST_KEEP_CONTAINER") == "1"
+        # Overlay over a shared extracted tree (fast) unless LLM_TEST_NSPAWN_OVERLAY=0 or unsupported;
+        # else a full extraction per container.
+        if overlay is None:
+            overlay = os.environ.get("LLM_TEST_NSPAWN_OVERLAY", "1") != "0"
+        self.overlay = overlay
         self.dir: Path | None = None
-        self.root: Path | None = None
+        self.root: Path | None = None  # the directory nspawn boots (the overlay's mount point, if any)
+        self._lower: Path | None = None
+        self._golden_fd: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._leader: int | None = None
         self.timings: dict[str, float] = {}
@@ -123,8 +133,19 @@ class Container:
         _live.add(self)
 
         t0 = time.monotonic()
-        _extract(self.rootfs_tar, self.root)
-        self.timings["extract_s"] = time.monotonic() - t0
+        if self.overlay:
+            self._lower, self._golden_fd = golden_tree(self.rootfs_tar, base)
+            self.timings["golden_s"] = time.monotonic() - t0
+            if not overlay_supported(self._lower, self.dir):
+                self.overlay = False
+                os.close(self._golden_fd)
+                self._golden_fd = None
+        if self.overlay:
+            for d in ("upper", "work"):
+                (self.dir / d).mkdir()
+        else:
+            extract(self.rootfs_tar, self.root)
+        self.timings["prepare_s"] = time.monotonic() - t0
 
         self._t_boot = time.monotonic()
         console = open(self.dir / "console.log", "wb")
@@ -160,8 +181,14 @@ class Container:
         for host, cpath, ro in self.binds:
             opt = "--bind-ro" if ro else "--bind"
             nspawn.append(f"{opt}={_escape_colon(str(host.resolve()))}:{_escape_colon(cpath)}")
-        script = 'mount -t tmpfs -o mode=0755 tmpfs /run && exec "$@"'
-        return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script, "sh", *nspawn]
+        script = "mount -t tmpfs -o mode=0755 tmpfs /run && "
+        args: list[str] = []
+        if self.overlay:
+            assert self._lower is not None and self.dir is not None
+            script += 'mount -t overlay overlay -o "$1" "$2" && shift 2 && '
+            args = [overlay_options(self._lower, self.dir / "upper", self.dir / "work"), str(self.root)]
+        script += 'exec "$@"'
+        return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script, "sh", *args, *nspawn]
 
     def _find_leader(self, timeout: float) -> int:
         """The container's PID 1 (systemd), a direct child of nspawn in a new PID namespace."""
@@ -202,7 +229,8 @@ class Container:
             if state in ("running", "degraded"):
                 self.timings.setdefault("boot_s", time.monotonic() - self._t_boot)
                 return state
-            if state in ("stopping", "offline"):
+            # "offline" early in boot only means systemd's socket is not up yet: keep polling.
+            if state in ("stopping", "maintenance"):
                 break
             time.sleep(0.05)
         failed = self.run(["systemctl", "--failed", "--no-legend"], check=False, timeout=10).stdout
@@ -230,9 +258,13 @@ class Container:
                 except subprocess.TimeoutExpired:
                     self._proc.kill()
                     self._proc.wait()
-            self.timings["stop_s"] = time.monotonic() - t0
+            self.timings["poweroff_s"] = time.monotonic() - t0
+            if self._golden_fd is not None:
+                os.close(self._golden_fd)
+                self._golden_fd = None
             if self.dir is not None and not self.keep:
                 _remove_tree(self.dir)
+            self.timings["stop_s"] = time.monotonic() - t0
             _live.discard(self)
             self._proc = None
             self._leader = None
@@ -334,15 +366,43 @@ class Container:
             input=data, text=False,
         )  # fmt: skip
 
-    def path(self, container_path: str) -> Path:
-        """The host path of ``container_path`` in the container's root directory.
+    @property
+    def host_root(self) -> Path:
+        """The container's root directory as the host can read and write it while it runs.
 
-        Symlinks are resolved inside the rootfs (``/lib`` -> ``usr/lib``). Only the on-disk tree is
-        seen: what is mounted inside the container (``/run``, ``/dev``, ``/proc``, binds) is not.
+        With the overlay this is ``/proc/<nspawn>/root/<mount point>`` (the overlay exists only in
+        nspawn's private mount namespace); without it, the extracted tree itself.
         """
-        if self.root is None:
-            raise ContainerError("container not started")
-        return _resolve_in_root(self.root, container_path)
+        if self.root is None or (self.overlay and self._proc is None):
+            raise ContainerError("container not running")
+        if self.overlay:
+            assert self._proc is not None
+            return Path(f"/proc/{self._proc.pid}/root") / self.root.relative_to("/")
+        return self.root
+
+    def path(self, container_path: str) -> Path:
+        """The host path of ``container_path`` in the container's root directory (valid while it runs).
+
+        Symlinks are resolved inside the rootfs (``/lib`` -> ``usr/lib``). Only the root tree is
+        seen: what is mounted inside the container (``/run``, ``/tmp``, ``/dev``, ``/proc``, binds) is not.
+        """
+        return _resolve_in_root(self.host_root, container_path)
+
+    def changed_paths(self) -> list[str]:
+        """Paths written, created or deleted in the root tree since the container was created.
+
+        Only with the overlay: the entries of its upper directory (a deleted file shows as a whiteout,
+        a directory shows once anything under it changed). Includes what systemd itself writes at boot
+        (journal, /var/lib/systemd), so compare two calls rather than expect [].
+        """
+        if not self.overlay or self.dir is None:
+            raise ContainerError("changed_paths() needs the overlay (LLM_TEST_NSPAWN_OVERLAY not 0)")
+        upper = self.dir / "upper"
+        out = []
+        for dirpath, dirnames, filenames in os.walk(upper):
+            rel = "/" + os.path.relpath(dirpath, upper)
+            out.extend(os.path.normpath(f"{rel}/{n}") for n in dirnames + filenames)
+        return sorted(out)
 
     def journal(self, unit: str | None = None, *, lines: int | None = None, output: str = "short-iso") -> str:
         """The container's journal, for one unit if given (``journalctl -u unit``)."""
@@ -380,17 +440,6 @@ def _machine_name(name: str) -> str:
 
 def _escape_colon(path: str) -> str:
     return path.replace("\\", "\\\\").replace(":", "\\:")
-
-
-def _extract(tar: Path, root: Path) -> None:
-    if not tar.is_file():
-        raise ContainerError(f"rootfs tarball {tar} not found; build it with tests.nspawn.ensure_rootfs()")
-    cmd = ["tar", "-x", "-f", str(tar), "-C", str(root), "--numeric-owner", "--xattrs", "--xattrs-include=*"]
-    if tar.name.endswith(".zst"):
-        cmd.insert(1, "--zstd")
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise ContainerError(f"extracting {tar} failed: {proc.stderr[-2000:]}")
 
 
 def _resolve_in_root(root: Path, path: str) -> Path:
@@ -497,7 +546,7 @@ def reap_stale(base: Path | None = None, max_age_no_state: float = 600.0) -> lis
     if not base.is_dir():
         return removed
     for d in base.iterdir():
-        if not d.is_dir() or d.is_symlink():
+        if not d.is_dir() or d.is_symlink() or d.name.startswith("."):
             continue
         try:
             state = json.loads((d / STATE_FILE).read_text())
