@@ -32,6 +32,7 @@ def _files(seed: str = "a") -> dict[str, bytes | GeneratedContent]:
         "generation_config.json": b"{}\n",
         "model.safetensors": GeneratedContent(6 << 20, seed=seed),
         "README.md": b"# tiny\n",
+        "empty.txt": b"",
         "sub/extra.bin": os.urandom(3000),
     }
 
@@ -193,12 +194,13 @@ def test_interrupted_run_then_rerun_fetches_only_what_is_missing(hub: HubServer,
     assert "org/tiny/model.safetensors" in str(ei.value)
     done = {p for p in _files() if p != "model.safetensors"}
     first = {p: hub.downloads(REPO, p) for p in _files()}
-    assert all(first[p] == 1 for p in done)
+    # (the client never GETs an empty file: HEAD said 0 bytes)
+    assert all(first[p] == (0 if p == "empty.txt" else 1) for p in done)
     hub.clear_faults()
     blobs = src.fetch(pinned, store, jobs=3, progress=False)
     assert sorted(blobs) == sorted(_files())
     second = {p: hub.downloads(REPO, p) for p in _files()}
-    assert all(second[p] == 1 for p in done)  # completed files were not fetched again
+    assert all(second[p] == first[p] for p in done)  # completed files were not fetched again
     assert second["model.safetensors"] == first["model.safetensors"] + 1
     # and a third run touches nothing on the hub's file routes
     n = len(hub.log)

@@ -33,6 +33,7 @@ def _files() -> dict[str, bytes | GeneratedContent]:
         "model.safetensors": GeneratedContent(12 << 20, seed="ms"),
         "figures/benchmark.jpg": os.urandom(5000),
         "README.md": b"# model\n",
+        "empty.txt": b"",
     }
 
 

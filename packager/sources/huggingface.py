@@ -27,6 +27,7 @@ writes to a per-process temp name and deletes it on failure), so an interrupted 
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -158,6 +159,8 @@ class HuggingFaceSource:
             run_all(one, todo, jobs, f"{repo}@{pinned.commit[:12]}")
         finally:
             bar.close()
+        # every file is in the store now: drop the client's scratch files (kept on failure, for resuming)
+        shutil.rmtree(work, ignore_errors=True)
         return result
 
 

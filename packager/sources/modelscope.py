@@ -23,6 +23,7 @@ or shown. The client's cache and lock dirs are pointed inside the content store'
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -164,6 +165,8 @@ class ModelScopeSource:
             run_all(one, todo, jobs, f"{repo}@{rev}")
         finally:
             bar.close()
+        # every file is in the store now: drop the client's scratch files (kept on failure, for resuming)
+        shutil.rmtree(work, ignore_errors=True)
         return result
 
 
