@@ -149,7 +149,9 @@ def test_readonly_bind_is_a_usb_disk(nspawn_rootfs: Path, tmp_path: Path) -> Non
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     binds = [(usb, "/media/usb", True), (scratch, "/srv/scratch", False)]
-    with Container(nspawn_rootfs, binds=binds, name="usb-test") as c:
+    tmpfs = ["--tmpfs=/tmp:mode=1777,size=64M"]
+    with Container(nspawn_rootfs, binds=binds, name="usb-test", nspawn_args=tmpfs) as c:
+        assert c.run("df -k --output=size /tmp | tail -1").stdout.strip() == str(64 * 1024)
         assert c.run(["cat", "/media/usb/bundle.part0"]).stdout == "volume zero\n"
         res = c.run("echo x > /media/usb/bundle.part0", check=False)
         assert res.returncode != 0 and "Read-only file system" in res.stderr

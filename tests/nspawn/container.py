@@ -80,10 +80,14 @@ class Container:
         name: str = "llm-target",
         keep: bool | None = None,
         overlay: bool | None = None,
+        nspawn_args: Sequence[str] = (),
     ) -> None:
         self.rootfs_tar = Path(rootfs_tar)
         self.binds = [(Path(h), str(c), bool(ro)) for h, c, ro in binds]
         self.name = _machine_name(name)
+        # Extra systemd-nspawn options, e.g. ["--tmpfs=/tmp:mode=1777,size=8G"] (the default /tmp and
+        # /dev/shm are tmpfs of 10% of the host's RAM) or ["--setenv=X=1"].
+        self.nspawn_args = list(nspawn_args)
         # LLM_TEST_KEEP_CONTAINER=1 keeps the tree after stop() for debugging.
         self.keep = keep if keep is not None else os.environ.get("LLM_TEST_KEEP_CONTAINER") == "1"
         # Overlay over a shared extracted tree (fast) unless LLM_TEST_NSPAWN_OVERLAY=0 or unsupported;
@@ -178,6 +182,7 @@ class Container:
             f"--machine={self.name}",
             f"--directory={self.root}",
         ]  # fmt: skip
+        nspawn += self.nspawn_args
         for host, cpath, ro in self.binds:
             opt = "--bind-ro" if ro else "--bind"
             nspawn.append(f"{opt}={_escape_colon(str(host.resolve()))}:{_escape_colon(cpath)}")

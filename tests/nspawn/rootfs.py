@@ -21,6 +21,7 @@ SUITE = "bookworm"
 VARIANT = "minbase"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 HOSTNAME = "llm-target"
+KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
 # What a realistic server has beyond minbase. Never python3, never zstd.
 PACKAGES: tuple[str, ...] = (
@@ -151,8 +152,10 @@ def _debootstrap(root: Path, packages: tuple[str, ...], log: Path) -> None:
     cmd = [
         "unshare", "--mount", "--propagation", "private",
         "debootstrap", f"--variant={VARIANT}", "--include=" + ",".join(packages),
-        SUITE, str(root), mirror(),
     ]  # fmt: skip
+    if Path(KEYRING).is_file():  # on non-Debian hosts debootstrap does not find it by itself
+        cmd.append(f"--keyring={KEYRING}")
+    cmd += [SUITE, str(root), mirror()]
     with open(log, "wb") as out:
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
