@@ -319,6 +319,9 @@ def test_vllm_serves_tiny_model(model_dir: Path, tmp_path: Path, by: str) -> Non
         assert completion["usage"]["completion_tokens"] == 8
         # Greedy decoding of the same prompt is deterministic.
         assert _http(base + "/v1/chat/completions", request)[1]["choices"][0]["message"]["content"] == content
+        if by == "repo-id":  # vLLM resolved the repo id to the snapshot in the offline cache
+            snapshot = next((tmp_path / "hub" / "models--demo--tiny" / "snapshots").iterdir())
+            assert f"model='{snapshot}'" in log_path.read_text(errors="replace")
     finally:
         for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):  # the server, then any stragglers
             try:
