@@ -193,7 +193,8 @@ class Container:
             script += 'mount -t overlay overlay -o "$1" "$2" && shift 2 && '
             args = [overlay_options(self._lower, self.dir / "upper", self.dir / "work"), str(self.root)]
         script += 'exec "$@"'
-        return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script, "sh", *args, *nspawn]
+        unshare = ["unshare", "--mount", "--propagation", "private"]
+        return [*unshare, "/bin/sh", "-c", script, "sh", *args, *nspawn]
 
     def _find_leader(self, timeout: float) -> int:
         """The container's PID 1 (systemd), a direct child of nspawn in a new PID namespace."""
@@ -211,7 +212,7 @@ class Container:
                     ns = os.readlink(f"/proc/{child}/ns/pid")
                 except OSError:
                     continue
-                if comm == "systemd" and ns != own_ns:
+                if comm in ("systemd", "init") and ns != own_ns:
                     return child
             time.sleep(0.02)
         raise ContainerError(f"no systemd appeared in the container within {timeout:.0f} s\n{self.console()}")
@@ -357,7 +358,8 @@ class Container:
             proc.stdin.close()
         err = proc.stderr.read() if proc.stderr else b""
         if proc.wait() != 0:
-            raise ContainerError(f"copying {host_path} to {container_path} failed: {err.decode(errors='replace')}")
+            msg = err.decode(errors="replace")
+            raise ContainerError(f"copying {host_path} to {container_path} failed: {msg}")
         if mode is not None:
             self.run(["chmod", f"{mode:o}", str(dest)])
 

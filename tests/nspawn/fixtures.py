@@ -19,7 +19,8 @@ def require_nspawn() -> None:
     """Skip unless we are root (nspawn, unshare and nsenter need it); fail if the tools are missing."""
     if os.geteuid() != 0:
         pytest.skip("systemd-nspawn test target needs root (unshare, nsenter, debootstrap)")
-    missing = [t for t in ("systemd-nspawn", "debootstrap", "nsenter", "unshare", "zstd") if not shutil.which(t)]
+    tools = ("systemd-nspawn", "debootstrap", "nsenter", "unshare", "zstd")
+    missing = [t for t in tools if not shutil.which(t)]
     if missing:
         pytest.fail(f"missing {', '.join(missing)}: apt-get install $(cat .ci/apt-packages.txt)")
 

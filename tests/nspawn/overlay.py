@@ -106,7 +106,10 @@ def _prune(gdir: Path, keep: str) -> None:
 
 
 def overlay_supported(lower: Path, scratch: Path) -> bool:
-    """Whether an overlay over ``lower`` with upper/work dirs in ``scratch`` mounts here (probe, no side effects)."""
+    """Whether an overlay over ``lower`` with upper/work dirs in ``scratch`` mounts here.
+
+    A probe in a throw-away mount namespace: nothing stays mounted.
+    """
     dirs = [scratch / n for n in ("probe-upper", "probe-work", "probe-merged")]
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
