@@ -113,6 +113,25 @@ def probe_completion(host: str | None, port: int, model: str, api_key: str | Non
             "finish_reason": choice.get("finish_reason"), "usage": doc.get("usage")}
 
 
+def check_instance(root: Path, service: Mapping, *, timeout: float = 900.0) -> dict:
+    """The post-start check of one started instance: /health, then one real completion.
+
+    Reads the API key from the service's key file under ``root`` (the installer runs as root), stops waiting
+    as soon as the unit gives up, and returns {"healthy_s", "completion", "curl"}.
+    """
+    name = service["name"]
+    key = read_api_key(root, service.get("api_key_file"))
+
+    def alive() -> bool:
+        return systemd.unit_property(name, "ActiveState") in ("active", "activating", "reloading", None)
+
+    healthy_s = wait_healthy(service.get("host"), int(service["port"]), timeout=timeout, api_key=key,
+                             alive=alive, unit=systemd.unit_name(name))
+    completion = probe_completion(service.get("host"), int(service["port"]),
+                                  service.get("served_model_name") or name, key)
+    return {"healthy_s": round(healthy_s, 3), "completion": completion, "curl": curl_example(service)}
+
+
 def list_models(host: str | None, port: int, api_key: str | None = None, *, timeout: float = 10.0) -> list[str]:
     """Model ids from ``GET /v1/models``."""
     status, raw = request(host, port, "GET", "/v1/models", api_key=api_key, timeout=timeout)

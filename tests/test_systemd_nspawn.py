@@ -85,11 +85,9 @@ INSTALL = textwrap.dedent("""
     systemd.enable(["tiny", "gpu"])
     t0 = time.monotonic()
     systemd.start(["tiny", "gpu"])
-    alive = lambda: systemd.unit_property("tiny", "ActiveState") in ("active", "activating")
-    out["healthy_s"] = health.wait_healthy("127.0.0.1", 8000, timeout=60, interval=0.2, alive=alive,
-                                           unit=systemd.unit_name("tiny"))
-    out["completion"] = health.probe_completion("127.0.0.1", 8000, "tiny-chat", sys.argv[2])
+    check = health.check_instance(Path("/"), manifest["services"][0], timeout=60)
     out["start_to_completion_s"] = time.monotonic() - t0
+    out["healthy_s"], out["completion"], out["curl"] = check["healthy_s"], check["completion"], check["curl"]
     health.wait_healthy("0.0.0.0", 8001, timeout=60, interval=0.2)
     out["gpu_completion"] = health.probe_completion("0.0.0.0", 8001, "gpu-chat")
     print(json.dumps(out))
@@ -162,9 +160,7 @@ def test_install_start_health_and_completion(target):
     assert c.show("llm@tiny.service", "ActiveState") == "active"
     assert c.show("llm@tiny.service", "UnitFileState") == "enabled"
     # the user's curl works as printed
-    curl = py(c, "from installer import health, systemd; import json,sys; "
-                 "print(health.curl_example(json.load(open(sys.argv[1]))['services'][0]))",
-              "/opt/double/manifest.json").strip()
+    curl = result["curl"]
     assert "$(sudo cat /etc/llm/keys/tiny.key)" in curl
     answer = json.loads(c.run(curl.replace("sudo ", ""), timeout=30).stdout)
     assert answer["choices"][0]["message"]["content"]
