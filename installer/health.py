@@ -34,8 +34,16 @@ def base_url(host: str | None, port: int) -> str:
     return f"http://[{h}]:{port}" if ":" in h else f"http://{h}:{port}"
 
 
-def request(host: str | None, port: int, method: str, path: str, *, body: object | None = None,
-            api_key: str | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
+def request(
+    host: str | None,
+    port: int,
+    method: str,
+    path: str,
+    *,
+    body: object | None = None,
+    api_key: str | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, bytes]:
     """One HTTP request; returns (status, body). Raises OSError when nothing answers."""
     headers = {"Accept": "application/json"}
     data = None
@@ -53,8 +61,16 @@ def request(host: str | None, port: int, method: str, path: str, *, body: object
         conn.close()
 
 
-def wait_healthy(host: str | None, port: int, *, timeout: float, api_key: str | None = None,
-                 interval: float = 1.0, alive: Callable[[], bool] | None = None, unit: str | None = None) -> float:
+def wait_healthy(
+    host: str | None,
+    port: int,
+    *,
+    timeout: float,
+    api_key: str | None = None,
+    interval: float = 1.0,
+    alive: Callable[[], bool] | None = None,
+    unit: str | None = None,
+) -> float:
     """Poll ``GET /health`` until it answers 200; returns the seconds waited.
 
     ``alive()`` is asked between polls (e.g. "is the unit still active?"); when it says False the wait ends
@@ -80,19 +96,32 @@ def wait_healthy(host: str | None, port: int, *, timeout: float, api_key: str | 
         time.sleep(interval)
 
 
-def probe_completion(host: str | None, port: int, model: str, api_key: str | None = None, *,
-                     timeout: float = 300.0, max_tokens: int = 8, prompt: str = PROBE_PROMPT) -> dict:
+def probe_completion(
+    host: str | None,
+    port: int,
+    model: str,
+    api_key: str | None = None,
+    *,
+    timeout: float = 300.0,
+    max_tokens: int = 8,
+    prompt: str = PROBE_PROMPT,
+) -> dict:
     """Send one short ``/v1/chat/completions`` request; it must answer 200 with a choice.
 
     Returns {"status", "seconds", "model", "content", "finish_reason", "usage"}; raises
     :class:`InstallError` with the server's answer otherwise.
     """
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
     t0 = time.monotonic()
     try:
-        status, raw = request(host, port, "POST", "/v1/chat/completions", body=body, api_key=api_key,
-                              timeout=timeout)
+        status, raw = request(
+            host, port, "POST", "/v1/chat/completions", body=body, api_key=api_key, timeout=timeout
+        )
     except (OSError, http.client.HTTPException) as e:
         raise InstallError(f"completion request to {base_url(host, port)} failed: {e}") from e
     seconds = time.monotonic() - t0
@@ -109,8 +138,14 @@ def probe_completion(host: str | None, port: int, model: str, api_key: str | Non
     content = message.get("content")
     if content is None:
         content = message.get("reasoning_content") or choice.get("text")
-    return {"status": status, "seconds": round(seconds, 3), "model": doc.get("model"), "content": content,
-            "finish_reason": choice.get("finish_reason"), "usage": doc.get("usage")}
+    return {
+        "status": status,
+        "seconds": round(seconds, 3),
+        "model": doc.get("model"),
+        "content": content,
+        "finish_reason": choice.get("finish_reason"),
+        "usage": doc.get("usage"),
+    }
 
 
 def check_instance(root: Path, service: Mapping, *, timeout: float = 900.0) -> dict:
@@ -125,14 +160,23 @@ def check_instance(root: Path, service: Mapping, *, timeout: float = 900.0) -> d
     def alive() -> bool:
         return systemd.unit_property(name, "ActiveState") in ("active", "activating", "reloading", None)
 
-    healthy_s = wait_healthy(service.get("host"), int(service["port"]), timeout=timeout, api_key=key,
-                             alive=alive, unit=systemd.unit_name(name))
-    completion = probe_completion(service.get("host"), int(service["port"]),
-                                  service.get("served_model_name") or name, key)
+    healthy_s = wait_healthy(
+        service.get("host"),
+        int(service["port"]),
+        timeout=timeout,
+        api_key=key,
+        alive=alive,
+        unit=systemd.unit_name(name),
+    )
+    completion = probe_completion(
+        service.get("host"), int(service["port"]), service.get("served_model_name") or name, key
+    )
     return {"healthy_s": round(healthy_s, 3), "completion": completion, "curl": curl_example(service)}
 
 
-def list_models(host: str | None, port: int, api_key: str | None = None, *, timeout: float = 10.0) -> list[str]:
+def list_models(
+    host: str | None, port: int, api_key: str | None = None, *, timeout: float = 10.0
+) -> list[str]:
     """Model ids from ``GET /v1/models``."""
     status, raw = request(host, port, "GET", "/v1/models", api_key=api_key, timeout=timeout)
     if status != 200:
@@ -153,8 +197,14 @@ def curl_example(service: Mapping, *, max_tokens: int = 64) -> str:
     """The ``curl`` a user can run on the server to talk to ``service`` (a MANIFEST services[] entry)."""
     url = base_url(service.get("host"), int(service["port"])) + "/v1/chat/completions"
     model = service.get("served_model_name") or service["name"]
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello! Who are you?"}],
-                       "max_tokens": max_tokens}, separators=(",", ":"))
+    body = json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "Hello! Who are you?"}],
+            "max_tokens": max_tokens,
+        },
+        separators=(",", ":"),
+    )
     parts = [f"curl -sS {shlex.quote(url)}", "-H 'Content-Type: application/json'"]
     if service.get("api_key_file"):
         parts.append(f'-H "Authorization: Bearer $(sudo cat {shlex.quote(str(service["api_key_file"]))})"')
@@ -172,8 +222,13 @@ def _health(host: str | None, port: int | None, timeout: float) -> str:
     return "healthy" if status == 200 else f"unhealthy (HTTP {status})"
 
 
-def instance_status(root: Path, names: Iterable[str] | None = None, *,
-                    version_of: Callable[[str], str | None] | None = None, timeout: float = 2.0) -> list[dict]:
+def instance_status(
+    root: Path,
+    names: Iterable[str] | None = None,
+    *,
+    version_of: Callable[[str], str | None] | None = None,
+    timeout: float = 2.0,
+) -> list[dict]:
     """One JSON-friendly record per instance: unit state, main PID, version, port, health.
 
     ``names`` defaults to every instance with an env file under ``root``. On a staging tree (``root`` is not
@@ -183,7 +238,7 @@ def instance_status(root: Path, names: Iterable[str] | None = None, *,
     root = Path(root)
     live = root == Path("/") and systemd.systemd_running()
     rows = []
-    for name in (list(names) if names is not None else systemd.installed_instances(root)):
+    for name in list(names) if names is not None else systemd.installed_instances(root):
         env_path = systemd.env_file_path(root, name)
         env = systemd.parse_env_file(env_path.read_text(encoding="utf-8")) if env_path.exists() else {}
         port = int(env["LLM_PORT"]) if env.get("LLM_PORT", "").isdigit() else None
@@ -198,11 +253,17 @@ def instance_status(root: Path, names: Iterable[str] | None = None, *,
             "host": host,
             "port": port,
             "url": base_url(host, port) if port else None,
-            "active": None, "sub": None, "main_pid": None, "restarts": None, "enabled": None, "health": None,
+            "active": None,
+            "sub": None,
+            "main_pid": None,
+            "restarts": None,
+            "enabled": None,
+            "health": None,
         }
         if live:
-            props = systemd.unit_properties(name, ["ActiveState", "SubState", "MainPID", "NRestarts",
-                                                   "UnitFileState"])
+            props = systemd.unit_properties(
+                name, ["ActiveState", "SubState", "MainPID", "NRestarts", "UnitFileState"]
+            )
             row["active"] = props.get("ActiveState")
             row["sub"] = props.get("SubState")
             row["main_pid"] = int(props["MainPID"]) if props.get("MainPID", "0").isdigit() else 0
@@ -216,8 +277,17 @@ def instance_status(root: Path, names: Iterable[str] | None = None, *,
 
 def format_status(rows: list[dict]) -> str:
     """A plain table of :func:`instance_status` rows."""
-    cols = [("INSTANCE", "instance"), ("VERSION", "version"), ("ACTIVE", "active"), ("PID", "main_pid"),
-            ("PORT", "port"), ("MODEL", "model"), ("HEALTH", "health")]
-    table = [[h for h, _ in cols]] + [["-" if r.get(k) is None else str(r.get(k)) for _, k in cols] for r in rows]
+    cols = [
+        ("INSTANCE", "instance"),
+        ("VERSION", "version"),
+        ("ACTIVE", "active"),
+        ("PID", "main_pid"),
+        ("PORT", "port"),
+        ("MODEL", "model"),
+        ("HEALTH", "health"),
+    ]
+    table = [[h for h, _ in cols]] + [
+        ["-" if r.get(k) is None else str(r.get(k)) for _, k in cols] for r in rows
+    ]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)

@@ -4,12 +4,13 @@ Layout written under ``root`` (``/`` on a live server, a staging tree with ``--r
 
     /etc/systemd/system/llm@.service                          the template (installer/units/llm@.service)
     /etc/systemd/system/llm@<name>.service.d/devices.conf     per instance: CPU (no devices) or NVIDIA devices
-    /etc/llm/<name>.env                                        per instance: offline switches, paths, vLLM args
+    /etc/llm/<name>.env                                        per instance: offline, paths, vLLM args
     /opt/llm/bin/llm-serve                                     bash launcher: env file -> vLLM command line
     /etc/sysusers.d/llm.conf                                   the system user `llm` (also re-created at boot)
 
 Standard library only: this runs on the bundle's minimal Python. ``systemctl`` is only ever run against the
-live system (``root`` is ``/``); with a staging tree only unit-file verbs (``enable``...) run, with ``--root``.
+live system (``root`` is ``/``); with a staging tree only unit-file verbs (``enable``...) run, with
+``--root``.
 See docs/systemd.md.
 """
 
@@ -50,7 +51,9 @@ UNITS_SRC = Path(__file__).resolve().parent / "units"
 NVIDIA_DEVICE_GROUPS = ("nvidia-frontend", "nvidia", "nvidiactl", "nvidia-uvm", "nvidia-caps")
 NVIDIA_MODPROBE_PATHS = ("usr/bin/nvidia-modprobe", "usr/sbin/nvidia-modprobe", "bin/nvidia-modprobe")
 # systemctl verbs that only edit unit files, so they work on a staging tree with --root
-UNIT_FILE_VERBS = frozenset({"enable", "disable", "reenable", "preset", "mask", "unmask", "is-enabled", "revert"})
+UNIT_FILE_VERBS = frozenset(
+    {"enable", "disable", "reenable", "preset", "mask", "unmask", "is-enabled", "revert"}
+)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -78,8 +81,10 @@ class InstancePaths(NamedTuple):
 def check_instance_name(name: str) -> str:
     """Service names become unit instance names and file names: keep them plain."""
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise UsageError(f"service name {name!r} cannot name a systemd instance",
-                         hint="use letters, digits, '.', '_' and '-' (at most 64, starting with a letter or digit)")
+        raise UsageError(
+            f"service name {name!r} cannot name a systemd instance",
+            hint="use letters, digits, '.', '_' and '-' (at most 64, starting with a letter or digit)",
+        )
     return name
 
 
@@ -129,24 +134,39 @@ def _command(env_meta: Mapping, env_prefix: Path) -> tuple[str, str]:
     if len(cmd) >= 3 and cmd[1] == "-m":
         return str(env_prefix / cmd[0]), cmd[2]
     if cmd and cmd != ["bin/python", "-m"]:
-        log.warning("environment %s: vllm.command %r is not `python -m module`; using bin/python -m %s",
-                    env_meta.get("name"), cmd, DEFAULT_ENTRYPOINT)
+        log.warning(
+            "environment %s: vllm.command %r is not `python -m module`; using bin/python -m %s",
+            env_meta.get("name"),
+            cmd,
+            DEFAULT_ENTRYPOINT,
+        )
     return str(env_prefix / "bin" / "python"), DEFAULT_ENTRYPOINT
 
 
 def _check_no_api_key(service: Mapping) -> None:
     name = service.get("name")
     if "VLLM_API_KEY" in (service.get("env") or {}):
-        raise UsageError(f"service {name}: VLLM_API_KEY must not be set in `env` (it would be stored in "
-                         "/etc/llm/*.env)", hint="set `api_key_file:` to a file on the target instead")
+        raise UsageError(
+            f"service {name}: VLLM_API_KEY must not be set in `env` (it would be stored in /etc/llm/*.env)",
+            hint="set `api_key_file:` to a file on the target instead",
+        )
     for arg in service.get("vllm_args") or []:
         if str(arg).split("=", 1)[0] == "--api-key":
-            raise UsageError(f"service {name}: --api-key in vllm_args would put the key on the command line",
-                             hint="set `api_key_file:` to a file on the target instead")
+            raise UsageError(
+                f"service {name}: --api-key in vllm_args would put the key on the command line",
+                hint="set `api_key_file:` to a file on the target instead",
+            )
 
 
-def render_env_file(service: Mapping, env_meta: Mapping, *, env_prefix: Path, model_path: str,
-                    hf_cache: Path | None, bundle: Mapping | None = None) -> str:
+def render_env_file(
+    service: Mapping,
+    env_meta: Mapping,
+    *,
+    env_prefix: Path,
+    model_path: str,
+    hf_cache: Path | None,
+    bundle: Mapping | None = None,
+) -> str:
     """The text of ``/etc/llm/<service>.env`` (read by systemd and by the ``llm-serve`` launcher).
 
     ``service`` is a MANIFEST ``services[]`` entry, ``env_meta`` its ``environments[]`` entry,
@@ -173,8 +193,14 @@ def render_env_file(service: Mapping, env_meta: Mapping, *, env_prefix: Path, mo
         put("LLM_BUNDLE_VERSION", bundle.get("version"))
     put("LLM_ENVIRONMENT", env_meta.get("name"))
     # offline, no telemetry
-    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "VLLM_NO_USAGE_STATS",
-                "DO_NOT_TRACK", "HF_HUB_DISABLE_TELEMETRY"):
+    for key in (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "VLLM_NO_USAGE_STATS",
+        "DO_NOT_TRACK",
+        "HF_HUB_DISABLE_TELEMETRY",
+    ):
         put(key, 1)
     # vLLM guesses the host's address with a UDP connect towards 8.8.8.8 unless told; the address is only used
     # by vLLM's processes to reach each other, and a single-host server reaches them on loopback whatever
@@ -210,7 +236,9 @@ def render_env_file(service: Mapping, env_meta: Mapping, *, env_prefix: Path, mo
     if service.get("api_key_file"):
         key_file = str(service["api_key_file"])
         if not key_file.startswith("/"):
-            raise UsageError(f"service {name}: api_key_file {key_file!r} must be an absolute path on the target")
+            raise UsageError(
+                f"service {name}: api_key_file {key_file!r} must be an absolute path on the target"
+            )
         put("LLM_API_KEY_FILE", key_file)
     for i, arg in enumerate(service.get("vllm_args") or [], start=1):
         put(f"LLM_ARG_{i}", arg)
@@ -222,7 +250,7 @@ def render_env_file(service: Mapping, env_meta: Mapping, *, env_prefix: Path, mo
 
     lines = [
         f"# /etc/llm/{name}.env: environment of {unit_name(name)}, written by the llm-pack installer.",
-        "# The installer rewrites this file; change the manifest's services[] entry (env, vllm_args) instead.",
+        "# The installer rewrites this file; change the manifest's services[] entry (env, vllm_args).",
         "# LLM_* variables are read by /opt/llm/bin/llm-serve, which builds the vLLM command line.",
     ]
     lines += [f"{k}={env_quote(v)}" for k, v in entries.items()]
@@ -248,11 +276,13 @@ def parse_env_file(text: str) -> dict[str, str]:
 
 
 def render_devices_dropin(env_meta: Mapping, *, nvidia_modprobe: str | None = None) -> str:
-    """``llm@<name>.service.d/devices.conf``: no devices for CPU builds, the NVIDIA devices for CUDA builds."""
-    head = "# Written by the llm-pack installer: device access of this instance (see docs/systemd.md).\n[Service]\n"
+    """``llm@<name>.service.d/devices.conf``: no devices for CPU builds, NVIDIA devices for CUDA builds."""
+    head = "# Written by the llm-pack installer: device access of this instance (docs/systemd.md).\n"
+    head += "[Service]\n"
     if is_cpu_env(env_meta):
-        return head + ("# CPU build: a private /dev with only the pseudo devices (and /dev/shm).\n"
-                       "PrivateDevices=yes\n")
+        return head + (
+            "# CPU build: a private /dev with only the pseudo devices (and /dev/shm).\nPrivateDevices=yes\n"
+        )
     lines = [
         f"# CUDA build ({env_meta.get('cuda')}): the host's /dev, but only NVIDIA devices are allowed.",
         "PrivateDevices=no",
@@ -305,8 +335,13 @@ def launcher_text() -> str:
     return (UNITS_SRC / LAUNCHER.name).read_text(encoding="utf-8")
 
 
-def install_units(root: Path, manifest: Mapping, resolve_paths: Callable[[Mapping], InstancePaths | tuple],
-                  *, services: Iterable[str] | None = None) -> list[Path]:
+def install_units(
+    root: Path,
+    manifest: Mapping,
+    resolve_paths: Callable[[Mapping], InstancePaths | tuple],
+    *,
+    services: Iterable[str] | None = None,
+) -> list[Path]:
     """Write the template, the launcher, and each service's env file and device drop-in under ``root``.
 
     ``resolve_paths(service)`` returns :class:`InstancePaths` (or a tuple in its order) for a MANIFEST
@@ -325,13 +360,23 @@ def install_units(root: Path, manifest: Mapping, resolve_paths: Callable[[Mappin
         paths = InstancePaths(*resolve_paths(svc))
         env_meta = envs.get(svc["environment"]) or paths.env_meta
         if env_meta is None:
-            raise InstallError(f"service {svc['name']}: environment {svc['environment']!r} is neither in this "
-                               "bundle nor installed", hint="install a bundle with that environment first")
-        text = render_env_file(svc, env_meta, env_prefix=paths.env_prefix, model_path=paths.model_path,
-                               hf_cache=paths.hf_cache, bundle=manifest.get("bundle"))
+            raise InstallError(
+                f"service {svc['name']}: environment {svc['environment']!r} is neither in this "
+                "bundle nor installed",
+                hint="install a bundle with that environment first",
+            )
+        text = render_env_file(
+            svc,
+            env_meta,
+            env_prefix=paths.env_prefix,
+            model_path=paths.model_path,
+            hf_cache=paths.hf_cache,
+            bundle=manifest.get("bundle"),
+        )
         planned.append((env_file_path(root, svc["name"]), text, 0o644))
-        planned.append((dropin_path(root, svc["name"]), render_devices_dropin(env_meta, nvidia_modprobe=modprobe),
-                        0o644))
+        planned.append(
+            (dropin_path(root, svc["name"]), render_devices_dropin(env_meta, nvidia_modprobe=modprobe), 0o644)
+        )
         for problem in check_api_key_file(root, svc.get("api_key_file")):
             log.warning("service %s: %s", svc["name"], problem)
     planned.insert(0, (root / UNIT_DIR / TEMPLATE, template_text(), 0o644))
@@ -350,22 +395,31 @@ def check_api_key_file(root: Path, key_file: str | None) -> list[str]:
     try:
         st = path.stat()
     except FileNotFoundError:
-        return [f"API key file {key_file} does not exist; the service will not start until it does "
-                f"(install -m 0640 -o root -g {GROUP} KEYFILE {key_file})"]
+        return [
+            f"API key file {key_file} does not exist; the service will not start until it does "
+            f"(install -m 0640 -o root -g {GROUP} KEYFILE {key_file})"
+        ]
     problems = []
     if not stat.S_ISREG(st.st_mode):
         problems.append(f"API key file {key_file} is not a regular file")
     if st.st_mode & 0o007:
-        problems.append(f"API key file {key_file} is readable by every user (mode {st.st_mode & 0o777:04o}); "
-                        f"chmod 0640 {key_file}")
+        problems.append(
+            f"API key file {key_file} is readable by every user (mode {st.st_mode & 0o777:04o}); "
+            f"chmod 0640 {key_file}"
+        )
     if st.st_mode & 0o020:
         problems.append(f"API key file {key_file} is writable by its group; chmod 0640 {key_file}")
     uid, gid = _llm_ids(root)
-    readable = ((st.st_uid == uid and st.st_mode & 0o400) or (st.st_gid == gid and st.st_mode & 0o040)
-                or st.st_mode & 0o004)
+    readable = (
+        (st.st_uid == uid and st.st_mode & 0o400)
+        or (st.st_gid == gid and st.st_mode & 0o040)
+        or st.st_mode & 0o004
+    )
     if uid is not None and not readable:
-        problems.append(f"API key file {key_file} is not readable by user {USER}; "
-                        f"chown root:{GROUP} {key_file} && chmod 0640 {key_file}")
+        problems.append(
+            f"API key file {key_file} is not readable by user {USER}; "
+            f"chown root:{GROUP} {key_file} && chmod 0640 {key_file}"
+        )
     return problems
 
 
@@ -430,12 +484,35 @@ def ensure_user(root: Path) -> bool:
     root_opt = [] if live else [f"--root={root}"]
     attempts = [
         ["systemd-sysusers", *root_opt, str(conf)],
-        ["useradd", *([] if live else ["--prefix", str(root)]), "--system", "--user-group", "--no-create-home",
-         "--home-dir", "/nonexistent", "--shell", nologin, "--comment", "LLM inference server (llm-pack)", USER],
+        [
+            "useradd",
+            *([] if live else ["--prefix", str(root)]),
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            nologin,
+            "--comment",
+            "LLM inference server (llm-pack)",
+            USER,
+        ],
     ]
     if live:
-        attempts.append(["adduser", "--system", "--group", "--no-create-home", "--home", "/nonexistent",
-                         "--shell", nologin, USER])
+        attempts.append(
+            [
+                "adduser",
+                "--system",
+                "--group",
+                "--no-create-home",
+                "--home",
+                "/nonexistent",
+                "--shell",
+                nologin,
+                USER,
+            ]
+        )
     errors = []
     for cmd in attempts:
         if shutil.which(cmd[0]) is None:
@@ -446,9 +523,10 @@ def ensure_user(root: Path) -> bool:
             log.info("created system user %s with %s", USER, cmd[0])
             return True
         errors.append(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr.strip()}")
-    raise InstallError(f"could not create the system user {USER!r}:\n  " + "\n  ".join(errors),
-                       hint=f"create it by hand: useradd --system --user-group --no-create-home "
-                       f"--shell {nologin} {USER}")
+    raise InstallError(
+        f"could not create the system user {USER!r}:\n  " + "\n  ".join(errors),
+        hint=f"create it by hand: useradd --system --user-group --no-create-home --shell {nologin} {USER}",
+    )
 
 
 def remove_user(root: Path) -> bool:
@@ -482,17 +560,24 @@ def systemctl(*args: str, root: Path = Path("/"), check: bool = True) -> subproc
     cmd = ["systemctl"]
     if root != Path("/"):
         if not args or args[0] not in UNIT_FILE_VERBS:
-            raise InstallError(f"`systemctl {' '.join(args)}` would act on the running system, but the target is "
-                               f"the staging tree {root}", hint="start services after booting the image")
+            raise InstallError(
+                f"`systemctl {' '.join(args)}` would act on the running system, but the target is "
+                f"the staging tree {root}",
+                hint="start services after booting the image",
+            )
         cmd.append(f"--root={root}")
     elif not systemd_running():
-        raise InstallError("systemd is not running on this machine (no /run/systemd/system)",
-                           hint="install with --root DIR for an image, or run on a server booted with systemd")
+        raise InstallError(
+            "systemd is not running on this machine (no /run/systemd/system)",
+            hint="install with --root DIR for an image, or run on a server booted with systemd",
+        )
     cmd += list(args)
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if check and r.returncode != 0:
-        raise InstallError(f"`{' '.join(cmd)}` failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()}",
-                           hint="see `journalctl -xe` and `systemctl status` of the unit")
+        raise InstallError(
+            f"`{' '.join(cmd)}` failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()}",
+            hint="see `journalctl -xe` and `systemctl status` of the unit",
+        )
     return r
 
 

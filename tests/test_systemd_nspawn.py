@@ -36,19 +36,36 @@ PY_ENV = {"LD_LIBRARY_PATH": "/opt/hostpy/lib", "PYTHONPATH": "/opt/src", "PYTHO
 API_KEY = "sk-nspawn-test-0123456789"
 TRICKY_ARG = '{"temperature": 0.5, "note": "$HOME `x` \\"q\\""}'
 
-ENV_DOUBLE = {"name": "hostpy", "cuda": None,
-              "vllm": {"version": "test-double", "command": [f"bin/{PYVER}", "-m", "llm_api_double"]}}
+ENV_DOUBLE = {
+    "name": "hostpy",
+    "cuda": None,
+    "vllm": {"version": "test-double", "command": [f"bin/{PYVER}", "-m", "llm_api_double"]},
+}
 ENV_DOUBLE_GPU = dict(ENV_DOUBLE, name="hostpy-cuda", cuda="12.8")
 # what the double's process needs because its "environment" is the host's pyenv Python, not a conda env
 DOUBLE_ENV = {"PYTHONPATH": "/opt/double", "LD_LIBRARY_PATH": "/opt/hostpy/lib"}
 
 
 def service(name: str, port: int, environment: str, **kw) -> dict:
-    svc = {"name": name, "model": "tiny", "environment": environment, "served_model_name": f"{name}-chat",
-           "host": "127.0.0.1", "port": port, "gpus": [], "tensor_parallel_size": 1, "pipeline_parallel_size": 1,
-           "max_model_len": 512, "dtype": "bfloat16", "gpu_memory_utilization": None, "trust_remote_code": False,
-           "api_key_file": None, "serve_by": "path", "vllm_args": ["--enforce-eager", TRICKY_ARG],
-           "env": dict(DOUBLE_ENV)}
+    svc = {
+        "name": name,
+        "model": "tiny",
+        "environment": environment,
+        "served_model_name": f"{name}-chat",
+        "host": "127.0.0.1",
+        "port": port,
+        "gpus": [],
+        "tensor_parallel_size": 1,
+        "pipeline_parallel_size": 1,
+        "max_model_len": 512,
+        "dtype": "bfloat16",
+        "gpu_memory_utilization": None,
+        "trust_remote_code": False,
+        "api_key_file": None,
+        "serve_by": "path",
+        "vllm_args": ["--enforce-eager", TRICKY_ARG],
+        "env": dict(DOUBLE_ENV),
+    }
     svc.update(kw)
     return svc
 
@@ -124,7 +141,10 @@ def wait_for(pred, timeout: float, what: str):
 
 
 def healthy(c: Container, port: int) -> bool:
-    return c.run(f"curl -sf -o /dev/null http://127.0.0.1:{port}/health", check=False, timeout=10).returncode == 0
+    return (
+        c.run(f"curl -sf -o /dev/null http://127.0.0.1:{port}/health", check=False, timeout=10).returncode
+        == 0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +154,11 @@ def target(nspawn_rootfs: Path, tmp_path_factory: pytest.TempPathFactory):
     (double / "llm_api_double.py").write_text(API_DOUBLE_SOURCE)
     (double / "manifest.json").write_text(json.dumps(MANIFEST))
     double.chmod(0o755)  # the service runs as llm: pytest's tmp dirs are 0700
-    binds = [(HOSTPY, "/opt/hostpy", True), (double, "/opt/double", True),
-             (REPO / "installer", "/opt/src/installer", True)]
+    binds = [
+        (HOSTPY, "/opt/hostpy", True),
+        (double, "/opt/double", True),
+        (REPO / "installer", "/opt/src/installer", True),
+    ]
     with Container(nspawn_rootfs, binds=binds, name="llm-systemd-test") as c:
         c.run(["mkdir", "-p", "/opt/models/tiny"])
         try:
@@ -155,8 +178,10 @@ def test_install_start_health_and_completion(target):
     assert "/etc/systemd/system/llm@.service" in result["written"]
     assert result["completion"]["status"] == 200 and result["completion"]["content"]
     assert result["gpu_completion"]["status"] == 200
-    print(f"start -> healthy {result['healthy_s']:.2f} s; start -> first completion "
-          f"{result['start_to_completion_s']:.2f} s")
+    print(
+        f"start -> healthy {result['healthy_s']:.2f} s; start -> first completion "
+        f"{result['start_to_completion_s']:.2f} s"
+    )
     assert c.show("llm@tiny.service", "ActiveState") == "active"
     assert c.show("llm@tiny.service", "UnitFileState") == "enabled"
     # the user's curl works as printed
@@ -197,9 +222,16 @@ def test_process_sees_what_the_env_file_says(target):
         assert group in allow, allow
     assert debug_process(c, 8001)["env"]["CUDA_VISIBLE_DEVICES"] == "0"
     # the hardening systemd applied
-    for prop, value in (("User", "llm"), ("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"),
-                        ("ProtectHome", "yes"), ("PrivateTmp", "yes"), ("Restart", "always"),
-                        ("LimitNOFILE", "65536"), ("MemoryDenyWriteExecute", "no")):
+    for prop, value in (
+        ("User", "llm"),
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("Restart", "always"),
+        ("LimitNOFILE", "65536"),
+        ("MemoryDenyWriteExecute", "no"),
+    ):
         assert c.show("llm@tiny.service", prop) == value, prop
     families = set(c.show("llm@tiny.service", "RestrictAddressFamilies").split())
     assert families == {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}
@@ -232,7 +264,9 @@ def _restart_after(c: Container, kill: str) -> tuple[int, float]:
     t0 = time.monotonic()
     victim = before["pid"] if kill == "main" else before["engine_pid"]
     c.run(["kill", "-9", str(victim)])
-    wait_for(lambda: int(c.show("llm@tiny.service", "NRestarts")) > restarts, 30, f"a restart after kill -9 {kill}")
+    wait_for(
+        lambda: int(c.show("llm@tiny.service", "NRestarts")) > restarts, 30, f"a restart after kill -9 {kill}"
+    )
     wait_for(lambda: healthy(c, 8000), 30, "health after the restart")
     after = debug_process(c, 8000)
     assert after["pid"] != before["pid"]
@@ -285,12 +319,19 @@ def test_stop_is_quick_then_uninstall(target):
     stop_s = time.monotonic() - t0
     print(f"systemctl stop: {stop_s:.2f} s")
     assert stop_s < 10
-    out = py(c, "from pathlib import Path; from installer import systemd; "
-                "print([str(p) for p in systemd.remove_units(Path('/'), ['tiny', 'gpu', 'badkey'])])")
+    out = py(
+        c,
+        "from pathlib import Path; from installer import systemd; "
+        "print([str(p) for p in systemd.remove_units(Path('/'), ['tiny', 'gpu', 'badkey'])])",
+    )
     assert "/etc/systemd/system/llm@.service" in out
-    for path in ("/etc/systemd/system/llm@.service", "/opt/llm/bin/llm-serve", "/etc/llm/tiny.env",
-                 "/etc/systemd/system/llm@tiny.service.d",
-                 "/etc/systemd/system/multi-user.target.wants/llm@tiny.service"):
+    for path in (
+        "/etc/systemd/system/llm@.service",
+        "/opt/llm/bin/llm-serve",
+        "/etc/llm/tiny.env",
+        "/etc/systemd/system/llm@tiny.service.d",
+        "/etc/systemd/system/multi-user.target.wants/llm@tiny.service",
+    ):
         assert c.run(["test", "-e", path], check=False).returncode != 0, path
     assert c.show("llm@tiny.service", "ActiveState") == "inactive"
     assert not healthy(c, 8000)

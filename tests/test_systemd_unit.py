@@ -1,4 +1,4 @@
-"""systemd integration, fast part: env files, the launcher, the unit files under `systemd-analyze`, health checks.
+"""systemd integration, fast part: env files, the launcher, unit files under `systemd-analyze`, health.
 
 The slow part (a real systemd in a network-less nspawn container) is tests/test_systemd_nspawn.py.
 Where a server has to answer, it is API_DOUBLE_SOURCE below: a TEST DOUBLE of vLLM's OpenAI-compatible
@@ -118,7 +118,8 @@ def main():
                 return self.reply(500, {"error": "EngineCore failed (test double)"})
             self.reply(200, {"id": "chatcmpl-double", "object": "chat.completion", "model": name,
                              "choices": [{"index": 0, "finish_reason": "length",
-                                          "message": {"role": "assistant", "content": "hello from the double"}}],
+                                          "message": {"role": "assistant",
+                                                      "content": "hello from the double"}}],
                              "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}})
 
     server = ThreadingHTTPServer((args.host, args.port), Handler)
@@ -145,34 +146,77 @@ if __name__ == "__main__":
     main()
 '''
 
-GPU_ENV = {"name": "vllm-cu128", "cuda": "12.8", "python": "3.12.11",
-           "vllm": {"version": "0.11.0", "command": ["bin/python", "-m", "vllm.entrypoints.openai.api_server"]}}
-CPU_ENV = {"name": "vllm-cpu", "cuda": None, "python": "3.11.7",
-           "vllm": {"version": "0.32.0", "command": ["bin/python", "-m", "vllm.entrypoints.openai.api_server"]}}
+GPU_ENV = {
+    "name": "vllm-cu128",
+    "cuda": "12.8",
+    "python": "3.12.11",
+    "vllm": {"version": "0.11.0", "command": ["bin/python", "-m", "vllm.entrypoints.openai.api_server"]},
+}
+CPU_ENV = {
+    "name": "vllm-cpu",
+    "cuda": None,
+    "python": "3.11.7",
+    "vllm": {"version": "0.32.0", "command": ["bin/python", "-m", "vllm.entrypoints.openai.api_server"]},
+}
 
 
 def gpu_service(**kw) -> dict:
-    svc = {"name": "qwen3-32b", "model": "qwen3-32b", "environment": "vllm-cu128", "served_model_name": "qwen3-32b",
-           "host": "0.0.0.0", "port": 11434, "gpus": [1, 2], "tensor_parallel_size": 2, "pipeline_parallel_size": 1,
-           "max_model_len": 18480, "dtype": None, "gpu_memory_utilization": 0.9, "trust_remote_code": False,
-           "api_key_file": None, "serve_by": "path", "vllm_args": [], "env": {}}
+    svc = {
+        "name": "qwen3-32b",
+        "model": "qwen3-32b",
+        "environment": "vllm-cu128",
+        "served_model_name": "qwen3-32b",
+        "host": "0.0.0.0",
+        "port": 11434,
+        "gpus": [1, 2],
+        "tensor_parallel_size": 2,
+        "pipeline_parallel_size": 1,
+        "max_model_len": 18480,
+        "dtype": None,
+        "gpu_memory_utilization": 0.9,
+        "trust_remote_code": False,
+        "api_key_file": None,
+        "serve_by": "path",
+        "vllm_args": [],
+        "env": {},
+    }
     svc.update(kw)
     return svc
 
 
 def cpu_service(**kw) -> dict:
-    svc = {"name": "tiny", "model": "tiny", "environment": "vllm-cpu", "served_model_name": "tiny-chat",
-           "host": "127.0.0.1", "port": 8000, "gpus": [], "tensor_parallel_size": 1, "pipeline_parallel_size": 1,
-           "max_model_len": 512, "dtype": "bfloat16", "gpu_memory_utilization": None, "trust_remote_code": False,
-           "api_key_file": None, "serve_by": "path", "vllm_args": ["--enforce-eager"], "env": {}}
+    svc = {
+        "name": "tiny",
+        "model": "tiny",
+        "environment": "vllm-cpu",
+        "served_model_name": "tiny-chat",
+        "host": "127.0.0.1",
+        "port": 8000,
+        "gpus": [],
+        "tensor_parallel_size": 1,
+        "pipeline_parallel_size": 1,
+        "max_model_len": 512,
+        "dtype": "bfloat16",
+        "gpu_memory_utilization": None,
+        "trust_remote_code": False,
+        "api_key_file": None,
+        "serve_by": "path",
+        "vllm_args": ["--enforce-eager"],
+        "env": {},
+    }
     svc.update(kw)
     return svc
 
 
 def render(svc: dict, env_meta: dict, **kw) -> dict[str, str]:
-    text = systemd.render_env_file(svc, env_meta, env_prefix=Path("/opt/llm/envs/e/0123456789abcdef"),
-                                   model_path=kw.pop("model_path", "/opt/llm/models/m/abc"),
-                                   hf_cache=kw.pop("hf_cache", None), **kw)
+    text = systemd.render_env_file(
+        svc,
+        env_meta,
+        env_prefix=Path("/opt/llm/envs/e/0123456789abcdef"),
+        model_path=kw.pop("model_path", "/opt/llm/models/m/abc"),
+        hf_cache=kw.pop("hf_cache", None),
+        **kw,
+    )
     return systemd.parse_env_file(text)
 
 
@@ -182,8 +226,13 @@ def render(svc: dict, env_meta: dict, **kw) -> dict[str, str]:
 def test_gpu_env_file():
     env = render(gpu_service(), GPU_ENV, bundle={"name": "qwen3-32b", "version": "2026.11.21"})
     assert env["CUDA_VISIBLE_DEVICES"] == "1,2"
-    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK",
-                "HF_HUB_DISABLE_TELEMETRY"):
+    for key in (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "VLLM_NO_USAGE_STATS",
+        "DO_NOT_TRACK",
+        "HF_HUB_DISABLE_TELEMETRY",
+    ):
         assert env[key] == "1", key
     assert env["VLLM_HOST_IP"] == "127.0.0.1"
     assert "VLLM_CPU_KVCACHE_SPACE" not in env
@@ -208,16 +257,22 @@ def test_cpu_env_file_and_service_env_wins():
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert "CUDA_VISIBLE_DEVICES" not in env
     assert env["LLM_DTYPE"] == "bfloat16" and env["LLM_ARG_1"] == "--enforce-eager"
-    env = render(cpu_service(env={"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_HOST_IP": "10.0.0.5", "OMP_NUM_THREADS": 2}),
-                 CPU_ENV)
+    env = render(
+        cpu_service(env={"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_HOST_IP": "10.0.0.5", "OMP_NUM_THREADS": 2}),
+        CPU_ENV,
+    )
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"
     assert env["VLLM_HOST_IP"] == "10.0.0.5"
     assert env["OMP_NUM_THREADS"] == "2"
 
 
 def test_trust_remote_code_and_repo_id():
-    env = render(gpu_service(trust_remote_code=True, serve_by="repo_id", gpus=[0]), GPU_ENV,
-                 model_path="THUDM/glm-4-9b-chat", hf_cache=Path("/opt/llm/models/hf-cache"))
+    env = render(
+        gpu_service(trust_remote_code=True, serve_by="repo_id", gpus=[0]),
+        GPU_ENV,
+        model_path="THUDM/glm-4-9b-chat",
+        hf_cache=Path("/opt/llm/models/hf-cache"),
+    )
     assert env["LLM_TRUST_REMOTE_CODE"] == "1"
     assert env["LLM_MODEL"] == "THUDM/glm-4-9b-chat"
     assert env["HF_HUB_CACHE"] == "/opt/llm/models/hf-cache"
@@ -226,8 +281,13 @@ def test_trust_remote_code_and_repo_id():
 
 
 def test_api_key_only_as_file_path():
-    text = systemd.render_env_file(gpu_service(api_key_file="/etc/llm/keys/qwen.key"), GPU_ENV,
-                                   env_prefix=Path("/e"), model_path="/m", hf_cache=None)
+    text = systemd.render_env_file(
+        gpu_service(api_key_file="/etc/llm/keys/qwen.key"),
+        GPU_ENV,
+        env_prefix=Path("/e"),
+        model_path="/m",
+        hf_cache=None,
+    )
     assert "LLM_API_KEY_FILE=/etc/llm/keys/qwen.key" in text
     assert "VLLM_API_KEY" not in text and "--api-key" not in text
     with pytest.raises(UsageError, match="VLLM_API_KEY"):
@@ -289,15 +349,21 @@ def launch(env_text: str, double_dir: Path, extra_env: dict | None = None) -> su
     env = systemd.parse_env_file(env_text)
     env["PYTHONPATH"] = str(double_dir)
     env.update(extra_env or {})
-    return subprocess.Popen(["bash", str(systemd.UNITS_SRC / "llm-serve")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        ["bash", str(systemd.UNITS_SRC / "llm-serve")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def double_service(tmp_path: Path, port: int, **kw) -> str:
     svc = cpu_service(port=port, vllm_args=["--enforce-eager", '{"a": "b c"}'], **kw)
     meta = dict(CPU_ENV, vllm={"command": ["bin/python", "-m", "llm_api_double"]})
-    text = systemd.render_env_file(svc, meta, env_prefix=Path(sys.executable).parent.parent,
-                                   model_path=str(tmp_path), hf_cache=None)
+    text = systemd.render_env_file(
+        svc, meta, env_prefix=Path(sys.executable).parent.parent, model_path=str(tmp_path), hf_cache=None
+    )
     py = Path(sys.executable)
     return text.replace(f"LLM_PYTHON={py.parent.parent}/bin/python", f"LLM_PYTHON={py}")
 
@@ -319,7 +385,9 @@ def test_launcher_serves_with_api_key_from_file(tmp_path, double_dir):
     text = double_service(tmp_path, port, api_key_file=str(key_file))
     proc = launch(text, double_dir, {"VLLM_CACHE_ROOT": str(tmp_path / "cache")})
     try:
-        seconds = health.wait_healthy("127.0.0.1", port, timeout=30, interval=0.1, alive=lambda: proc.poll() is None)
+        seconds = health.wait_healthy(
+            "127.0.0.1", port, timeout=30, interval=0.1, alive=lambda: proc.poll() is None
+        )
         assert seconds < 30
         info = json.loads(health.request("127.0.0.1", port, "GET", "/debug/process")[1])
         # exec: the launcher's PID is the server's PID (so it is the unit's MainPID)
@@ -327,10 +395,26 @@ def test_launcher_serves_with_api_key_from_file(tmp_path, double_dir):
         assert info["env"]["VLLM_API_KEY"] == "sk-test-123"
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
         assert b"sk-test-123" not in cmdline
-        assert info["argv"][1:] == ["--model", str(tmp_path), "--served-model-name", "tiny-chat", "--host",
-                                    "127.0.0.1", "--port", str(port), "--max-model-len", "512",
-                                    "--tensor-parallel-size", "1", "--pipeline-parallel-size", "1", "--dtype",
-                                    "bfloat16", "--enforce-eager", '{"a": "b c"}']
+        assert info["argv"][1:] == [
+            "--model",
+            str(tmp_path),
+            "--served-model-name",
+            "tiny-chat",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--max-model-len",
+            "512",
+            "--tensor-parallel-size",
+            "1",
+            "--pipeline-parallel-size",
+            "1",
+            "--dtype",
+            "bfloat16",
+            "--enforce-eager",
+            '{"a": "b c"}',
+        ]
         assert health.list_models("127.0.0.1", port, "sk-test-123") == ["tiny-chat"]
         result = health.probe_completion("127.0.0.1", port, "tiny-chat", "sk-test-123")
         assert result["status"] == 200 and result["content"] == "hello from the double"
@@ -380,8 +464,9 @@ def test_launcher_config_errors_exit_78(tmp_path, case):
     else:
         key.write_text("\n")
         env["LLM_API_KEY_FILE"] = str(key)
-    r = subprocess.run(["bash", str(systemd.UNITS_SRC / "llm-serve")], env=env, capture_output=True, text=True,
-                       timeout=30)
+    r = subprocess.run(
+        ["bash", str(systemd.UNITS_SRC / "llm-serve")], env=env, capture_output=True, text=True, timeout=30
+    )
     assert r.returncode == 78, r.stderr
     assert r.stderr.startswith("llm-serve: ")
 
@@ -390,14 +475,18 @@ def test_launcher_config_errors_exit_78(tmp_path, case):
 
 
 def manifest() -> dict:
-    return {"bundle": {"name": "demo", "version": "1.0"}, "environments": [GPU_ENV, CPU_ENV],
-            "services": [gpu_service(api_key_file="/etc/llm/keys/qwen.key"), cpu_service()]}
+    return {
+        "bundle": {"name": "demo", "version": "1.0"},
+        "environments": [GPU_ENV, CPU_ENV],
+        "services": [gpu_service(api_key_file="/etc/llm/keys/qwen.key"), cpu_service()],
+    }
 
 
 def resolve(svc: dict) -> systemd.InstancePaths:
     env = "0123456789abcdef"
-    return systemd.InstancePaths(Path(f"/opt/llm/envs/{svc['environment']}/{env}"),
-                                 f"/opt/llm/models/{svc['model']}/abc")
+    return systemd.InstancePaths(
+        Path(f"/opt/llm/envs/{svc['environment']}/{env}"), f"/opt/llm/models/{svc['model']}/abc"
+    )
 
 
 def staging_root(tmp_path: Path) -> Path:
@@ -412,11 +501,14 @@ def test_install_units_layout(tmp_path, caplog):
     root = tmp_path / "root"
     written = systemd.install_units(root, manifest(), resolve)
     rel = sorted(str(p.relative_to(root)) for p in written)
-    assert rel == ["etc/llm/qwen3-32b.env", "etc/llm/tiny.env",
-                   "etc/systemd/system/llm@.service",
-                   "etc/systemd/system/llm@qwen3-32b.service.d/devices.conf",
-                   "etc/systemd/system/llm@tiny.service.d/devices.conf",
-                   "opt/llm/bin/llm-serve"]
+    assert rel == [
+        "etc/llm/qwen3-32b.env",
+        "etc/llm/tiny.env",
+        "etc/systemd/system/llm@.service",
+        "etc/systemd/system/llm@qwen3-32b.service.d/devices.conf",
+        "etc/systemd/system/llm@tiny.service.d/devices.conf",
+        "opt/llm/bin/llm-serve",
+    ]
     assert stat.S_IMODE((root / "opt/llm/bin/llm-serve").stat().st_mode) == 0o755
     assert stat.S_IMODE((root / "etc/llm/tiny.env").stat().st_mode) == 0o644
     assert (root / "etc/systemd/system/llm@.service").read_text() == systemd.template_text()
@@ -457,8 +549,10 @@ def test_systemd_analyze_verify_and_security(tmp_path, instance):
     modprobe.write_text("#!/bin/sh\nexit 0\n")
     modprobe.chmod(0o755)
     systemd.install_units(root, manifest(), resolve)
-    assert "nvidia-modprobe" in (root / f"etc/systemd/system/llm@{instance}.service.d/devices.conf").read_text() \
+    assert (
+        "nvidia-modprobe" in (root / f"etc/systemd/system/llm@{instance}.service.d/devices.conf").read_text()
         or instance == "tiny"
+    )
     unit = f"llm@{instance}.service"
     r = analyze("verify", f"--root={root}", unit)
     print(f"systemd-analyze verify {unit}: exit {r.returncode} {r.stdout}{r.stderr}")
@@ -479,11 +573,26 @@ def test_unit_text_reads_like_documentation():
     lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
     assert "Documentation=https://docs.vllm.ai/en/latest/serving/openai_compatible_server.html" in lines
     assert "Wants=network-online.target" in lines and "After=network-online.target" in lines
-    for opt in ("User=llm", "Group=llm", "EnvironmentFile=/etc/llm/%i.env", "ExecStart=/opt/llm/bin/llm-serve",
-                "Restart=always", "RestartSec=5", "CacheDirectory=llm/%i", "LimitNOFILE=65536", "UMask=0077",
-                "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
-                "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK", "CapabilityBoundingSet=",
-                "SystemCallFilter=@system-service", "KillMode=control-group", "TimeoutStopSec=30"):
+    for opt in (
+        "User=llm",
+        "Group=llm",
+        "EnvironmentFile=/etc/llm/%i.env",
+        "ExecStart=/opt/llm/bin/llm-serve",
+        "Restart=always",
+        "RestartSec=5",
+        "CacheDirectory=llm/%i",
+        "LimitNOFILE=65536",
+        "UMask=0077",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+        "CapabilityBoundingSet=",
+        "SystemCallFilter=@system-service",
+        "KillMode=control-group",
+        "TimeoutStopSec=30",
+    ):
         assert opt in lines, opt
     assert not any(ln.startswith("MemoryDenyWriteExecute") for ln in lines)
     # one option per line
@@ -555,11 +664,23 @@ def test_status_and_curl(tmp_path):
     systemd.install_units(root, manifest(), resolve)
     rows = health.instance_status(root)
     assert [r["instance"] for r in rows] == ["qwen3-32b", "tiny"]
-    assert rows[0]["port"] == 11434 and rows[0]["version"] == "1.0" and rows[0]["url"] == "http://127.0.0.1:11434"
+    assert (
+        rows[0]["port"] == 11434
+        and rows[0]["version"] == "1.0"
+        and rows[0]["url"] == "http://127.0.0.1:11434"
+    )
     assert rows[1]["model"] == "tiny-chat" and rows[1]["active"] is None
     json.dumps(rows)
     table = health.format_status(rows)
-    assert table.splitlines()[0].split() == ["INSTANCE", "VERSION", "ACTIVE", "PID", "PORT", "MODEL", "HEALTH"]
+    assert table.splitlines()[0].split() == [
+        "INSTANCE",
+        "VERSION",
+        "ACTIVE",
+        "PID",
+        "PORT",
+        "MODEL",
+        "HEALTH",
+    ]
     assert "qwen3-32b" in table and "11434" in table
     curl = health.curl_example(gpu_service(api_key_file="/etc/llm/keys/qwen.key"))
     assert curl.startswith("curl -sS http://127.0.0.1:11434/v1/chat/completions")
