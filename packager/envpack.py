@@ -258,6 +258,7 @@ def pack_env(built: BuiltEnv, dest: Path, *, level: int = 3, threads: int = 0) -
                     data, mode = capture.entries[target]
                     tar.add_bytes(target, data, mode)
                 tar.close()
+        os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -384,6 +385,8 @@ RUNTIME_SKIP_MODULES = ("_tkinter", "_test", "xxlimited", "xxsubtype", "_xxtestf
 def cut_runtime(built: BuiltEnv, dest: Path) -> PackResult:
     """Write ``dest`` (runtime/<env>.tar.gz): python + needed env libs + stdlib + zstandard."""
     t0 = time.monotonic()
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     prefix = built.prefix
     py = f"python{built.python_short}"
     interp = prefix / "bin" / py
@@ -413,7 +416,7 @@ def cut_runtime(built: BuiltEnv, dest: Path) -> PackResult:
                     entries[f"lib/{py}/site-packages/{src.relative_to(zst_dir).as_posix()}"] = src.resolve()
         for soname, src in _needed_env_libs(prefix, [p for a, p in entries.items() if _elfish(a)]).items():
             entries[f"lib/{soname}"] = src
-        wf = write_tar_gz(Path(dest), sorted(entries.items()), level=6)
+        wf = write_tar_gz(dest, sorted(entries.items()), level=6)
         unpacked = sum(p.stat().st_size for p in entries.values())
     return PackResult(wf.path, wf.sha256, wf.size, unpacked, len(entries), time.monotonic() - t0)
 

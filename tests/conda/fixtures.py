@@ -23,18 +23,20 @@ from tests.conda.wheels import build_wheel
 HOST_GLIBC = os.confstr("CS_GNU_LIBC_VERSION").split()[1]  # the test python is this machine's: its glibc floor
 TARGET = TargetSpec(platform="linux-64", glibc=HOST_GLIBC)
 
-FAKE_VLLM_MAIN = '''
+FAKE_VLLM_KERNELS = '''
 import os, sys
 
-def main():
-    if sys.argv[1:] == ["download-kernels"]:
+
+class DownloadKernelsSubcommand:
+    name = "download-kernels"
+
+    @staticmethod
+    def cmd(args):
         out = os.path.join(sys.prefix, "share", "vllm-kernels")
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "done.txt"), "w") as f:
-            f.write("kernels downloaded\\n")
-        return 0
-    print("usage: vllm {serve,download-kernels}")
-    return 2
+            f.write(f"kernels downloaded (dry_run={args.dry_run})\\n")
+        sys.exit(0)
 '''
 
 
@@ -72,7 +74,7 @@ def wheel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "vllm/entrypoints/openai/__init__.py": "",
         "vllm/entrypoints/openai/api_server.py": "print('api server')\n",
         "vllm/entrypoints/cli/__init__.py": "",
-        "vllm/entrypoints/cli/main.py": FAKE_VLLM_MAIN,
+        "vllm/entrypoints/cli/download_kernels.py": FAKE_VLLM_KERNELS,
     })
     build_wheel(d, "torch", "2.99.0+cu129", {"torch/__init__.py": "", "torch/version.py":
                                              "__version__ = '2.99.0+cu129'\ncuda: Optional[str] = '12.9'\n"})
