@@ -1,0 +1,116 @@
+"""Extraction throughput: installer.extract (zstd + sha256 + safe tarfile, one pass) vs GNU `tar -xf`.
+
+Usage:
+    python bench/extract_env.py ARCHIVE.tar.zst [--rounds N] [--workdir DIR]
+    python bench/extract_env.py --from-dir DIR          # pack DIR into a .tar + .tar.zst first
+
+The baseline is a plain `tar -xf` of the same archive already decompressed (what the issue asks us to
+compare with), measured in the same run, on the same filesystem. Rounds alternate between the two so
+that the cost of deleting the previous tree (which slows the next extraction) hits both equally; each
+extraction is followed by `sync` and the tree is removed (and synced) before the next one.
+Target: installer.extract ≤ 1.2× tar -xf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from installer.extract import extract_archive  # noqa: E402
+
+
+def _sync() -> None:
+    os.sync()
+
+
+def _decompress(zst: Path, tar: Path) -> None:
+    import zstandard
+
+    with open(zst, "rb") as i, open(tar, "wb") as o:
+        zstandard.ZstdDecompressor().copy_stream(i, o, read_size=1 << 20, write_size=1 << 20)
+
+
+def _pack(src: Path, work: Path) -> Path:
+    import zstandard
+
+    tar = work / "env.tar"
+    subprocess.run(["tar", "-C", str(src.parent), "-cf", str(tar), src.name], check=True)
+    zst = work / "env.tar.zst"
+    with open(tar, "rb") as i, open(zst, "wb") as o:
+        zstandard.ZstdCompressor(level=3, threads=-1).copy_stream(i, o)
+    tar.unlink()
+    return zst
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while b := f.read(1 << 20):
+            h.update(b)
+    return h.hexdigest()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("archive", nargs="?", type=Path)
+    ap.add_argument("--from-dir", type=Path)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--no-thread", action="store_true", help="read/decompress in the extracting thread")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-extract-", dir=args.workdir))
+    try:
+        if args.from_dir:
+            zst = _pack(args.from_dir, work)
+        elif args.archive:
+            zst = args.archive
+        else:
+            ap.error("give ARCHIVE or --from-dir")
+        tar = work / "plain.tar"
+        _decompress(zst, tar)
+        sha = _sha256(zst)
+        zsize, tsize = zst.stat().st_size, tar.stat().st_size
+        print(f"archive {zst} {zsize / 1e6:.0f} MB zstd, {tsize / 1e6:.0f} MB as tar")
+        times: dict[str, list[float]] = {"tar -xf (plain .tar)": [], "installer.extract (.tar.zst)": []}
+        members = 0
+        for r in range(args.rounds):
+            for label in times:
+                dest = work / f"out-{r}"
+                _sync()
+                t = time.perf_counter()
+                if label.startswith("tar"):
+                    dest.mkdir()
+                    subprocess.run(["tar", "-xf", str(tar), "-C", str(dest)], check=True)
+                else:
+                    res = extract_archive(zst, dest, expected_sha256=sha, expected_size=zsize,
+                                          threaded=not args.no_thread)
+                    members = res.members
+                _sync()
+                times[label].append(time.perf_counter() - t)
+                shutil.rmtree(dest)
+                _sync()
+        best = {k: min(v) for k, v in times.items()}
+        base = best["tar -xf (plain .tar)"]
+        print(f"{members} members, {args.rounds} round(s), best of each (incl. sync):")
+        for k, v in best.items():
+            print(f"  {k:32s} {v:6.2f} s  {tsize / v / 1e6:7.0f} MB/s (tar bytes)  {v / base:4.2f}x  "
+                  f"all: {', '.join(f'{x:.2f}' for x in times[k])}")
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"peak RSS of this process: {rss:.0f} MB")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
