@@ -299,3 +299,19 @@ def make_tiny_model(dest: Path, *, seed: int = 0) -> Path:
     for name, data in files.items():
         _write(dest / name, data)
     return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m packager.demo_model DEST [--seed N]`: write the tiny model to DEST."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m packager.demo_model", description=main.__doc__)
+    parser.add_argument("dest", type=Path, help="directory to write the model into (created if missing)")
+    parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    args = parser.parse_args(argv)
+    print(make_tiny_model(args.dest, seed=args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

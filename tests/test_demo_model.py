@@ -28,7 +28,13 @@ from tokenizers import Tokenizer
 
 from packager.demo_model import CHAT_TEMPLATE, make_tiny_model
 
-FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"}
+FILES = {
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "model.safetensors",
+}
 VLLM_PYTHON_VAR = "LLM_TEST_VLLM_PYTHON"
 
 
@@ -144,7 +150,8 @@ def test_chat_template_renders_chatml(model_dir: Path) -> None:
 
     config = json.loads((model_dir / "tokenizer_config.json").read_text())
     assert config["chat_template"] == CHAT_TEMPLATE
-    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(config["chat_template"])
+    jinja = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    template = jinja.from_string(config["chat_template"])
     text = template.render(messages=[{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     assert text == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -208,7 +215,7 @@ def _hf_cache_view(model_dir: Path, hub_cache: Path, repo_id: str) -> None:
 
 @pytest.mark.slow
 def test_transformers_loads_tiny_model(model_dir: Path) -> None:
-    """AutoConfig / AutoTokenizer (from the vLLM environment's transformers) load it and apply the template."""
+    """The vLLM environment's transformers loads it (AutoConfig, AutoTokenizer) and applies the template."""
     python = _vllm_python()
     code = textwrap.dedent("""
         import json, sys
@@ -223,7 +230,8 @@ def test_transformers_loads_tiny_model(model_dir: Path) -> None:
                           "chat": chat}))
     """)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    out = subprocess.run([python, "-c", code, str(model_dir)], capture_output=True, text=True, env=env, timeout=300)
+    cmd = [python, "-c", code, str(model_dir)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {
