@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from installer.extract import extract_archive  # noqa: E402
+from installer.extract import extract_archive
 
 
 def _sync() -> None:
@@ -92,8 +92,9 @@ def main() -> int:
                     dest.mkdir()
                     subprocess.run(["tar", "-xf", str(tar), "-C", str(dest)], check=True)
                 else:
-                    res = extract_archive(zst, dest, expected_sha256=sha, expected_size=zsize,
-                                          threaded=not args.no_thread)
+                    res = extract_archive(
+                        zst, dest, expected_sha256=sha, expected_size=zsize, threaded=not args.no_thread
+                    )
                     members = res.members
                 _sync()
                 times[label].append(time.perf_counter() - t)
@@ -103,8 +104,10 @@ def main() -> int:
         base = best["tar -xf (plain .tar)"]
         print(f"{members} members, {args.rounds} round(s), best of each (incl. sync):")
         for k, v in best.items():
-            print(f"  {k:32s} {v:6.2f} s  {tsize / v / 1e6:7.0f} MB/s (tar bytes)  {v / base:4.2f}x  "
-                  f"all: {', '.join(f'{x:.2f}' for x in times[k])}")
+            print(
+                f"  {k:32s} {v:6.2f} s  {tsize / v / 1e6:7.0f} MB/s (tar bytes)  {v / base:4.2f}x  "
+                f"all: {', '.join(f'{x:.2f}' for x in times[k])}"
+            )
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"peak RSS of this process: {rss:.0f} MB")
     finally:

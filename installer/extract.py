@@ -38,10 +38,10 @@ _EOF = b""
 
 @dataclass(frozen=True)
 class ExtractResult:
-    sha256: str          # of the archive as read (compressed bytes)
-    size: int            # archive bytes read
+    sha256: str  # of the archive as read (compressed bytes)
+    size: int  # archive bytes read
     members: int
-    bytes_out: int       # decompressed bytes of regular files written
+    bytes_out: int  # decompressed bytes of regular files written
     seconds: float
 
 
@@ -120,7 +120,7 @@ class _ThreadedReader:
                 self._done = True
                 return b""
             self._buf, self._pos = memoryview(item), 0
-        take = self._buf[self._pos:self._pos + n]
+        take = self._buf[self._pos : self._pos + n]
         self._pos += len(take)
         return bytes(take)
 
@@ -399,14 +399,23 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _tarfile_supports_filters() -> None:
     if not hasattr(tarfile, "data_filter"):
-        raise BundleError("this Python's tarfile has no extraction filters (PEP 706)",
-                          hint="the installer needs Python >= 3.11.4; rebuild the bundle with a newer python")
+        raise BundleError(
+            "this Python's tarfile has no extraction filters (PEP 706)",
+            hint="the installer needs Python >= 3.11.4; rebuild the bundle with a newer python",
+        )
 
 
-def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str], *,
-                    expected_sha256: str | None, expected_size: int | None = None,
-                    compression: str | None = None, display_name: str | None = None,
-                    workers: int | None = None, read_ahead: bool = False) -> ExtractResult:
+def extract_archive(
+    archive: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    expected_sha256: str | None,
+    expected_size: int | None = None,
+    compression: str | None = None,
+    display_name: str | None = None,
+    workers: int | None = None,
+    read_ahead: bool = False,
+) -> ExtractResult:
     """Extract ``archive`` into ``dest`` (created; must be new or empty), verifying its sha256 on the way.
 
     On any failure ``dest`` is removed and the error raised: :class:`UnsafeArchiveError` for a refused member,
@@ -455,9 +464,10 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
             src.drain()
             _check_hash(name, src, expected_sha256, expected_size, cause=e)
             if _is_stream_error(e):
-                raise BundleError(f"{name}: the archive cannot be read ({type(e).__name__}: {e})",
-                                  hint="its hash matches MANIFEST.json, so it was built broken; rebuild the "
-                                       "bundle") from e
+                raise BundleError(
+                    f"{name}: the archive cannot be read ({type(e).__name__}: {e})",
+                    hint="its hash matches MANIFEST.json, so it was built broken; rebuild the bundle",
+                ) from e
             raise
         if reader is not None:
             reader.close()
@@ -470,15 +480,23 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
         shutil.rmtree(dest, ignore_errors=True)
         raise
     src.close()
-    return ExtractResult(sha256=src.sha.hexdigest(), size=src.size, members=members, bytes_out=bytes_out,
-                         seconds=time.perf_counter() - t0)
+    return ExtractResult(
+        sha256=src.sha.hexdigest(),
+        size=src.size,
+        members=members,
+        bytes_out=bytes_out,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def _is_stream_error(e: BaseException) -> bool:
     if isinstance(e, tarfile.ExtractError):
         return False
-    return isinstance(e, tarfile.TarError | EOFError | zlib_error) \
-        or "zstd" in type(e).__name__.lower() or type(e).__module__.startswith("zstandard")
+    return (
+        isinstance(e, tarfile.TarError | EOFError | zlib_error)
+        or "zstd" in type(e).__name__.lower()
+        or type(e).__module__.startswith("zstandard")
+    )
 
 
 class _Plain:
@@ -501,7 +519,7 @@ class _Plain:
                 self._eof = True
                 return b""
             self._buf, self._pos = memoryview(data), 0
-        take = self._buf[self._pos:self._pos + n]
+        take = self._buf[self._pos : self._pos + n]
         self._pos += len(take)
         return bytes(take)
 
@@ -509,8 +527,13 @@ class _Plain:
         pass
 
 
-def _check_hash(name: str, src: _HashingSource, expected_sha256: str | None, expected_size: int | None,
-                cause: BaseException | None = None) -> None:
+def _check_hash(
+    name: str,
+    src: _HashingSource,
+    expected_sha256: str | None,
+    expected_size: int | None,
+    cause: BaseException | None = None,
+) -> None:
     if expected_size is not None and src.size != expected_size:
         raise IntegrityError(name, expected=str(expected_size), actual=str(src.size), what="size") from cause
     digest = src.sha.hexdigest()
@@ -521,9 +544,15 @@ def _check_hash(name: str, src: _HashingSource, expected_sha256: str | None, exp
 # --------------------------------------------------------------------------- plain files
 
 
-def copy_verified(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, expected_sha256: str,
-                  expected_size: int | None = None, display_name: str | None = None,
-                  mode: int = 0o644) -> int:
+def copy_verified(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    expected_sha256: str,
+    expected_size: int | None = None,
+    display_name: str | None = None,
+    mode: int = 0o644,
+) -> int:
     """Copy ``src`` to ``dst`` hashing every byte on the way; ``dst`` appears only if the hash matches.
 
     Returns the number of bytes copied. Memory stays at one buffer whatever the file size.

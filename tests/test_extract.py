@@ -16,8 +16,9 @@ from installer.errors import BundleError, IntegrityError, UnsafeArchiveError
 from installer.extract import copy_verified, extract_archive
 
 
-def _ti(name: str, *, type_: bytes = tarfile.REGTYPE, data: bytes = b"", linkname: str = "",
-        mode: int = 0o644) -> tuple[tarfile.TarInfo, bytes | None]:
+def _ti(
+    name: str, *, type_: bytes = tarfile.REGTYPE, data: bytes = b"", linkname: str = "", mode: int = 0o644
+) -> tuple[tarfile.TarInfo, bytes | None]:
     ti = tarfile.TarInfo(name)
     ti.type = type_
     ti.mode = mode
@@ -31,8 +32,9 @@ def _ti(name: str, *, type_: bytes = tarfile.REGTYPE, data: bytes = b"", linknam
     return ti, None
 
 
-def write_archive(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]], *,
-                  compression: str = "zstd") -> str:
+def write_archive(
+    path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]], *, compression: str = "zstd"
+) -> str:
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for ti, data in members:
@@ -68,14 +70,26 @@ HOSTILE = {
     "absolute": ([_ti("/tmp/llm-pwn-abs", data=b"pwn")], "absolute"),
     "symlink-out": ([_ti("evil", type_=tarfile.SYMTYPE, linkname="../../x")], "leaves the destination"),
     "symlink-abs": ([_ti("evil", type_=tarfile.SYMTYPE, linkname="/etc/passwd")], "absolute"),
-    "symlink-dotdot-then-write": ([_ti("evil", type_=tarfile.SYMTYPE, linkname=".."),
-                                   _ti("evil/x", data=b"pwn")], "leaves the destination"),
-    "symlink-in-then-through": ([_ti("sub", type_=tarfile.DIRTYPE, mode=0o755),
-                                 _ti("evil", type_=tarfile.SYMTYPE, linkname="sub"),
-                                 _ti("evil/x", data=b"pwn")], "through the symlink"),
-    "symlink-order-trick": ([_ti("d", type_=tarfile.DIRTYPE, mode=0o755),
-                             _ti("d/l2", type_=tarfile.SYMTYPE, linkname="l1/.."),
-                             _ti("d/l1", type_=tarfile.SYMTYPE, linkname=".")], "'..' inside"),
+    "symlink-dotdot-then-write": (
+        [_ti("evil", type_=tarfile.SYMTYPE, linkname=".."), _ti("evil/x", data=b"pwn")],
+        "leaves the destination",
+    ),
+    "symlink-in-then-through": (
+        [
+            _ti("sub", type_=tarfile.DIRTYPE, mode=0o755),
+            _ti("evil", type_=tarfile.SYMTYPE, linkname="sub"),
+            _ti("evil/x", data=b"pwn"),
+        ],
+        "through the symlink",
+    ),
+    "symlink-order-trick": (
+        [
+            _ti("d", type_=tarfile.DIRTYPE, mode=0o755),
+            _ti("d/l2", type_=tarfile.SYMTYPE, linkname="l1/.."),
+            _ti("d/l1", type_=tarfile.SYMTYPE, linkname="."),
+        ],
+        "'..' inside",
+    ),
     "hardlink-out": ([_ti("evil", type_=tarfile.LNKTYPE, linkname="../../sentinel")], "hard link"),
     "hardlink-abs": ([_ti("evil", type_=tarfile.LNKTYPE, linkname="/etc/passwd")], "hard link"),
     "chardev": ([_ti("null", type_=tarfile.CHRTYPE)], "device node"),
@@ -116,13 +130,13 @@ def test_legitimate_links_and_modes_extract(tmp_path: Path, workers: int) -> Non
         _ti("env/share/tool", type_=tarfile.SYMTYPE, linkname="../bin/python"),
         _ti("env/lib/hard", type_=tarfile.LNKTYPE, linkname="env/lib/libz.so.1.3"),
         _ti("env/data.txt", data=b"v1", mode=0o600),
-        _ti("env/data.txt", data=b"v2 wins", mode=0o644),   # a name seen twice: the later one wins
-        _ti("env/big.bin", data=os.urandom(3 << 20)),         # above the worker threshold
+        _ti("env/data.txt", data=b"v2 wins", mode=0o644),  # a name seen twice: the later one wins
+        _ti("env/big.bin", data=os.urandom(3 << 20)),  # above the worker threshold
     ]
     sha = write_archive(archive, members)
-    res = extract_archive(archive, tmp_path / "out", expected_sha256=sha,
-                          expected_size=archive.stat().st_size,
-                          workers=workers)
+    res = extract_archive(
+        archive, tmp_path / "out", expected_sha256=sha, expected_size=archive.stat().st_size, workers=workers
+    )
     out = tmp_path / "out" / "env"
     assert os.readlink(out / "bin" / "python") == "python3.11"
     assert (out / "share" / "tool").resolve() == (out / "bin" / "python3.11").resolve()
