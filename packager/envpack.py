@@ -37,6 +37,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import re
 import stat
 import tarfile
 import tempfile
@@ -152,6 +153,8 @@ class _Watch:
         self.tail = b""
 
     def __call__(self, chunk: memoryview) -> None:
+        if not self.text:
+            return
         data = bytes(chunk)
         if self.text:
             try:
@@ -188,8 +191,9 @@ class _Capture:
         self.entries[target] = (data, os.stat(source).st_mode)
 
 
-def load_env_files(built: BuiltEnv) -> list:
-    """conda-pack's view of the env: File records (source, target, file_mode, prefix_placeholder)."""
+def load_env_files(built: BuiltEnv) -> tuple[list, dict[str, str]]:
+    """conda-pack's view of the env: File records (source, target, file_mode, prefix_placeholder), and the
+    binary files whose package placeholder must be restored (see ``_fill_from_conda_meta``)."""
     from conda_pack.core import CondaEnv, CondaPackException
 
     try:
@@ -206,23 +210,59 @@ def load_env_files(built: BuiltEnv) -> list:
         raise EnvironmentBuildError(f"environment {built.spec.name}: conda-pack refuses {built.prefix}: {text}",
                                     hint=hint) from e
     files = [f for f in env.files if f.target not in EXCLUDE_TOP]
-    _fill_from_conda_meta(built.prefix, files)
-    return files
+    restore = _fill_from_conda_meta(built.prefix, files)
+    return files, restore
 
 
-def _fill_from_conda_meta(prefix: Path, files: list) -> None:
-    """Packages whose cache entry is gone (``conda clean``): take placeholders from conda-meta paths_data."""
+def _fill_from_conda_meta(prefix: Path, files: list) -> dict[str, str]:
+    """Packages whose cache entry is gone (``conda clean``): conda-pack then sees only the installed files.
+
+    Their placeholders come from conda-meta ``paths_data`` instead: a text file is recorded with the prefix
+    it was installed at (``prefix``; text replacement works at any length); a binary file must go into the
+    archive as the package had it (placeholder + NUL padding), so conda-unpack has room for a longer path:
+    returns {target: placeholder} of the binary files to restore while packing.
+    """
+    restore: dict[str, str] = {}
     if not any(f.is_conda and f.file_mode == "unknown" for f in files):
-        return
+        return restore
     known: dict[str, tuple[str | None, str | None]] = {}
     for p in (prefix / "conda-meta").glob("*.json"):
         meta = json.loads(p.read_text())
         for e in (meta.get("paths_data") or {}).get("paths", []):
             known[e["_path"]] = (e.get("prefix_placeholder"), e.get("file_mode"))
     for f in files:
-        if f.is_conda and f.file_mode == "unknown" and f.target in known:
-            placeholder, mode = known[f.target]
-            f.prefix_placeholder, f.file_mode = (placeholder, mode or "text") if placeholder else (None, None)
+        if not (f.is_conda and f.file_mode == "unknown" and f.target in known):
+            continue
+        placeholder, mode = known[f.target]
+        if not placeholder:
+            f.prefix_placeholder, f.file_mode = None, None
+        elif mode == "binary":
+            f.prefix_placeholder, f.file_mode = placeholder, "binary"
+            restore[f.target] = placeholder
+        else:
+            f.prefix_placeholder, f.file_mode = str(prefix), "text"
+    return restore
+
+
+def restore_placeholder(data: bytes, installed: bytes, placeholder: bytes) -> bytes:
+    """Undo an installer's binary prefix replacement: ``installed`` + rest of the C string + NUL padding
+    becomes ``placeholder`` + rest + NUL again (same length), as in the package."""
+    extra = len(placeholder) - len(installed)
+    if extra < 0:
+        raise ValueError("placeholder shorter than the installed prefix")
+    out = bytearray()
+    pos = 0
+    for m in re.finditer(re.escape(installed) + rb"([^\0]*?)\0", data):
+        if m.start() < pos:
+            continue
+        need = extra * m.group().count(installed)
+        pad = data[m.end():m.end() + need]
+        if pad != b"\0" * need:
+            raise ValueError(f"no NUL padding after the prefix at offset {m.start()}")
+        out += data[pos:m.start()] + m.group().replace(installed, placeholder)
+        pos = m.end() + need
+    out += data[pos:]
+    return bytes(out)
 
 
 def pack_env(built: BuiltEnv, dest: Path, *, level: int = 3, threads: int = 0) -> PackResult:
@@ -235,7 +275,7 @@ def pack_env(built: BuiltEnv, dest: Path, *, level: int = 3, threads: int = 0) -
     dest.parent.mkdir(parents=True, exist_ok=True)
     prefix = str(built.prefix)
     prefix_b = prefix.encode()
-    files = load_env_files(built)
+    files, restore = load_env_files(built)
     records: list[tuple[str, str, str]] = []
     packages: list[dict] = []
     buf = bytearray(CHUNK)
@@ -248,6 +288,9 @@ def pack_env(built: BuiltEnv, dest: Path, *, level: int = 3, threads: int = 0) -
             with cctx.stream_writer(hw, write_size=CHUNK, closefd=False) as zw:
                 tar = _TarStream(zw)
                 for f in files:
+                    if f.target in restore:
+                        _add_restored(tar, f, prefix_b, restore[f.target], records)
+                        continue
                     _add(tar, f, prefix, prefix_b, buf, records, packages, BIN_DIR, rewrite_conda_meta,
                          rewrite_shebang)
                 capture = _Capture()
@@ -264,6 +307,21 @@ def pack_env(built: BuiltEnv, dest: Path, *, level: int = 3, threads: int = 0) -
         Path(tmp).unlink(missing_ok=True)
         raise
     return PackResult(dest, hw.sha.hexdigest(), hw.size, tar.data_bytes, tar.members, time.monotonic() - t0)
+
+
+def _add_restored(tar: _TarStream, f, prefix_b: bytes, placeholder: str, records: list) -> None:
+    st = os.stat(f.source)
+    with open(f.source, "rb") as fh:
+        data = fh.read()
+    try:
+        data = restore_placeholder(data, prefix_b, placeholder.encode())
+    except ValueError as e:
+        raise EnvironmentBuildError(
+            f"{f.source}: cannot restore the package's prefix placeholder ({e})",
+            hint="the environment was moved after it was installed, or its package cache was cleaned and the "
+            "file changed; reinstall the package (or keep the conda package cache) and pack again") from e
+    tar.add_bytes(f.target, data, st.st_mode)
+    records.append((f.target, placeholder, "binary"))
 
 
 def _add(tar: _TarStream, f, prefix: str, prefix_b: bytes, buf: bytearray, records: list, packages: list,

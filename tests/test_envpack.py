@@ -17,7 +17,7 @@ import zstandard
 from installer.errors import EnvironmentBuildError
 from packager.envpack import cached_pack, cut_runtime, pack_env
 from packager.envs import build_env, inspect_env
-from packager.spec import EnvSpec
+from packager.spec import EnvSpec, PipSpec
 from tests.conda.fixtures import (  # noqa: F401  (fixtures)
     TARGET,
     built_env,
@@ -215,3 +215,27 @@ def test_runtime_runs_relocated_and_unpacks_the_env(built_env, packed, tmp_path)
     run(py, "-I", "-c", code, packed.path, dest, cwd="/")
     run(dest / "bin" / "python", dest / "bin" / "conda-unpack")
     assert run(dest / "bin" / "llmtest-prefix") == f"prefix={dest}\n"
+
+
+def test_prefix_form_without_package_cache_keeps_binary_placeholders(conda_channel, wheel_dir, tmp_path):
+    """After `conda clean`, conda-pack cannot read info/paths.json: placeholders come from conda-meta and the
+    binary gets its NUL-padded package placeholder back, so it relocates to a longer path."""
+    import json
+
+    spec = env_spec("cleaned", conda_channel, wheel_dir, pip=PipSpec(), conda=("llmtest-bin", "llmtest-text"),
+                    cuda=None)
+    built = build_env(spec, TARGET, tmp_path / "work", progress=False)
+    for meta in (built.prefix / "conda-meta").glob("*.json"):
+        doc = json.loads(meta.read_text())
+        doc["link"]["source"] = str(tmp_path / "gone" / meta.stem)
+        meta.write_text(json.dumps(doc))
+    b = inspect_env(EnvSpec(name="cleaned", prefix=built.prefix), TARGET)
+    res = pack_env(b, tmp_path / "cleaned.tar.zst")
+    dest = tmp_path / "far" / "away" / "from" / "the" / "build" / "directory" / "cleaned"
+    assert len(str(dest)) > len(str(built.prefix))
+    unpack(res.path, dest)
+    run(dest / "bin" / "python", dest / "bin" / "conda-unpack")
+    assert run(dest / "bin" / "llmtest-prefix") == f"prefix={dest}\n"
+    assert (dest / "share" / "llmtest" / "prefix.txt").read_text() == f"prefix={dest}\n"
+    assert run(dest / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_config_var('prefix'))") \
+        == f"{dest}\n"

@@ -213,3 +213,35 @@ def test_pip_failure_is_an_environment_error_with_pip_output(conda_channel, whee
     with pytest.raises(EnvironmentBuildError, match=r"pip install no-such-wheel==1\.0 failed \(exit 1\):"
                                                     r"(.|\n)*no-such-wheel"):
         build_env(spec, TARGET, tmp_path, progress=False)
+
+
+def test_driver_table_is_nvidias_with_its_source():
+    from installer import cuda
+
+    assert cuda.table()["source"].startswith("https://docs.nvidia.com/cuda/")
+    expected = {"11.8": "520.61.05", "12.0": "525.60.13", "12.1": "530.30.02", "12.2": "535.54.03",
+                "12.3": "545.23.06", "12.4": "550.54.14", "12.5": "555.42.02", "12.6": "560.28.03",
+                "12.8": "570.26", "12.9": "575.51.03", "13.0": "580.65.06"}
+    assert {c: cuda.min_driver(c) for c in expected} == expected
+    assert cuda.min_driver("12.4.127") == "550.54.14"  # patch level ignored
+    assert cuda.min_driver("12.7") == "570.26"  # unlisted minor: the next newer release, never too low
+    assert [cuda.driver_floor(c) for c in ("11.8", "12.9", "13.0")] == ["450.80.02", "525.60.13", "580.65.06"]
+    with pytest.raises(UsageError, match="CUDA 13.1 is not in the driver table") as ei:
+        cuda.min_driver("13.1")
+    assert "cuda_drivers.json" in ei.value.hint
+    with pytest.raises(UsageError):
+        cuda.driver_floor("14.0")
+
+
+def test_version_comparison_is_numeric():
+    from installer.cuda import compare_versions, driver_supports, newest_cuda_for_driver
+
+    assert compare_versions("570.26", "570.26.0") == 0
+    assert compare_versions("535.104.05", "535.54.03") == 1  # 104 > 54, although "1" < "5" as text
+    assert compare_versions("12.10", "12.9") == 1
+    assert compare_versions("525.60.13", "530.30.02") == -1
+    assert driver_supports("550.54.14", "12.4") and not driver_supports("550.54.14", "12.5")
+    assert newest_cuda_for_driver("550.90.07") == "12.4"
+    assert newest_cuda_for_driver("450.80.02") is None
+    with pytest.raises(UsageError, match="not a numeric version"):
+        compare_versions("570.x", "570")
