@@ -84,9 +84,10 @@ def copy_and_hash(src: str | os.PathLike[str], dst: str | os.PathLike[str],
 
 
 def process_pool(jobs: int) -> ProcessPoolExecutor:
-    # forkserver: safe even when the caller runs threads (progress bars, HTTP servers in tests).
+    # fork, not forkserver/spawn: those re-import the caller's __main__ in every worker, which re-runs
+    # any script without a `if __name__ == "__main__"` guard. Workers only read, hash and write files.
     methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else None)
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
     return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
 
 

@@ -125,7 +125,10 @@ class ContentStore:
                  hint: str | None) -> Path:
         tmp = self.tmpdir() / f"add-{uuid.uuid4().hex}"
         try:
-            sha, size = copy_and_hash(src, tmp)
+            if _reflink(src, tmp):  # same CoW filesystem: no bytes copied, one read to hash the clone
+                sha, size = sha256_file(tmp)
+            else:
+                sha, size = copy_and_hash(src, tmp)
             _check(name, expected_sha256, expected_size, sha, size, hint)
             blob = self.blob(sha)
             if not blob.is_file():
@@ -158,13 +161,9 @@ class ContentStore:
                 return "hardlink"
             except OSError:
                 tmp.unlink(missing_ok=True)
-            try:
-                with open(blob, "rb") as s, open(tmp, "wb") as d:
-                    fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
+            if _reflink(blob, tmp):
                 os.replace(tmp, dest)
                 return "reflink"
-            except OSError:
-                tmp.unlink(missing_ok=True)
             sha, _ = copy_and_hash(blob, tmp)
             if sha != sha256:
                 raise IntegrityError(str(blob), expected=sha256, actual=sha,
@@ -173,6 +172,17 @@ class ContentStore:
             return "copy"
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _reflink(src: Path, dst: Path) -> bool:
+    """Clone ``src`` to a new ``dst`` with FICLONE (btrfs, xfs, ...); False (and no ``dst``) if unsupported."""
+    try:
+        with open(src, "rb") as s, open(dst, "wb") as d:
+            fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
+        return True
+    except OSError:
+        dst.unlink(missing_ok=True)
+        return False
 
 
 def _check(name: str, expected_sha256: str | None, expected_size: int | None, sha: str, size: int,

@@ -186,3 +186,35 @@ def test_aliases(store: ContentStore, tmp_path: Path) -> None:
     assert store.lookup_alias("git-sha1", "cd" * 20) is None
     with pytest.raises(UsageError):
         store.record_alias("git-sha1", "../escape", _sha(data))
+
+
+@pytest.fixture
+def xfs_mount(tmp_path: Path):
+    """A loop-mounted XFS with reflink (needs root, mkfs.xfs and a loop device; skipped otherwise)."""
+    if os.geteuid() != 0 or shutil.which("mkfs.xfs") is None or not Path("/dev/loop-control").exists():
+        pytest.skip("needs root, xfsprogs and loop devices")
+    img, mnt = tmp_path / "xfs.img", tmp_path / "xfs"
+    with open(img, "wb") as f:
+        f.truncate(400 << 20)
+    mnt.mkdir()
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(img)], check=True)
+    if subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("cannot loop-mount here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_add_file_on_reflink_filesystem_copies_no_bytes(xfs_mount: Path) -> None:
+    store = ContentStore(xfs_mount / "store")
+    data = os.urandom(100 << 20)
+    src = _write(xfs_mount / "model" / "w.safetensors", data)
+    os.sync()
+    free_before = shutil.disk_usage(xfs_mount).free
+    blob = store.add_file(src, expected_sha256=_sha(data), expected_size=len(data), name="w", move=False)
+    os.sync()
+    assert blob.read_bytes() == data and src.read_bytes() == data
+    assert free_before - shutil.disk_usage(xfs_mount).free < 10 << 20  # a clone, not a 100 MiB copy
+    with pytest.raises(IntegrityError):  # still hashed: a wrong expectation is caught
+        store.add_file(src, expected_sha256=_sha(b"x"), expected_size=None, name="w", move=False)
