@@ -145,6 +145,19 @@ def test_corrupted_file_caught_naming_it(hub: HubServer, store: ContentStore) ->
     assert changed == {"model.safetensors"}
 
 
+def test_corruption_caught_by_the_client_itself_is_reported_the_same(hub_env: Path, store: ContentStore) -> None:
+    # a CDN that sends X-Linked-ETag (sha256) makes the client check and retry on its own
+    with HubServer(ms_linked_etag=True) as hub:
+        hub.add_repo(REPO, _files(), branch="master")
+        hub.corrupt(REPO, "model.safetensors")
+        src = get_source("modelscope")
+        with pytest.raises(IntegrityError) as ei:
+            src.fetch(src.resolve(_spec(hub)), store, progress=False)
+        assert ei.value.path == f"{REPO}/model.safetensors"
+        assert ei.value.expected == hub.file(REPO, "model.safetensors").sha256
+        assert hub.downloads(REPO, "model.safetensors") == 3  # the client's own retries
+
+
 def test_dropped_connection_resumed_in_run(hub: HubServer, store: ContentStore) -> None:
     hub.add_repo(REPO, _files(), branch="master")
     hub.drop_connection(REPO, "model.safetensors", after_bytes=(5 << 20) + 77, times=1)

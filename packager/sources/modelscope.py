@@ -23,6 +23,7 @@ or shown. The client's cache and lock dirs are pointed inside the content store'
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -33,13 +34,14 @@ from modelscope_hub.errors import (
     APIError,
     AuthenticationError,
     FileIntegrityError,
+    FileSizeMismatchError,
     HubError,
     NetworkError,
     NotExistError,
     PermissionDeniedError,
 )
 
-from installer.errors import AuthError, LlmPackError, NotFoundError, SourceError, UsageError
+from installer.errors import AuthError, IntegrityError, LlmPackError, NotFoundError, SourceError, UsageError
 from packager.sources.base import (
     COMMIT_RE,
     PinnedModel,
@@ -148,6 +150,14 @@ class ModelScopeSource:
             try:
                 local = Path(api.download_file(repo, "model", f.path, revision=rev, local_dir=work,
                                                cache_dir=cache_dir, file_size=f.size))
+            except FileIntegrityError as e:
+                if isinstance(e, FileSizeMismatchError):
+                    raise IntegrityError(f"{repo}/{f.path}", expected=f"{f.size} bytes", actual=_first_line(e),
+                                         what="size", hint=CORRUPT_HINT) from e
+                # the client checked a sha256 the CDN sent (X-Linked-ETag) and gave up after its retries
+                m = re.search(r"got ([0-9a-f]+)", str(e))
+                raise IntegrityError(f"{repo}/{f.path}", expected=f.sha256,
+                                     actual=f"{m[1]}..." if m else "different bytes", hint=CORRUPT_HINT) from e
             except Exception as e:
                 raise map_error(e, repo=repo, revision=rev, endpoint=endpoint, token=token,
                                 path=f.path) from e
@@ -170,10 +180,15 @@ class ModelScopeSource:
         return result
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def map_error(e: BaseException, *, repo: str, revision: str, endpoint: str, token: str | None,
               path: str | None = None) -> LlmPackError:
     where = f"{repo}/{path}" if path else repo
-    detail = scrub(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, token)
+    detail = scrub(_first_line(e), token)
     if isinstance(e, (AuthenticationError, PermissionDeniedError)):
         hint = ("the token in MODELSCOPE_API_TOKEN has no access to this model" if token else
                 "the model is private or gated: set MODELSCOPE_API_TOKEN to a token with access to it")
