@@ -74,11 +74,12 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
             "without --insecure")
     store = ContentStore(opts.store or Path(os.environ.get("LLM_PACK_STORE", cache_root() / "store")))
 
-    # 1. resolve: pin every model to a commit and a file list (cheap API calls, no downloads yet)
+    # 1. resolve: pin every model to a commit and a file list (hub API calls, no downloads yet; a local
+    #    directory is hashed here, in the same pass that copies it into the store)
     t = time.monotonic()
     pinned = []
     for spec in manifest.models:
-        p = get_source(spec.source).resolve(spec)
+        p = get_source(spec.source, store=store).resolve(spec)
         if not p.files:
             raise UsageError(f"model {spec.name}: no files in {p.repo or spec.path} match allow_patterns/"
                              "ignore_patterns", hint="check the patterns in the manifest")
@@ -94,7 +95,7 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
 
     # 3. fetch models into the content store (parallel, resumable, verified)
     t = time.monotonic()
-    blobs = [get_source(p.source).fetch(p, store, jobs=opts.jobs, progress=opts.progress) for p in pinned]
+    blobs = [get_source(p.source, store=store).fetch(p, store, jobs=opts.jobs, progress=opts.progress) for p in pinned]
     pinned = [p.with_hashes(b) for p, b in zip(pinned, blobs, strict=True)]
     timings["fetch"] = time.monotonic() - t
 
