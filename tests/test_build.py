@@ -1,0 +1,141 @@
+"""`pack build` end to end on the build side: real hub clients against the loopback hub, through the CLI
+as a user runs it; pinning, reproducibility, resume via the content store, inspect/verify/split."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from installer import bundle as fmt
+from packager.cli import main
+from packager.demo_model import make_tiny_model
+
+pytest_plugins = ("tests.hub.fixtures",)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture()
+def keys(tmp_path: Path) -> Path:
+    r = CliRunner().invoke(main, ["keygen", "--out", str(tmp_path / "build")])
+    assert r.exit_code == 0, r.output
+    return tmp_path / "build"
+
+
+def write_manifest(path: Path, hub_url: str, *, version: str = "1.0") -> Path:
+    path.write_text(f"""\
+bundle: {{name: tiny, version: "{version}"}}
+models:
+  - {{name: tiny-hf, source: huggingface, repo: demo/tiny, revision: main, endpoint: "{hub_url}",
+     allow_patterns: ["*.json", "*.safetensors"]}}
+  - {{name: tiny-ms, source: modelscope, repo: demo/tiny, revision: master, endpoint: "{hub_url}"}}
+services:
+  - {{name: tiny, model: tiny-hf, port: 8000, serve_by: repo_id}}
+""")
+    return path
+
+
+def pack(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "packager.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def test_build_verify_inspect_split(tmp_path: Path, hub, hub_env, tiny: Path, keys: Path) -> None:
+    commit = hub.add_repo_from_dir("demo/tiny", tiny, also_branches=("master",))
+    m = write_manifest(tmp_path / "m.yaml", hub.url)
+    r = pack("build", str(m), "--key", f"{keys}.key", "--out", str(tmp_path / "out"), "--no-progress")
+    assert r.returncode == 0, r.stdout + r.stderr
+    bundle = tmp_path / "out" / "tiny-1.0"
+    assert f"-> {commit}" in r.stdout and "signed by sha256:" in r.stdout
+
+    r = pack("verify", str(bundle), "--pubkey", f"{keys}.pub")
+    assert r.returncode == 0 and r.stdout.startswith("OK "), r.stdout + r.stderr
+
+    r = pack("inspect", str(bundle), "--json")
+    info = json.loads(r.stdout)
+    hf = next(x for x in info["models"] if x["name"] == "tiny-hf")
+    assert hf["commit"] == commit and hf["revision"] == "main" and hf["source"] == "huggingface"
+    # allow_patterns kept the json + safetensors files only
+    names = sorted(a["path"] for a in json.loads((bundle / "MANIFEST.json").read_text())["models"][0]["files"])
+    assert names == sorted(p.name for p in tiny.iterdir() if p.suffix in (".json", ".safetensors"))
+    ms = next(x for x in info["models"] if x["name"] == "tiny-ms")
+    assert ms["files"] == len(list(tiny.iterdir()))
+    doc = json.loads((bundle / "MANIFEST.json").read_text())
+    assert doc["models"][0]["config"]["num_attention_heads"] == 4
+    assert doc["services"][0]["serve_by"] == "repo_id"
+    # model files are real files with the bytes of the source, never symlinks into a hub cache
+    for f in tiny.iterdir():
+        p = bundle / "models" / "tiny-ms" / f.name
+        assert p.is_file() and not p.is_symlink() and p.read_bytes() == f.read_bytes()
+
+    r = pack("split", str(bundle), "--size", "200K", "--out", str(tmp_path / "usb"), "--json")
+    assert r.returncode == 0, r.stderr
+    vols = json.loads(r.stdout)["volumes"]
+    assert len(vols) >= 3 and all(v["size"] <= 200 * 1024 for v in vols)
+    for v in vols:  # every volume checks itself with plain sha256sum
+        c = subprocess.run(["sha256sum", "--quiet", "-c", fmt.VOLUME_INDEX], cwd=v["path"], capture_output=True)
+        assert c.returncode == 0, c.stdout
+
+
+def test_same_inputs_give_identical_bytes_and_rebuild_fetches_nothing(tmp_path: Path, hub, hub_env,
+                                                                     tiny: Path, keys: Path) -> None:
+    hub.add_repo_from_dir("demo/tiny", tiny, also_branches=("master",))
+    m = write_manifest(tmp_path / "m.yaml", hub.url)
+    for out in ("a", "b"):
+        r = pack("build", str(m), "--key", f"{keys}.key", "--out", str(tmp_path / out), "--no-progress")
+        assert r.returncode == 0, r.stderr
+        if out == "a":
+            first = hub.total_downloads()
+            assert first > 0
+    assert hub.total_downloads() == first, "the second build must come from the content store"
+    a, b = tmp_path / "a" / "tiny-1.0", tmp_path / "b" / "tiny-1.0"
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_bad_manifest_via_cli_lists_problems_no_traceback(tmp_path: Path) -> None:
+    m = tmp_path / "m.yaml"
+    m.write_text("bundle: {name: x, versoin: 1}\nmodels: [{name: m, source: hf}]\n")
+    r = pack("build", str(m), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "did you mean 'version'" in r.stderr and "models[0].source" in r.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_unknown_repo_fails_before_anything_is_written(tmp_path: Path, hub, hub_env) -> None:
+    m = write_manifest(tmp_path / "m.yaml", hub.url)
+    r = pack("build", str(m), "--out", str(tmp_path / "out"), "--no-progress")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "demo/tiny" in r.stderr and "not found" in r.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_corrupted_download_is_caught_and_bundle_not_written(tmp_path: Path, hub, hub_env, tiny: Path) -> None:
+    hub.add_repo_from_dir("demo/tiny", tiny, also_branches=("master",))
+    hub.corrupt("demo/tiny", "model.safetensors")
+    m = write_manifest(tmp_path / "m.yaml", hub.url)
+    r = pack("build", str(m), "--out", str(tmp_path / "out"), "--no-progress")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "model.safetensors" in r.stderr and "mismatch" in r.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_bad_key_fails_before_downloading(tmp_path: Path, hub, hub_env, tiny: Path, keys: Path) -> None:
+    hub.add_repo_from_dir("demo/tiny", tiny, also_branches=("master",))
+    m = write_manifest(tmp_path / "m.yaml", hub.url)
+    r = pack("build", str(m), "--key", f"{keys}.pub", "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "not the .pub" in r.stderr
+    assert hub.total_downloads() == 0
