@@ -18,6 +18,7 @@ needs is in place and its units are written; the previous version stays installe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -418,9 +419,29 @@ def install(bundle: Bundle, opts: InstallOptions, say: Say = print) -> dict:
         inst = Installer(t.root, say)
         return _install_locked(inst, bundle, bid, opts, say)
     t.root.mkdir(parents=True, exist_ok=True)
+    new_dirs = _missing_dirs(t, "/" + st.STATE_DIR)
     with st.Lock(t.root, opts.lock_timeout):
-        inst = Installer(t.root, say)
-        return _install_locked(inst, bundle, bid, opts, say)
+        try:
+            inst = Installer(t.root, say)
+            for d in new_dirs:
+                if d not in inst.state["dirs"]:
+                    inst.state["dirs"].append(d)
+            return _install_locked(inst, bundle, bid, opts, say)
+        finally:
+            if not st.state_path(t.root).exists():  # refused before changing anything: leave no trace
+                (t.root / st.STATE_DIR / st.LOCK_FILE).unlink(missing_ok=True)
+                for d in sorted(new_dirs, key=len, reverse=True):
+                    with contextlib.suppress(OSError):
+                        t.host(d).rmdir()
+
+
+def _missing_dirs(t: Target, target: str) -> list[str]:
+    out = []
+    p = Path(target)
+    while str(p) != "/" and not t.host(str(p)).exists():
+        out.append(str(p))
+        p = p.parent
+    return out
 
 
 def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOptions, say: Say) -> dict:
@@ -452,7 +473,11 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
 
     owned = _owned_ports(inst)
     results = preflight.run_preflight(
-        m, root=inst.t.root, skip=opts.skip_checks, owned_ports=owned, install_dir=inst.t.host(INSTALL_DIR)
+        with_installed_envs(inst, m),
+        root=inst.t.root,
+        skip=opts.skip_checks,
+        owned_ports=owned,
+        install_dir=inst.t.host(INSTALL_DIR),
     )
     say(preflight.render_table(results))
     if any(r.status == "FAIL" for r in results):
@@ -494,6 +519,13 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
     for env in m.get("environments") or []:
         rec["envs"][env["name"]] = inst.install_env(bundle, env, bid, opts.workers)
         inst.save()
+    for svc in m.get("services") or []:  # environments installed before (a model-only bundle uses them)
+        en = svc.get("environment")
+        if en and en not in rec["envs"]:
+            path, meta = _installed_env(inst, en)
+            rec["envs"][en] = path
+            rec.setdefault("env_meta", {})[en] = meta
+            inst.use(path, bid)
     hub_dirs: dict[str, str] = {}
     by_repo = {s["model"] for s in m.get("services") or [] if s.get("serve_by") == "repo_id"}
     for model in m.get("models") or []:
@@ -610,7 +642,7 @@ def _resolver(inst: Installer, m: Mapping, rec: Mapping):
 
     def resolve(svc: Mapping) -> InstancePaths:
         env_name = svc.get("environment")
-        env_meta = None
+        env_meta = (rec.get("env_meta") or {}).get(env_name)
         if env_name in (rec.get("envs") or {}):
             prefix = rec["envs"][env_name]
         else:
@@ -629,6 +661,26 @@ def _resolver(inst: Installer, m: Mapping, rec: Mapping):
     return resolve
 
 
+def with_installed_envs(inst: Installer, m: Mapping) -> Mapping:
+    """The manifest plus the installed environments its services use but it does not carry (model-only
+    bundles), so that the preflight judges those services by their real environment."""
+    have = {e["name"] for e in m.get("environments") or []}
+    extra = []
+    for svc in m.get("services") or []:
+        name = svc.get("environment")
+        if name and name not in have:
+            try:
+                extra.append(_installed_env(inst, name)[1])
+            except InstallError:
+                continue  # the preflight reports the unknown environment
+            have.add(name)
+    return {**m, "environments": [*(m.get("environments") or []), *extra]} if extra else m
+
+
+def preflight_manifest(root: Path, m: Mapping) -> Mapping:
+    return with_installed_envs(Installer(Path(root), lambda s: None), m)
+
+
 def _installed_env(inst: Installer, env_name: str | None) -> tuple[str, dict]:
     """An environment of that name from an installed bundle (a model-only bundle's services use it)."""
     order = [ln.get("active") for ln in inst.state["lines"].values()] + list(inst.state["bundles"])
@@ -639,6 +691,9 @@ def _installed_env(inst: Installer, env_name: str | None) -> tuple[str, dict]:
             for e in inst.stored_manifest(bid).get("environments") or []:
                 if e["name"] == env_name:
                     return path, e
+            meta = (rec.get("env_meta") or {}).get(env_name)
+            if meta:
+                return path, meta
     raise InstallError(
         f"environment {env_name!r} is neither in this bundle nor installed here",
         hint="install the bundle that carries that environment first",

@@ -1,0 +1,213 @@
+"""``python -m installer install|check|rollback|uninstall|status`` (argparse: the target has the stdlib only).
+
+``install.sh`` verifies the signature and the bootstrap's hashes, unpacks the bundle's Python, and runs this
+with ``--bundle DIR --manifest VERIFIED_COPY --signature-verified-by FINGERPRINT|insecure``. Run directly
+(without install.sh), ``install`` and ``check`` verify the signature themselves (``--pubkey`` or the trusted
+keys under ``--root``), so nothing is ever installed from an unverified manifest by accident.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from installer import activate
+from installer.bundle import MANIFEST_NAME, Bundle
+from installer.errors import LlmPackError, SignatureError, UsageError
+
+TRUSTED_KEYS = "etc/llm/trusted-keys"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=Path("/"),
+        help="install into this staging tree instead of the running system (nothing is started)",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for another installer to finish (default 60)",
+    )
+
+
+def _bundle_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", type=Path, required=True, help="the bundle directory")
+    p.add_argument(
+        "--manifest",
+        type=Path,
+        help="a private, already verified copy of MANIFEST.json (install.sh passes it)",
+    )
+    p.add_argument(
+        "--signature-verified-by",
+        metavar="FINGERPRINT|insecure",
+        help="install.sh checked MANIFEST.json.sig (with this key) before running this",
+    )
+    p.add_argument(
+        "--pubkey",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="trusted public key (PEM); default: <root>/etc/llm/trusted-keys/*.pub",
+    )
+    p.add_argument("--insecure", action="store_true", help="accept an unsigned bundle or an unknown key")
+    p.add_argument(
+        "--skip-check",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="skip one preflight check on purpose (repeatable, or comma-separated)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="llm-install", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("install", help="verify, check, unpack and activate a bundle")
+    _common(p)
+    _bundle_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--enable", action="store_true", help="enable the llm@ units (start at boot)")
+    p.add_argument("--start", action="store_true", help="start the llm@ units and wait until they answer")
+    p.add_argument("--allow-downgrade", action="store_true", help="install an older version over a newer one")
+    p.add_argument("--bootstrap", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--health-timeout", type=float, default=900.0, metavar="SECONDS")
+    p.add_argument("--workers", type=int, default=activate.DEFAULT_WORKERS, help=argparse.SUPPRESS)
+    p = sub.add_parser("check", help="preflight only: is this server ready for the bundle?")
+    _common(p)
+    _bundle_args(p)
+    for name, text in (
+        ("rollback", "return to the previous version"),
+        ("uninstall", "remove everything the installer created"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _common(p)
+        p.add_argument("--name", help="which bundle (when several are installed)")
+        p.add_argument("--dry-run", action="store_true", help="say what would happen, change nothing")
+    p = sub.add_parser("status", help="installed versions and instances: version, port, health")
+    _common(p)
+    return ap
+
+
+def trusted_keys(root: Path, pubkeys: list[Path]) -> list[bytes]:
+    if pubkeys:
+        return [_read_key(p) for p in pubkeys]
+    d = Path(root) / TRUSTED_KEYS
+    return [_read_key(p) for p in sorted(d.glob("*.pub"))] if d.is_dir() else []
+
+
+def _read_key(p: Path) -> bytes:
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read the public key {p}: {e.strerror or e}") from e
+
+
+def load_bundle(args: argparse.Namespace) -> tuple[Bundle, str]:
+    """The bundle with its verified manifest, and who signed it."""
+    if args.manifest is not None:
+        verified = Bundle.load(args.manifest.parent) if args.manifest.name == MANIFEST_NAME else None
+        if verified is None:
+            raise UsageError(f"--manifest must name a file called {MANIFEST_NAME}")
+        on_disk = (
+            (args.bundle / MANIFEST_NAME).read_bytes() if (args.bundle / MANIFEST_NAME).exists() else None
+        )
+        if on_disk is not None and on_disk != verified.manifest_bytes:
+            raise SignatureError(
+                f"{args.bundle}/{MANIFEST_NAME} changed after it was verified",
+                hint="something is modifying the bundle while it is installed; copy it again",
+            )
+        bundle = activate.with_bundle_root(verified, args.bundle)
+    else:
+        bundle = Bundle.load(args.bundle)
+    if args.signature_verified_by:
+        return bundle, args.signature_verified_by
+    try:
+        return bundle, bundle.check_signature(trusted_keys(args.root, args.pubkey))
+    except SignatureError as e:
+        if args.insecure:
+            print(f"warning: --insecure: installing without a valid signature ({e.message})", file=sys.stderr)
+            return bundle, "insecure"
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = sys.stderr if args.json else sys.stdout
+
+    def say(text: str) -> None:
+        print(text, file=out, flush=True)
+
+    try:
+        result = _run(args, say)
+    except LlmPackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: the previous version (if any) is still active", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, indent=1, sort_keys=True, default=str))
+    return int(result.pop("_exit", 0)) if isinstance(result, dict) else 0
+
+
+def _run(args: argparse.Namespace, say) -> dict:
+    root = args.root
+    if args.command == "status":
+        s = activate.status(root)
+        if not args.json:
+            say(activate.format_status(s))
+        return s
+    if args.command == "rollback":
+        return activate.rollback(
+            root, args.name, dry_run=args.dry_run, lock_timeout=args.lock_timeout, say=say
+        )
+    if args.command == "uninstall":
+        return activate.uninstall(
+            root, args.name, dry_run=args.dry_run, lock_timeout=args.lock_timeout, say=say
+        )
+    bundle, signed_by = load_bundle(args)
+    how = "NOT checked (--insecure)" if signed_by == "insecure" else f"verified with key {signed_by}"
+    say(f"bundle {bundle.name} {bundle.version}: signature {how}")
+    if args.command == "check":
+        from installer import preflight
+
+        activate._quick_check(bundle)
+        results = preflight.run_preflight(
+            activate.preflight_manifest(root, bundle.manifest),
+            root=root,
+            skip=args.skip_check,
+            install_dir=Path(root) / activate.INSTALL_DIR.lstrip("/"),
+        )
+        if not args.json:
+            say(preflight.render_table(results))
+        failed = any(r.status == "FAIL" for r in results)
+        return {"checks": [r.to_dict() for r in results], "ok": not failed, "_exit": 1 if failed else 0}
+    opts = activate.InstallOptions(
+        root=root,
+        signed_by=signed_by,
+        dry_run=args.dry_run,
+        allow_downgrade=args.allow_downgrade,
+        enable=args.enable,
+        start=args.start,
+        skip_checks=tuple(args.skip_check),
+        lock_timeout=args.lock_timeout,
+        bootstrap=args.bootstrap,
+        health_timeout=args.health_timeout,
+        workers=args.workers,
+        json=args.json,
+    )
+    return activate.install(bundle, opts, say=say)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,490 @@
+#!/bin/bash
+# install.sh - verify, check and install an LLM serving bundle (llm-pack) on an offline server.
+#
+# Needs only bash, coreutils, gzip, GNU tar, sha256sum and OpenSSL >= 3.0: no Python, no zstd. It
+#   1. joins split volumes (SPLIT.json beside it), checking each volume's VOLUME.sha256;
+#   2. checks MANIFEST.json.sig with a trusted ed25519 key (/etc/llm/trusted-keys/*.pub or --pubkey);
+#   3. checks the sha256 of the installer and of the bundle's Python against MANIFEST.json, refuses unsafe
+#      tar members, and unpacks both into a private directory;
+#   4. runs the Python installer on that verified Python, which checks the server (preflight), verifies
+#      and unpacks the environments and models in one pass, and switches to the new version atomically.
+# Nothing from the bundle is executed or extracted before its hash is checked.
+#
+# Run `bash install.sh --help` for the options. See docs/installer.md.
+
+set -eu
+set -o pipefail
+umask 022
+
+WORK=""
+KEEP_WORK=0
+
+say() { printf '%s\n' "$*" >&2; }
+
+die() {
+    printf 'install.sh: error: %s\n' "$1" >&2
+    if [ -n "${2:-}" ]; then printf '  hint: %s\n' "$2" >&2; fi
+    exit "${3:-1}"
+}
+
+# shellcheck disable=SC2317  # called by the EXIT trap
+cleanup() {
+    if [ -n "$WORK" ] && [ "$KEEP_WORK" = 0 ]; then
+        rm -rf -- "$WORK"
+    fi
+}
+
+usage() {
+    cat <<'EOF'
+Usage: bash install.sh [OPTIONS]
+
+Install (default):
+  --pubkey FILE          trust this public key (repeatable); default: ROOT/etc/llm/trusted-keys/*.pub
+  --insecure             accept an unsigned bundle or one signed by an unknown key
+  --skip-check NAME      skip one preflight check on purpose (repeatable)
+  --dry-run              verify and print the plan; change nothing
+  --enable               enable the llm@ units (start at boot)
+  --start                start the llm@ units, wait for /health and one real completion
+  --allow-downgrade      install an older version over a newer one
+  --volumes DIR...       where the other volumes of a split bundle are (default: beside this one)
+  --workdir DIR          private scratch directory (default: a new one under $TMPDIR or /var/tmp)
+  --root DIR             install into a staging tree (an image); nothing on this system is touched
+
+Other actions (they also work after the bundle's disk is gone, via /usr/local/sbin/llm-install):
+  --check                preflight only: PASS/WARN/FAIL table, exit 1 on any FAIL
+  --rollback             return to the previous version          [--name BUNDLE] [--dry-run]
+  --uninstall            remove everything the installer created [--name BUNDLE] [--dry-run]
+  --status               installed versions and instances: version, port, health  [--json]
+  --json                 machine-readable result on stdout (messages go to stderr)
+  -h, --help             this text
+
+Examples:
+  bash install.sh --pubkey build.pub --enable --start
+  bash /media/usb/qwen3-32b-2026.11.21.vol01/install.sh            # split volumes mounted side by side
+  llm-install --rollback
+EOF
+}
+
+# ------------------------------------------------------------------ reading canonical MANIFEST.json
+# MANIFEST.json is written as json.dumps(indent=1, sort_keys=True): one key per line, nesting by indent.
+# Only the signed file is read, and only after its signature was checked.
+
+json_unquote() { # "value", or "value",  ->  value
+    local v=$1
+    v=${v%,}
+    v=${v#\"}
+    v=${v%\"}
+    printf '%s' "$v"
+}
+
+# json_top_field FILE SECTION KEY: value of "KEY" inside the top-level object "SECTION" (empty if absent)
+json_top_field() {
+    local file=$1 section=$2 key=$3 line inside=0
+    while IFS= read -r line; do
+        if [ "$inside" = 0 ]; then
+            if [ "$line" = " \"$section\": {" ]; then inside=1; fi
+            continue
+        fi
+        case "$line" in
+        ' }' | ' },') return 0 ;;
+        "  \"$key\": "*)
+            json_unquote "${line#"  \"$key\": "}"
+            return 0
+            ;;
+        esac
+    done <"$file"
+}
+
+# json_top_scalar FILE KEY: a top-level number/string
+json_top_scalar() {
+    local file=$1 key=$2 line
+    while IFS= read -r line; do
+        case "$line" in
+        " \"$key\": "*)
+            json_unquote "${line#" \"$key\": "}"
+            return 0
+            ;;
+        esac
+    done <"$file"
+}
+
+# json_top_list FILE KEY: the strings of a top-level list, one per line
+json_top_list() {
+    local file=$1 key=$2 line inside=0
+    while IFS= read -r line; do
+        if [ "$inside" = 0 ]; then
+            if [ "$line" = " \"$key\": [" ]; then inside=1; fi
+            continue
+        fi
+        case "$line" in
+        ' ]' | ' ],') return 0 ;;
+        '  "'*) json_unquote "${line#  }" && printf '\n' ;;
+        esac
+    done <"$file"
+}
+
+# manifest_artifact FILE PATH: "sha256 size" of the artifact PATH
+manifest_artifact() {
+    local file=$1 want=$2 line inside=0 path="" sha="" size=""
+    while IFS= read -r line; do
+        if [ "$inside" = 0 ]; then
+            if [ "$line" = ' "artifacts": [' ]; then inside=1; fi
+            continue
+        fi
+        case "$line" in
+        ' ]' | ' ],') return 1 ;;
+        '  {') path="" sha="" size="" ;;
+        '   "path": '*) path=$(json_unquote "${line#'   "path": '}") ;;
+        '   "sha256": '*) sha=$(json_unquote "${line#'   "sha256": '}") ;;
+        '   "size": '*) size=$(json_unquote "${line#'   "size": '}") ;;
+        '  }' | '  },')
+            if [ "$path" = "$want" ]; then
+                printf '%s %s\n' "$sha" "$size"
+                return 0
+            fi
+            ;;
+        esac
+    done <"$file"
+    return 1
+}
+
+# ------------------------------------------------------------------ checks
+
+safe_relpath() { # a plain relative path: no leading /, no '..', no backslash, no empty parts
+    local p=$1
+    case "$p" in
+    '' | /* | *\\* | ..* | */../* | */.. | *//* | ./* | */./* | */.) return 1 ;;
+    esac
+    return 0
+}
+
+verify_artifact() { # BUNDLE MANIFEST PATH: size and sha256 against MANIFEST.json, with sha256sum
+    local bundle=$1 manifest=$2 rel=$3 entry want_sha want_size size got
+    entry=$(manifest_artifact "$manifest" "$rel") || die "$rel is not listed in MANIFEST.json" \
+        "the bundle is incomplete or was not built by pack build"
+    want_sha=${entry%% *}
+    want_size=${entry##* }
+    [ -f "$bundle/$rel" ] && [ ! -L "$bundle/$rel" ] || die "$rel: missing from the bundle" \
+        "copy the whole bundle directory again"
+    size=$(wc -c <"$bundle/$rel")
+    size=${size//[[:space:]]/}
+    [ "$size" = "$want_size" ] || die "$rel: size mismatch (expected $want_size, got $size)" \
+        "the file is corrupt or was modified; copy the bundle again"
+    got=$(sha256sum <"$bundle/$rel")
+    got=${got%% *}
+    [ "$got" = "$want_sha" ] || die "$rel: sha256 mismatch (expected $want_sha, got $got)" \
+        "the file is corrupt or was modified; copy the bundle again"
+}
+
+# check_tar ARCHIVE: refuse absolute paths, '..', links leaving the destination, special files, setuid/setgid
+check_tar() {
+    local archive=$1 line re type perms name target ups rest parts i prefix depth
+    local -A links=()
+    re='^([-dlhcbps])([-rwxsStT]{9})[[:space:]]+[^[:space:]]+[[:space:]]+[0-9,[:space:]]+[[:space:]][0-9-]+[[:space:]]+[0-9:]+[[:space:]]+"([^"\\]*)"( (->|link to) "([^"\\]*)")?$'
+    while IFS= read -r line; do
+        [[ $line =~ $re ]] || die "$archive: cannot check the member line: $line" \
+            "the archive has unusual names (quotes, backslashes, control characters); do not install it"
+        type=${BASH_REMATCH[1]} perms=${BASH_REMATCH[2]} name=${BASH_REMATCH[3]} target=${BASH_REMATCH[6]}
+        name=${name#./}
+        name=${name%/}
+        [ -n "$name" ] && [ "$name" != . ] || continue
+        safe_relpath "$name" || die "$archive: refusing member '$name': absolute path or '..'"
+        case "$type" in
+        - | d | l | h) ;;
+        c | b) die "$archive: refusing member '$name': device node" ;;
+        *) die "$archive: refusing member '$name': special file (type $type)" ;;
+        esac
+        case "${perms:2:1}${perms:5:1}" in
+        *[sS]*) die "$archive: refusing member '$name': setuid/setgid bit" ;;
+        esac
+        # not through a symlink this archive made
+        prefix=""
+        IFS=/ read -r -a parts <<<"$name"
+        for ((i = 0; i < ${#parts[@]} - 1; i++)); do
+            prefix=${prefix:+$prefix/}${parts[i]}
+            [ -z "${links[$prefix]+x}" ] || die "$archive: refusing member '$name': goes through the symlink $prefix"
+        done
+        if [ "$type" = l ]; then
+            case "$target" in /*) die "$archive: refusing member '$name': symlink to an absolute path" ;; esac
+            ups=0
+            rest=$target
+            while [ "${rest#../}" != "$rest" ]; do
+                ups=$((ups + 1))
+                rest=${rest#../}
+            done
+            if [ "$rest" = .. ]; then
+                ups=$((ups + 1))
+                rest=""
+            fi
+            case "/$rest/" in */../*) die "$archive: refusing member '$name': symlink target with '..' inside" ;; esac
+            depth=$((${#parts[@]} - 1))
+            [ "$ups" -le "$depth" ] || die "$archive: refusing member '$name': symlink leaves the destination"
+            links[$name]=1
+        elif [ "$type" = h ]; then
+            target=${target#./}
+            safe_relpath "$target" || die "$archive: refusing member '$name': hard link outside the archive"
+        fi
+    done < <(LC_ALL=C tar --quoting-style=c --numeric-owner -tvzf "$archive")
+}
+
+extract_tar() { # ARCHIVE DEST (after check_tar)
+    mkdir -p -- "$2"
+    tar -xzf "$1" -C "$2" --no-same-owner --no-same-permissions
+}
+
+key_fingerprint() { # the same as installer.bundle.key_fingerprint: sha256 of the DER key, 16 hex
+    local fp
+    fp=$(openssl pkey -pubin -in "$1" -outform DER 2>/dev/null | sha256sum) || return 1
+    printf 'sha256:%s\n' "${fp:0:16}"
+}
+
+verify_signature() { # DIR (holding MANIFEST.json and .sig) -> prints the fingerprint or "insecure"
+    local dir=$1 key fp tried=() ver
+    ver=$(openssl version 2>/dev/null) || die "openssl is not installed" "install the openssl package"
+    case "$ver" in
+    "OpenSSL 0."* | "OpenSSL 1."*) die "$ver cannot check ed25519 signatures of raw files (needs OpenSSL >= 3.0)" \
+        "install OpenSSL 3, or accept the bundle unchecked with --insecure" ;;
+    esac
+    if [ ! -f "$dir/MANIFEST.json.sig" ]; then
+        if [ "$INSECURE" = 1 ]; then
+            say "WARNING: the bundle is not signed; installing it anyway (--insecure)"
+            echo insecure
+            return 0
+        fi
+        die "the bundle is not signed (no MANIFEST.json.sig)" \
+            "build it with \`pack build --key KEY\`, or accept it explicitly with --insecure"
+    fi
+    if [ "${#PUBKEYS[@]}" = 0 ] && [ -d "$ROOT/etc/llm/trusted-keys" ]; then
+        for key in "$ROOT"/etc/llm/trusted-keys/*.pub; do
+            [ -f "$key" ] && PUBKEYS+=("$key")
+        done
+    fi
+    for key in ${PUBKEYS[@]+"${PUBKEYS[@]}"}; do
+        [ -r "$key" ] || die "cannot read the public key $key"
+        fp=$(key_fingerprint "$key") || die "$key is not a PEM public key" "pass the .pub written by pack keygen"
+        tried+=("$fp")
+        if openssl pkeyutl -verify -pubin -inkey "$key" -rawin -in "$dir/MANIFEST.json" \
+            -sigfile "$dir/MANIFEST.json.sig" >/dev/null 2>&1; then
+            echo "$fp"
+            return 0
+        fi
+    done
+    if [ "$INSECURE" = 1 ]; then
+        say "WARNING: MANIFEST.json.sig does not match a trusted key; installing anyway (--insecure)"
+        echo insecure
+        return 0
+    fi
+    if [ "${#tried[@]}" = 0 ]; then
+        die "no trusted public key to check the signature with" \
+            "place the build host's .pub in $ROOT/etc/llm/trusted-keys/ or pass --pubkey FILE"
+    fi
+    die "MANIFEST.json.sig does not match MANIFEST.json for any trusted key (${tried[*]})" \
+        "the manifest was modified after signing, or it was signed by a key you do not trust"
+}
+
+# ------------------------------------------------------------------ split volumes
+
+find_volume() { # NAME FIRST_VOLUME -> the directory of volume NAME
+    local name=$1 first=$2 d
+    for d in "$(dirname -- "$first")/$name" ${VOLUME_DIRS[@]+"${VOLUME_DIRS[@]}"}; do
+        if [ "$(basename -- "$d")" != "$name" ]; then d=$d/$name; fi
+        if [ -f "$d/VOLUME.sha256" ]; then
+            printf '%s\n' "$d"
+            return 0
+        fi
+    done
+    return 1
+}
+
+reassemble() { # FIRST_VOLUME OUT: check every volume against its VOLUME.sha256 while joining the pieces
+    local first=$1 out=$2 n i vol name line want got base num dest
+    local -a names=()
+    local -A split=()
+    n=$(json_top_scalar "$first/SPLIT.json" volumes)
+    [[ $n =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] || die "$first/SPLIT.json: no volume count" "copy the first volume again"
+    mapfile -t names < <(json_top_list "$first/SPLIT.json" volume_names)
+    [ "${#names[@]}" = "$n" ] || die "$first/SPLIT.json: volume list does not match the count"
+    while IFS= read -r line; do
+        [ -n "$line" ] && split[$line]=1
+    done < <(json_top_list "$first/SPLIT.json" split_files)
+    mkdir -p -- "$out"
+    for ((i = 1; i <= n; i++)); do
+        if [ "$i" = 1 ]; then
+            vol=$first
+        else
+            vol=$(find_volume "${names[i - 1]}" "$first") || die "volume $i of $n (${names[i - 1]}) not found" \
+                "mount it beside $first, or pass the directory holding it with --volumes DIR"
+        fi
+        [ -f "$vol/VOLUME.sha256" ] || die "volume $i ($vol): no VOLUME.sha256" "copy that volume again"
+        say "volume $i/$n: $vol"
+        while IFS= read -r line; do
+            want=${line%%  *}
+            name=${line#*  }
+            [[ $want =~ ^[0-9a-f]{64}$ ]] && safe_relpath "$name" || die "volume $i ($vol): bad line in VOLUME.sha256"
+            [ -f "$vol/$name" ] || die "volume $i ($vol): $name is missing" "copy that volume again"
+            base=${name%.part[0-9][0-9][0-9][0-9]}
+            num=${name#"$base".part}
+            if [ "$name" = SPLIT.json ]; then
+                dest=/dev/null
+            elif [ "$base" != "$name" ] && [ -n "${split[$base]+x}" ]; then
+                dest=$out/$base
+                mkdir -p -- "$(dirname -- "$dest")"
+                if [ "$num" = 0001 ]; then : >"$dest"; fi
+            else
+                dest=$out/$name
+                mkdir -p -- "$(dirname -- "$dest")"
+                : >"$dest"
+            fi
+            got=$(tee -a -- "$dest" <"$vol/$name" | sha256sum) || die "volume $i: cannot copy $name to $dest" \
+                "is there enough space in the work directory ($WORK)? use --workdir DIR"
+            got=${got%% *}
+            [ "$got" = "$want" ] || die "volume $i ($vol): $name is corrupted (sha256 mismatch)" \
+                "this disk's copy is damaged: copy volume $i again from the build host"
+        done <"$vol/VOLUME.sha256"
+    done
+}
+
+# ------------------------------------------------------------------ the installed copy (no bundle needed)
+
+installed_python() { # ROOT -> python of the runtime an earlier install kept
+    local rt=$1/opt/llm/runtime/current f
+    for f in "$rt"/bin/python3.[0-9]*; do
+        case "$(basename -- "$f")" in python3.[0-9] | python3.[0-9][0-9]) ;; *) continue ;; esac
+        if [ -x "$f" ]; then
+            printf '%s\n' "$f"
+            return 0
+        fi
+    done
+    return 1
+}
+
+run_python() { # PYTHON INSTALLER_DIR ARGS...: the installer on a verified Python, isolated (-I)
+    local py=$1 dir=$2 rc=0
+    shift 2
+    "$py" -I -c 'import sys; sys.path.insert(0, sys.argv.pop(1)); from installer.cli import main; sys.exit(main())' \
+        "$dir" "$@" || rc=$?
+    return "$rc"
+}
+
+main() {
+    local action=install bundle="" workdir="" script_dir manifest fp py rt_art rt_py inst_art rc=0
+    local -a pass=()
+    PUBKEYS=()
+    VOLUME_DIRS=()
+    INSECURE=0
+    ROOT=/
+    while [ $# -gt 0 ]; do
+        case "$1" in
+        -h | --help) usage; exit 0 ;;
+        --pubkey) [ $# -ge 2 ] || die "--pubkey needs a FILE" "" 2; PUBKEYS+=("$2"); shift ;;
+        --insecure) INSECURE=1 ;;
+        --check) action=check ;;
+        --rollback) action=rollback ;;
+        --uninstall) action=uninstall ;;
+        --status) action=status ;;
+        --root) [ $# -ge 2 ] || die "--root needs a DIR" "" 2; ROOT=$2; shift ;;
+        --workdir) [ $# -ge 2 ] || die "--workdir needs a DIR" "" 2; workdir=$2; shift ;;
+        --bundle) [ $# -ge 2 ] || die "--bundle needs a DIR" "" 2; bundle=$2; shift ;;
+        --volumes)
+            shift
+            while [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; do VOLUME_DIRS+=("$1"); shift; done
+            continue
+            ;;
+        --skip-check | --name | --lock-timeout | --health-timeout)
+            [ $# -ge 2 ] || die "$1 needs a value" "" 2
+            pass+=("$1" "$2")
+            shift
+            ;;
+        --dry-run | --enable | --start | --allow-downgrade | --json) pass+=("$1") ;;
+        *) die "unknown option: $1" "see bash install.sh --help" 2 ;;
+        esac
+        shift
+    done
+    if [ "$ROOT" != / ]; then
+        mkdir -p -- "$ROOT"
+        ROOT=$(cd -- "$ROOT" && pwd -P)
+    fi
+    script_dir=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
+    bundle=${bundle:-$script_dir}
+    bundle=$(cd -- "$bundle" && pwd -P) || die "no such bundle directory: $bundle"
+
+    # rollback, uninstall, status: the runtime and installer an earlier install kept
+    if [ "$action" != install ] && [ "$action" != check ]; then
+        if py=$(installed_python "$ROOT") && [ -d "$ROOT/opt/llm/installer/current/installer" ]; then
+            run_python "$py" "$ROOT/opt/llm/installer/current" "$action" --root "$ROOT" \
+                ${pass[@]+"${pass[@]}"} || rc=$?
+            exit "$rc"
+        fi
+        if [ ! -f "$bundle/MANIFEST.json" ] && [ ! -f "$bundle/SPLIT.json" ]; then
+            if [ "$action" = status ]; then
+                say "nothing is installed under $ROOT"
+                exit 0
+            fi
+            die "nothing is installed under $ROOT (no $ROOT/opt/llm/runtime/current)" \
+                "there is nothing to $action"
+        fi
+    fi
+
+    if [ -n "$workdir" ]; then
+        mkdir -p -- "$workdir"
+        WORK=$(mktemp -d "$workdir/llm-install.XXXXXX")
+    else
+        WORK=$(mktemp -d "${TMPDIR:-/var/tmp}/llm-install.XXXXXX")
+    fi
+    chmod 700 "$WORK"
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+
+    if [ -f "$bundle/SPLIT.json" ]; then
+        say "joining the split volumes into $WORK/bundle (each volume checked against its VOLUME.sha256)"
+        reassemble "$bundle" "$WORK/bundle"
+        bundle=$WORK/bundle
+    fi
+    [ -f "$bundle/MANIFEST.json" ] || die "$bundle: no MANIFEST.json: not a bundle" \
+        "run the install.sh inside the bundle directory (or the first volume of a split bundle)"
+
+    # 1. the signature, on a private copy (the bundle may sit on a disk others can write)
+    mkdir -p -- "$WORK/verified"
+    cp -- "$bundle/MANIFEST.json" "$WORK/verified/MANIFEST.json"
+    if [ -f "$bundle/MANIFEST.json.sig" ]; then cp -- "$bundle/MANIFEST.json.sig" "$WORK/verified/"; fi
+    fp=$(verify_signature "$WORK/verified")
+    manifest=$WORK/verified/MANIFEST.json
+    [ "$(json_top_scalar "$manifest" format_version)" = 1 ] || die "unsupported bundle format (MANIFEST.json)" \
+        "use the install.sh that came with the bundle"
+    say "bundle $(json_top_field "$manifest" bundle name) $(json_top_field "$manifest" bundle version):" \
+        "signature $([ "$fp" = insecure ] && echo 'NOT checked (--insecure)' || echo "verified with key $fp")"
+
+    # 2. the bootstrap's own files: hashes, then safe extraction
+    if manifest_artifact "$manifest" install.sh >/dev/null; then verify_artifact "$bundle" "$manifest" install.sh; fi
+    inst_art=$(json_top_field "$manifest" installer artifact)
+    safe_relpath "$inst_art" || die "MANIFEST.json names no usable installer archive"
+    verify_artifact "$bundle" "$manifest" "$inst_art"
+    check_tar "$bundle/$inst_art"
+    extract_tar "$bundle/$inst_art" "$WORK/installer"
+    [ -f "$WORK/installer/installer/cli.py" ] || die "$inst_art does not hold the installer package"
+
+    rt_art=$(json_top_field "$manifest" runtime artifact)
+    if [ -n "$rt_art" ]; then
+        rt_py=$(json_top_field "$manifest" runtime python)
+        safe_relpath "$rt_art" || die "MANIFEST.json names an unusable runtime archive"
+        [[ $rt_py =~ ^bin/python3(\.[0-9]+)?$ ]] || die "MANIFEST.json names an unusable runtime python: $rt_py"
+        verify_artifact "$bundle" "$manifest" "$rt_art"
+        check_tar "$bundle/$rt_art"
+        extract_tar "$bundle/$rt_art" "$WORK/runtime"
+        py=$WORK/runtime/$rt_py
+    else
+        py=$(installed_python "$ROOT") || die "this bundle carries no Python and none was installed before" \
+            "install a bundle with an environment first (it brings the installer's Python), then this one"
+        say "using the installer runtime of an earlier install: $py"
+    fi
+    "$py" -I -c 'import zstandard, hashlib, tarfile' >/dev/null 2>&1 || die "the installer's Python ($py) does not run here" \
+        "is this server's architecture/glibc what the bundle targets? see MANIFEST.json target"
+
+    # 3. the Python installer does the rest
+    if [ "$action" = install ]; then pass+=(--bootstrap "$WORK"); fi
+    run_python "$py" "$WORK/installer" "$action" --bundle "$bundle" --manifest "$manifest" \
+        --signature-verified-by "$fp" --root "$ROOT" ${pass[@]+"${pass[@]}"} || rc=$?
+    exit "$rc"
+}
+
+main "$@"
