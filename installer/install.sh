@@ -10,7 +10,7 @@
 #      and unpacks the environments and models in one pass, and switches to the new version atomically.
 # Nothing from the bundle is executed or extracted before its hash is checked.
 #
-# Run `bash install.sh --help` for the options. See docs/installer.md.
+# Run `bash install.sh --help` for the options; the bundle layout is in docs/bundle-format.md.
 
 set -eu
 set -o pipefail
@@ -224,7 +224,8 @@ check_tar() {
             target=${target#./}
             safe_relpath "$target" || die "$archive: refusing member '$name': hard link outside the archive"
         fi
-    done < <(LC_ALL=C tar --quoting-style=c --numeric-owner -tvzf "$archive")
+    # --absolute-names: list names as stored (GNU tar would otherwise strip leading / and ../ and hide them)
+    done < <(LC_ALL=C tar --quoting-style=c --numeric-owner --absolute-names -tvzf "$archive")
 }
 
 extract_tar() { # ARCHIVE DEST (after check_tar)

@@ -1,0 +1,281 @@
+"""install.sh, run with bash from real bundles into a staging tree (--root): signature and hash checks with
+openssl/sha256sum, refusals that change nothing, unsafe bootstrap archives, split volumes, and rollback,
+status and uninstall from the installed copy after the bundle is gone."""
+# ruff: noqa: F811  (pytest fixtures imported from other modules are redefined as parameters)
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from installer.bundle import SIGNATURE_NAME
+from installer.volumes import split_bundle
+from tests.conda.fixtures import built_env, conda_channel, env_work, wheel_dir  # noqa: F401
+from tests.installer_fixtures import (
+    BundleSpec,
+    keys,  # noqa: F401
+    make_bundle,
+    make_keys,
+    service,
+    t1_parts,  # noqa: F401
+    tiny_model,
+    tree_snapshot,
+)
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def sh(script: Path, *args: str | Path, check: bool = False) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "TMPDIR": str(script.parent.parent)}
+    r = subprocess.run(
+        ["bash", str(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    if check and r.returncode != 0:
+        raise AssertionError(f"install.sh {args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("shbundles")
+
+
+@pytest.fixture(scope="module")
+def good(out, t1_parts, keys) -> Path:
+    return make_bundle(
+        out, BundleSpec(version="1.0.0", env=t1_parts, models=[tiny_model()], services=[service()]), keys
+    )
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "root"
+    (r / "etc").mkdir(parents=True)
+    return r
+
+
+def copy_bundle(src: Path, tmp: Path) -> Path:
+    dst = tmp / "b" / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_install_with_trusted_keys_dir_then_lifecycle_without_the_bundle(
+    root, good, keys, tmp_path, out, t1_parts
+):
+    trusted = root / "etc/llm/trusted-keys"
+    trusted.mkdir(parents=True)
+    shutil.copy(keys.pub, trusted / "build.pub")
+    before = tree_snapshot(root)
+    b = copy_bundle(good, tmp_path)
+    r = sh(b / "install.sh", "--root", root, check=True)
+    assert f"verified with key {keys.fingerprint}" in r.stderr + r.stdout
+    assert "demo 1.0.0 is active" in r.stdout
+    assert (root / "usr/local/sbin/llm-install").is_file()
+    assert (root / "opt/llm/runtime/current/bin/python3.11").exists()
+    assert not list(tmp_path.glob("llm-install.*")), "the private work dir is removed"
+    again = sh(b / "install.sh", "--root", root, check=True)
+    assert "nothing changed" in again.stdout
+    v2 = make_bundle(
+        out,
+        BundleSpec(version="1.1.0", env=t1_parts, models=[tiny_model(commit="2" * 40)], services=[service()]),
+        keys,
+    )
+    sh(copy_bundle(v2, tmp_path / "v2") / "install.sh", "--root", root, check=True)
+    shutil.rmtree(tmp_path / "b")
+    shutil.rmtree(tmp_path / "v2")  # the USB disks are gone: the installed copy does the rest
+    installed = root / "opt/llm/installer/current/install.sh"
+    st = json.loads(sh(installed, "--status", "--json", "--root", root, check=True).stdout)
+    assert st["bundles"][0]["active"] == "1.1.0" and st["bundles"][0]["previous"] == "1.0.0"
+    r = sh(installed, "--rollback", "--root", root, check=True)
+    assert "1.1.0 -> 1.0.0" in r.stdout
+    r = sh(installed, "--uninstall", "--root", root, check=True)
+    assert tree_snapshot(root) == before
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "tampered-manifest",
+        "unknown-key",
+        "unsigned",
+        "bad-sig-file",
+        "installer-hash",
+        "runtime-hash",
+        "install-sh-hash",
+    ],
+)
+def test_refused_and_nothing_changed(case, root, good, keys, tmp_path):
+    b = copy_bundle(good, tmp_path)
+    pub = keys.pub
+    if case == "tampered-manifest":
+        m = b / "MANIFEST.json"
+        m.write_text(m.read_text().replace('"port": 18431', '"port": 18439'))
+        want = "does not match MANIFEST.json for any trusted key"
+    elif case == "unknown-key":
+        pub = make_keys(tmp_path / "other", "other").pub
+        want = "does not match MANIFEST.json for any trusted key"
+    elif case == "unsigned":
+        (b / SIGNATURE_NAME).unlink()
+        want = "not signed"
+    elif case == "bad-sig-file":
+        (b / SIGNATURE_NAME).write_bytes(b"\0" * 64)
+        want = "does not match"
+    else:
+        rel = {
+            "installer-hash": "installer.tar.gz",
+            "runtime-hash": "runtime/t1.tar.gz",
+            "install-sh-hash": "install.sh",
+        }[case]
+        p = b / rel
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        p.write_bytes(bytes(data))
+        want = f"{rel}: sha256 mismatch"
+    before = tree_snapshot(root)
+    r = sh(b / "install.sh", "--root", root, "--pubkey", pub)
+    assert r.returncode != 0, r.stdout
+    assert want in r.stderr
+    assert tree_snapshot(root) == before
+    if case == "unsigned":
+        r = sh(b / "install.sh", "--root", root, "--insecure", check=True)
+        assert "NOT checked (--insecure)" in r.stderr
+
+
+def _evil_installer(members: list[tarfile.TarInfo]) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as t:
+        ti = tarfile.TarInfo("installer/cli.py")
+        ti.size = 0
+        t.addfile(ti, io.BytesIO(b""))
+        for m in members:
+            t.addfile(m, io.BytesIO(b"x" * m.size) if m.isreg() else None)
+    return gzip.compress(raw.getvalue(), mtime=0)
+
+
+def _ti(name, type_=tarfile.REGTYPE, linkname="", mode=0o644, size=1):
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.linkname, ti.mode = type_, linkname, mode
+    ti.size = size if type_ == tarfile.REGTYPE else 0
+    return ti
+
+
+EVIL = {
+    "dotdot": ([_ti("../../evil")], "absolute path or '..'"),
+    "absolute": ([_ti("/tmp/evil")], "absolute path or '..'"),
+    "symlink-out": ([_ti("installer/l", tarfile.SYMTYPE, "../../../etc")], "leaves the destination"),
+    "symlink-then-write": (
+        [_ti("installer/l", tarfile.SYMTYPE, "sub"), _ti("installer/l/x")],
+        "through the symlink",
+    ),
+    "hardlink-out": ([_ti("installer/h", tarfile.LNKTYPE, "../etc/passwd")], "hard link outside"),
+    "device": ([_ti("installer/null", tarfile.CHRTYPE)], "device node"),
+    "fifo": ([_ti("installer/p", tarfile.FIFOTYPE)], "special file"),
+    "setuid": ([_ti("installer/su", mode=0o4755)], "setuid/setgid"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVIL))
+def test_unsafe_bootstrap_archive_refused_before_extraction(case, root, t1_parts, keys, tmp_path):
+    """A signed bundle whose installer archive is hostile (hash matches): install.sh refuses to unpack it."""
+    from installer.bundle import INSTALLER_ARCHIVE, Bundle, canonical_json
+
+    b = make_bundle(tmp_path / "o", BundleSpec(version="9", env=t1_parts, models=[tiny_model()]), keys)
+    members, want = EVIL[case]
+    data = _evil_installer(members)
+    (b / INSTALLER_ARCHIVE).write_bytes(data)
+    import hashlib
+
+    m = json.loads((b / "MANIFEST.json").read_bytes())
+    for a in m["artifacts"]:
+        if a["path"] == INSTALLER_ARCHIVE:
+            a["sha256"], a["size"] = hashlib.sha256(data).hexdigest(), len(data)
+    raw = canonical_json(m)
+    (b / "MANIFEST.json").write_bytes(raw)
+    (b / SIGNATURE_NAME).write_bytes(keys.private.sign(raw))
+    Bundle.load(b).check_files()
+    before = tree_snapshot(root)
+    r = sh(b / "install.sh", "--root", root, "--pubkey", keys.pub, "--workdir", tmp_path / "w")
+    assert r.returncode != 0 and want in r.stderr, r.stderr
+    assert "refusing member" in r.stderr
+    assert tree_snapshot(root) == before
+    assert not Path("/tmp/evil").exists()
+    assert not list((tmp_path / "w").iterdir()), "the work dir is cleaned up"
+
+
+def test_split_volumes_joined_and_verified(root, good, keys, tmp_path):
+    vols = split_bundle(good, tmp_path / "usb", "6M")
+    assert len(vols) >= 4
+    r = sh(vols[0] / "install.sh", "--root", root, "--pubkey", keys.pub, check=True)
+    assert f"volume {len(vols)}/{len(vols)}" in r.stderr and "demo 1.0.0 is active" in r.stdout
+
+
+def test_volumes_elsewhere_and_a_corrupted_volume_named(root, good, keys, tmp_path):
+    vols = split_bundle(good, tmp_path / "usb", "6M")
+    # the other disks are mounted somewhere else
+    media = tmp_path / "media"
+    for v in vols[1:]:
+        shutil.move(v, media / v.name[-5:] / v.name)
+    r = sh(vols[0] / "install.sh", "--root", root, "--pubkey", keys.pub)
+    assert r.returncode != 0 and f"volume 2 of {len(vols)}" in r.stderr and "--volumes" in r.stderr
+    # a flipped byte in one piece of volume 3
+    v3 = media / "vol03" / vols[2].name
+    piece = next(p for p in sorted(v3.rglob("*")) if p.is_file() and p.name != "VOLUME.sha256")
+    data = bytearray(piece.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    piece.write_bytes(bytes(data))
+    before = tree_snapshot(root)
+    r = sh(
+        vols[0] / "install.sh", "--root", root, "--pubkey", keys.pub, "--volumes", *sorted(media.iterdir())
+    )
+    rel = piece.relative_to(v3).as_posix()
+    assert r.returncode != 0 and f"volume 3 ({v3}): {rel} is corrupted" in r.stderr, r.stderr
+    assert tree_snapshot(root) == before
+    data[len(data) // 3] ^= 0x10
+    piece.write_bytes(bytes(data))
+    sh(
+        vols[0] / "install.sh",
+        "--root",
+        root,
+        "--pubkey",
+        keys.pub,
+        "--volumes",
+        *sorted(media.iterdir()),
+        check=True,
+    )
+
+
+def test_check_dry_run_and_model_only_bundle_on_the_installed_runtime(root, good, keys, tmp_path, out):
+    r = sh(good / "install.sh", "--check", "--root", root, "--pubkey", keys.pub)
+    assert r.returncode == 0 and "preflight:" in r.stdout
+    assert not (root / "opt").exists()
+    r = sh(good / "install.sh", "--dry-run", "--root", root, "--pubkey", keys.pub, check=True)
+    assert "dry run: nothing was changed" in r.stdout and not (root / "opt").exists()
+    mo = make_bundle(
+        out,
+        BundleSpec(
+            name="extra",
+            version="1",
+            env=None,
+            models=[tiny_model("m2", commit="b" * 40)],
+            services=[service("m2svc", model="m2", port=18433)],
+        ),
+        keys,
+    )
+    r = sh(mo / "install.sh", "--root", root, "--pubkey", keys.pub)
+    assert r.returncode != 0 and "carries no Python and none was installed before" in r.stderr
+    sh(good / "install.sh", "--root", root, "--pubkey", keys.pub, check=True)
+    r = sh(mo / "install.sh", "--root", root, "--pubkey", keys.pub, check=True)
+    assert "using the installer runtime of an earlier install" in r.stderr and "extra 1 is active" in r.stdout
