@@ -63,7 +63,7 @@ def cache_root() -> Path:
 def build(opts: BuildOptions, log=print) -> BuildResult:
     from packager.signing import load_private_key
     from packager.sources import get_source
-    from packager.store import ContentStore
+    from packager.store import ContentStore, place_file
 
     t0 = time.monotonic()
     timings: dict[str, float] = {}
@@ -75,7 +75,7 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
     store = ContentStore(opts.store or Path(os.environ.get("LLM_PACK_STORE", cache_root() / "store")))
 
     # 1. resolve: pin every model to a commit and a file list (hub API calls, no downloads yet; a local
-    #    directory is hashed here, in the same pass that copies it into the store)
+    #    directory is hashed here, in place: its files are later placed into the bundle, not the store)
     t = time.monotonic()
     pinned = []
     for spec in manifest.models:
@@ -125,7 +125,7 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
             files = []
             for f in p.files:
                 rel = f"{fmt.model_dir(p.name)}/{f.path}"
-                how = store.link_into(f.sha256, w.path(rel))
+                how = place_file(Path(blob_map[f.path]), w.path(rel), f.sha256)
                 links[how] = links.get(how, 0) + 1
                 w.record(rel, kind="model", sha256=f.sha256, size=f.size)
                 files.append({"path": f.path, "size": f.size, "sha256": f.sha256})

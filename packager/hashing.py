@@ -2,8 +2,8 @@
 
 Every function reads a file once, in fixed-size chunks, so memory stays flat whatever the model size.
 ``hashlib.sha256`` (OpenSSL) releases the GIL on large buffers, but a process pool measured faster than
-threads on this kind of work, so :func:`hash_files_parallel` and :func:`copy_and_hash_parallel` use
-processes once there is enough data to amortise starting them.
+threads on this kind of work, so :func:`hash_files_parallel` (:func:`iter_hash_files`) and
+:func:`copy_and_hash_parallel` use processes once there is enough data to amortise starting them.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 BUFSIZE = 1 << 20
@@ -92,25 +92,40 @@ def process_pool(jobs: int) -> ProcessPoolExecutor:
 
 
 def total_size(paths: Iterable[Path]) -> int:
-    total = 0
-    for p in paths:
-        try:
-            total += p.stat().st_size
-        except OSError:
-            pass
-    return total
+    return sum(_size_or_zero(p) for p in paths)
+
+
+def iter_hash_files(paths: Sequence[str | os.PathLike[str]], jobs: int) -> Iterator[tuple[Path, str, int]]:
+    """Hash many files with ``jobs`` worker processes; yield ``(path, sha256 hex, size)`` as each finishes.
+
+    Files are started biggest first, so the workers stay busy to the end. Memory stays flat: each worker
+    streams its file. Small batches are hashed in-process. The first error (``OSError``: a file gone or
+    unreadable) is raised as it comes, and files not yet started are dropped.
+    """
+    ps = sorted((Path(p) for p in paths), key=lambda p: -_size_or_zero(p))
+    if jobs <= 1 or len(ps) <= 1 or total_size(ps) < PARALLEL_MIN_BYTES:
+        for p in ps:
+            yield (p, *sha256_file(p))
+        return
+    pool = process_pool(min(jobs, len(ps)))
+    try:
+        futures = {pool.submit(sha256_file, p): p for p in ps}
+        for fut in as_completed(futures):
+            yield (futures[fut], *fut.result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def hash_files_parallel(paths: Sequence[str | os.PathLike[str]], jobs: int) -> dict[Path, tuple[str, int]]:
-    """Hash many files with ``jobs`` worker processes; return ``{path: (sha256 hex, size)}``.
+    """Hash many files with ``jobs`` worker processes; return ``{path: (sha256 hex, size)}``."""
+    return {p: (sha, size) for p, sha, size in iter_hash_files(paths, jobs)}
 
-    Memory stays flat: each worker streams its file. Small batches are hashed in-process.
-    """
-    ps = [Path(p) for p in paths]
-    if jobs <= 1 or len(ps) <= 1 or total_size(ps) < PARALLEL_MIN_BYTES:
-        return {p: sha256_file(p) for p in ps}
-    with process_pool(min(jobs, len(ps))) as pool:
-        return dict(zip(ps, pool.map(sha256_file, ps)))
+
+def _size_or_zero(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except OSError:
+        return 0
 
 
 def _copy_pair(pair: tuple[Path, Path]) -> tuple[str, int]:

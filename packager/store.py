@@ -1,13 +1,26 @@
-"""The build host's content store: sha256-addressed blobs that later builds reuse.
+"""The build host's content store: sha256-addressed blobs that later builds reuse, and placing files.
 
 Layout under the root (default ``~/.cache/llm-pack/store``, or ``$LLM_PACK_STORE``)::
 
     sha256/ab/<hex>          one verified blob per distinct content, read-only
-    alias/<kind>/ab/<key>    small text files mapping another id (a git blob sha1) to a sha256
+    alias/<kind>/ab/<key>    small text files mapping another id (a git blob sha1, a local file's stat) to a sha256
     tmp/                     scratch space on the same filesystem (partial downloads, copies)
 
 A blob only ever appears under ``sha256/`` after its bytes were hashed and matched, and it is
-written by rename, so a crash leaves either nothing or a complete, correct blob.
+written by rename, so a crash leaves either nothing or a complete, correct blob. Only downloads
+(hub sources) become blobs: a model from a local directory is hashed in place and never copied in,
+so the store is never polluted by (or made to trust) the operator's files.
+
+:func:`place_file` puts a file into a bundle without copying its bytes where it can: a hardlink
+(same filesystem), else a reflink (``FICLONE``, CoW filesystems), else a copy that re-hashes every
+byte against the expected sha256. Its source is a store blob (hub models) or the operator's own file
+(local models). Why hardlinking the operator's file is safe: the bundle file then shares its inode,
+so if the operator later edits that file *in place*, the bundle file changes too. That is never
+silent: ``pack verify`` and ``install.sh`` check every file's sha256 against the signed
+MANIFEST.json and name the file that no longer matches. (Writing in place, e.g. ``cp new old`` onto
+the existing file, changes both; a tool that writes a new file and renames it over the old one leaves
+the bundle untouched.) The build itself checks, right before placing them, that the local files still
+have the stat they were hashed with.
 """
 
 from __future__ import annotations
@@ -82,13 +95,19 @@ class ContentStore:
         tmp.write_text(sha256 + "\n")
         os.replace(tmp, path)
 
-    def lookup_alias(self, kind: str, key: str) -> str | None:
-        """The sha256 recorded for ``kind:key``, or None (also when that blob is gone)."""
+    def lookup_alias(self, kind: str, key: str, *, require_blob: bool = True) -> str | None:
+        """The sha256 recorded for ``kind:key``, or None.
+
+        ``require_blob``: also None when that blob is not in the store (the default; ``False`` for
+        aliases of content that lives elsewhere, like a local model file hashed in place).
+        """
         try:
             sha = self._alias_path(kind, key).read_text().strip()
         except (OSError, UsageError):
             return None
-        return sha if self.has(sha) else None
+        if not _HEX64.fullmatch(sha):
+            return None
+        return sha if not require_blob or self.has(sha) else None
 
     # -- adding -------------------------------------------------------------------------------------
     def add_file(self, src: Path, *, expected_sha256: str | None, expected_size: int | None, name: str,
@@ -141,37 +160,49 @@ class ContentStore:
 
     # -- placing blobs into a bundle -----------------------------------------------------------------
     def link_into(self, sha256: str, dest: Path) -> str:
-        """Make ``dest`` a real file with the blob's bytes, without copying them where possible.
-
-        Tries a hardlink, then a reflink (``FICLONE``), then a copy that re-hashes the bytes.
-        Returns ``"hardlink"``, ``"reflink"`` or ``"copy"``. ``dest`` is replaced atomically.
-        Hardlinked blobs share the inode with the store: never write into ``dest`` afterwards.
-        """
+        """:func:`place_file` for a blob of this store; ``"hardlink"``, ``"reflink"`` or ``"copy"``."""
         blob = self.blob(sha256)
         if not blob.is_file():
             raise NotFoundError(f"blob {sha256} is not in the content store {self.root}",
                                 hint="fetch the model again (`pack build` does this)")
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+        return place_file(blob, dest, sha256,
+                          hint="the content store is corrupt; delete this blob and build again")
+
+
+def place_file(src: Path, dest: Path, sha256: str, *, hint: str | None = None) -> str:
+    """Make ``dest`` a real file with ``src``'s bytes (which must hash to ``sha256``), copying none if it can.
+
+    Tries a hardlink, then a reflink (``FICLONE``), then a copy that hashes the bytes as it writes them
+    and raises :class:`IntegrityError` naming ``src`` if they do not match ``sha256`` (``dest`` is then
+    left as it was). Returns ``"hardlink"``, ``"reflink"`` or ``"copy"``. ``dest`` is replaced
+    atomically (temp file + rename in its directory). A hardlinked ``dest`` shares the inode with
+    ``src``: never write into it afterwards (see the module docstring for why that is still safe).
+    """
+    src, dest = Path(src), Path(dest)
+    if not src.is_file():
+        raise NotFoundError(f"{src} is gone (or not a regular file); it was there when the build started",
+                            hint="build again")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
         try:
-            try:
-                os.link(blob, tmp)
-                os.replace(tmp, dest)
-                return "hardlink"
-            except OSError:
-                tmp.unlink(missing_ok=True)
-            if _reflink(blob, tmp):
-                os.replace(tmp, dest)
-                return "reflink"
-            sha, _ = copy_and_hash(blob, tmp)
-            if sha != sha256:
-                raise IntegrityError(str(blob), expected=sha256, actual=sha,
-                                     hint="the content store is corrupt; delete this blob and build again")
+            os.link(src, tmp)  # EXDEV across filesystems, EPERM under fs.protected_hardlinks, EMLINK ...
             os.replace(tmp, dest)
-            return "copy"
-        finally:
+            return "hardlink"
+        except OSError:
             tmp.unlink(missing_ok=True)
+        if _reflink(src, tmp):
+            os.replace(tmp, dest)
+            return "reflink"
+        sha, _ = copy_and_hash(src, tmp)
+        if sha != sha256:
+            raise IntegrityError(str(src), expected=sha256, actual=sha,
+                                 hint=hint or "the file changed after it was hashed (or the disk is failing); "
+                                              "build again")
+        os.replace(tmp, dest)
+        return "copy"
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _reflink(src: Path, dst: Path) -> bool:

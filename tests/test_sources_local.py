@@ -1,9 +1,12 @@
-"""Local directory source: patterns, hashing while copying into the store, symlinks, registry."""
+"""Local directory source: hashing in place (nothing copied into the store), the stat cache, fetch checks,
+patterns, symlinks, registry; and `pack build` hardlinking the operator's files into the bundle."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,8 @@ from packager.sources.base import content_hash, filter_paths
 from packager.sources.local import LocalSource
 from packager.spec import ModelSpec
 from packager.store import ContentStore
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _sha(data: bytes) -> str:
@@ -47,22 +52,64 @@ def store(tmp_path: Path) -> ContentStore:
     return ContentStore(tmp_path / "store")
 
 
-def test_resolve_hashes_while_copying_into_store(tmp_path: Path, store: ContentStore) -> None:
+def _blobs(store: ContentStore) -> list[Path]:
+    return [p for p in (store.root / "sha256").rglob("*") if p.is_file()] if (store.root / "sha256").exists() else []
+
+
+def _alias_inodes(store: ContentStore) -> dict[str, int]:
+    return {p.name: p.stat().st_ino for p in (store.root / "alias").rglob("*") if p.is_file()}
+
+
+def test_resolve_hashes_in_place_and_fetch_returns_the_source_files(tmp_path: Path, store: ContentStore) -> None:
     files = _make_model(tmp_path / "m")
+    root = (tmp_path / "m").resolve()
     src = get_source("local", store=store)
     pinned = src.resolve(ModelSpec(name="demo", source="local", path=tmp_path / "m"))
     assert [f.path for f in pinned.files] == sorted(files)  # .git/ and .cache/huggingface/ skipped
     for f in pinned.files:
         assert (f.size, f.sha256) == (len(files[f.path]), _sha(files[f.path]))
-        assert store.blob(f.sha256).read_bytes() == files[f.path]
     assert pinned.commit == content_hash((p, _sha(d)) for p, d in files.items())
-    assert pinned.repo == str((tmp_path / "m").resolve()) and pinned.revision is None
-    blobs = src.fetch(pinned, store, progress=False)
-    assert {p: b.read_bytes() for p, b in blobs.items()} == files
-    # resolving again gives the same pin; changing one byte changes it
+    assert pinned.repo == str(root) and pinned.revision is None
+    assert _blobs(store) == [] and not (store.root / "tmp").exists()  # nothing was copied into the store
+    got = src.fetch(pinned, store, progress=False)
+    assert got == {rel: root / rel for rel in files}  # the operator's own files, not copies
+    assert _blobs(store) == []
+    # resolving again gives the same pin from the stat cache: no file is hashed (no alias is rewritten)
+    aliases = _alias_inodes(store)
+    assert len(aliases) == len(files)
     assert src.resolve(ModelSpec(name="demo", source="local", path=tmp_path / "m")) == pinned
+    assert _alias_inodes(store) == aliases
+    # changing one byte changes the pin
     (tmp_path / "m" / "config.json").write_bytes(b'{"model_type": "llamb"}')
     assert src.resolve(ModelSpec(name="demo", source="local", path=tmp_path / "m")).commit != pinned.commit
+
+
+def _rewrite_same_size(path: Path) -> None:
+    """Change every byte of ``path`` in place (same inode, same size) and move its mtime on."""
+    st = path.stat()
+    data = path.read_bytes()
+    with open(path, "r+b") as f:
+        f.write(bytes(b ^ 0x55 for b in data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    assert path.stat().st_ino == st.st_ino and path.stat().st_size == st.st_size
+
+
+def test_fetch_catches_a_file_changed_after_resolve(tmp_path: Path, store: ContentStore) -> None:
+    files = _make_model(tmp_path / "m")
+    pinned = LocalSource(store).resolve(ModelSpec(name="d", source="local", path=tmp_path / "m"))
+    _rewrite_same_size(tmp_path / "m" / "model-00002-of-00002.safetensors")
+    with pytest.raises(IntegrityError) as ei:
+        LocalSource(store).fetch(pinned, store, progress=False)
+    assert ei.value.path == f"{pinned.repo}/model-00002-of-00002.safetensors"
+    assert ei.value.expected == _sha(files["model-00002-of-00002.safetensors"])
+    assert "changed since it was resolved" in str(ei.value)
+    # a stat that moved without the bytes changing is re-hashed and accepted
+    (tmp_path / "m" / "model-00002-of-00002.safetensors").write_bytes(files["model-00002-of-00002.safetensors"])
+    assert LocalSource(store).fetch(pinned, store, progress=False)["config.json"] == Path(pinned.repo) / "config.json"
+    # a file that is gone is named
+    (tmp_path / "m" / "README.md").unlink()
+    with pytest.raises(NotFoundError, match="README.md is gone"):
+        LocalSource(store).fetch(pinned, store, progress=False)
 
 
 def test_patterns(tmp_path: Path, store: ContentStore) -> None:
@@ -139,28 +186,69 @@ def test_missing_dir_and_usage(tmp_path: Path, store: ContentStore) -> None:
         get_source("s3")
 
 
-def test_fetch_into_other_store_verifies_against_the_pin(tmp_path: Path, store: ContentStore) -> None:
+def test_fetch_with_another_store_rehashes_against_the_pin(tmp_path: Path, store: ContentStore) -> None:
     files = _make_model(tmp_path / "m")
     pinned = LocalSource(store).resolve(ModelSpec(name="d", source="local", path=tmp_path / "m"))
-    other = ContentStore(tmp_path / "store2")
-    blobs = LocalSource(other).fetch(pinned, other, progress=False)
-    assert {p: b.read_bytes() for p, b in blobs.items()} == files
-    assert all(str(b).startswith(str(other.root)) for b in blobs.values())
-    # a file that changed since resolve is caught, named
+    other = ContentStore(tmp_path / "store2")  # knows no stat: every file is hashed again
+    got = LocalSource(other).fetch(pinned, other, progress=False)
+    assert {p: b.read_bytes() for p, b in got.items()} == files
+    assert len(_alias_inodes(other)) == len(files) and _blobs(other) == []
     third = ContentStore(tmp_path / "store3")
     (tmp_path / "m" / "tokenizer.json").write_bytes(b"x" * len(files["tokenizer.json"]))
     with pytest.raises(IntegrityError) as ei:
         LocalSource(third).fetch(pinned, third, progress=False)
-    assert ei.value.path == "tokenizer.json"
-    assert third.has(_sha(files["config.json"]))  # the others were still copied
+    assert ei.value.path.endswith("/tokenizer.json")
 
 
-def test_parallel_ingest_large(tmp_path: Path, store: ContentStore) -> None:
+def test_parallel_hashing_large(tmp_path: Path, store: ContentStore) -> None:
     root = tmp_path / "big"
     root.mkdir()
     data = {f"model-{i}.safetensors": os.urandom(PARALLEL_MIN_BYTES // 3 + 1) for i in range(4)}
     for rel, d in data.items():
         (root / rel).write_bytes(d)
+    os.symlink("model-0.safetensors", root / "same.safetensors")  # one file under two names
     pinned = LocalSource(store, jobs=2).resolve(ModelSpec(name="d", source="local", path=root))
-    assert {f.path: f.sha256 for f in pinned.files} == {p: _sha(d) for p, d in data.items()}
-    assert all(store.blob(_sha(d)).read_bytes() == d for d in data.values())
+    want = {p: _sha(d) for p, d in data.items()} | {"same.safetensors": _sha(data["model-0.safetensors"])}
+    assert {f.path: f.sha256 for f in pinned.files} == want
+    assert {f.path: f.sha256 for f in pinned.files} == \
+        {p: hashlib.sha256((root / p).read_bytes()).hexdigest() for p in want}
+    assert _blobs(store) == []
+
+
+# -- `pack build` of a local model: the bundle hardlinks the operator's files ---------------------------------
+def _pack(*args: str, store: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "packager.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "LLM_PACK_STORE": str(store)})
+
+
+def test_pack_build_hardlinks_local_files_and_verify_catches_an_edit_in_place(tmp_path: Path) -> None:
+    files = _make_model(tmp_path / "m")
+    model = (tmp_path / "m").resolve()
+    r = _pack("keygen", "--out", str(tmp_path / "k"), store=tmp_path / "store")
+    assert r.returncode == 0, r.stdout + r.stderr
+    manifest = tmp_path / "b.yaml"
+    manifest.write_text(f"bundle: {{name: loc, version: '1'}}\n"
+                        f"models:\n  - {{name: m, source: local, path: {model}}}\n")
+    r = _pack("build", str(manifest), "--key", f"{tmp_path}/k.key", "--out", str(tmp_path / "out"),
+              "--no-progress", store=tmp_path / "store")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"models placed: {len(files)} hardlink" in r.stdout
+    bundle = tmp_path / "out" / "loc-1"
+    for rel, data in files.items():
+        placed = bundle / "models" / "m" / rel
+        assert not placed.is_symlink() and placed.stat().st_ino == (model / rel).stat().st_ino
+        assert placed.read_bytes() == data
+    assert not (tmp_path / "store" / "sha256").exists()  # the operator's files never enter the store
+    r = _pack("verify", str(bundle), "--pubkey", f"{tmp_path}/k.pub", store=tmp_path / "store")
+    assert r.returncode == 0 and r.stdout.startswith("OK "), r.stdout + r.stderr
+    # the operator edits a weight file in place: the bundle shares the inode, and verify says so, by name
+    _rewrite_same_size(model / "model-00001-of-00002.safetensors")
+    r = _pack("verify", str(bundle), "--pubkey", f"{tmp_path}/k.pub", store=tmp_path / "store")
+    assert r.returncode != 0
+    assert "models/m/model-00001-of-00002.safetensors: sha256 mismatch" in r.stderr, r.stdout + r.stderr
+    # building again re-hashes the changed file and produces a bundle that verifies
+    r = _pack("build", str(manifest), "--key", f"{tmp_path}/k.key", "--out", str(tmp_path / "out"),
+              "--no-progress", store=tmp_path / "store")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _pack("verify", str(bundle), "--pubkey", f"{tmp_path}/k.pub", store=tmp_path / "store")
+    assert r.returncode == 0, r.stdout + r.stderr

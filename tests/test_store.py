@@ -17,9 +17,10 @@ from packager.hashing import (
     copy_and_hash_parallel,
     git_blob_sha1_and_sha256,
     hash_files_parallel,
+    iter_hash_files,
     sha256_file,
 )
-from packager.store import ContentStore, default_store_root
+from packager.store import ContentStore, default_store_root, place_file
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -69,6 +70,15 @@ def test_parallel_hash_and_copy_use_processes_and_agree(tmp_path: Path) -> None:
     dsts = [tmp_path / f"copy{i}.bin" for i in range(3)]
     assert copy_and_hash_parallel(list(zip(files, dsts)), jobs=2) == [expected[p] for p in files]
     assert all(d.read_bytes() == s.read_bytes() for s, d in zip(files, dsts))
+
+
+def test_iter_hash_files_biggest_first_and_errors(tmp_path: Path) -> None:
+    files = [_write(tmp_path / f"w{i}.bin", os.urandom(PARALLEL_MIN_BYTES // 4 * (i + 1))) for i in range(3)]
+    got = list(iter_hash_files(files, jobs=2))
+    assert sorted(got) == sorted((p, *sha256_file(p)) for p in files)
+    assert [p for p, _, _ in list(iter_hash_files(files, jobs=1))] == files[::-1]  # in-process: biggest first
+    with pytest.raises(FileNotFoundError):
+        list(iter_hash_files([*files, tmp_path / "gone.bin"], jobs=2))
 
 
 # -- store ---------------------------------------------------------------------------------------------------
@@ -169,6 +179,41 @@ def test_link_into_other_filesystem_copies_and_verifies(store: ContentStore, tmp
         shutil.rmtree(out, ignore_errors=True)
 
 
+# -- place_file: any file (a store blob or the operator's own model file) into a bundle -----------------------
+def test_place_file_hardlinks_on_the_same_filesystem(tmp_path: Path) -> None:
+    data = os.urandom(50_000)
+    src = _write(tmp_path / "operator" / "model.safetensors", data)
+    dest = tmp_path / "bundle" / "models" / "m" / "model.safetensors"
+    assert place_file(src, dest, _sha(data)) == "hardlink"
+    assert dest.stat().st_ino == src.stat().st_ino and not dest.is_symlink()
+    _write(tmp_path / "bundle" / "models" / "m" / "other", b"x")
+    assert place_file(src, dest, _sha(data)) == "hardlink"  # replaces atomically, no temp files left
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["model.safetensors", "other"]
+    with pytest.raises(NotFoundError, match="gone"):
+        place_file(tmp_path / "nope", tmp_path / "bundle" / "x", _sha(data))
+
+
+def test_place_file_across_filesystems_copies_and_verifies(tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    src = _write(tmp_path / "operator" / "model.safetensors", data)
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK) and shm.stat().st_dev != tmp_path.stat().st_dev):
+        pytest.skip("no second writable filesystem (/dev/shm) here")
+    out = Path(os.path.realpath(shm)) / f"llm-pack-test-place-{os.getpid()}"
+    try:
+        dest = out / "models" / "m" / "model.safetensors"
+        assert place_file(src, dest, _sha(data)) in ("reflink", "copy")
+        assert dest.read_bytes() == data and dest.stat().st_ino != src.stat().st_ino
+        # the bytes are not what the pin says (the operator's file changed): caught, naming the source
+        wrong = _sha(b"what was pinned")
+        with pytest.raises(IntegrityError) as ei:
+            place_file(src, out / "again.safetensors", wrong)
+        assert ei.value.path == str(src) and ei.value.expected == wrong and ei.value.actual == _sha(data)
+        assert sorted(p.name for p in out.iterdir()) == ["models"]  # no partial file, no temp file
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def test_link_into_missing_blob(store: ContentStore, tmp_path: Path) -> None:
     with pytest.raises(NotFoundError):
         store.link_into("0" * 64, tmp_path / "x")
@@ -184,6 +229,7 @@ def test_aliases(store: ContentStore, tmp_path: Path) -> None:
     assert store.lookup_alias("git-sha1", "ab" * 20) == _sha(data)
     store.record_alias("git-sha1", "cd" * 20, _sha(b"gone"))  # alias to a blob that is not there
     assert store.lookup_alias("git-sha1", "cd" * 20) is None
+    assert store.lookup_alias("git-sha1", "cd" * 20, require_blob=False) == _sha(b"gone")  # content lives elsewhere
     with pytest.raises(UsageError):
         store.record_alias("git-sha1", "../escape", _sha(data))
 

@@ -1,12 +1,19 @@
 """Local directory source: a model the operator already has (a git-lfs clone, ``hf download --local-dir``).
 
-resolve walks ``spec.path``, applies allow/ignore patterns (HF semantics), and copies every file into
-the content store, hashing it in the same pass (worker processes, in parallel). ``commit`` is the
-sha256 over the sorted ``(path, sha256)`` list, ``repo`` the directory's absolute real path,
-``revision`` None. A stat cache in the store (device, inode, size, mtime, ctime -> sha256) makes
-resolving an unchanged directory again cost no hashing. fetch then finds every blob in the store; if
-it is given another store it copies from the directory again and checks each sha256 (a file changed
-since resolve fails, named).
+resolve walks ``spec.path``, applies allow/ignore patterns (HF semantics) and hashes every file in
+place, read only, in worker processes (in parallel). Nothing is copied into the content store.
+``commit`` is the sha256 over the sorted ``(path, sha256)`` list, ``repo`` the directory's absolute
+real path, ``revision`` None. A stat cache in the store's aliases (path, device, inode, size, mtime,
+ctime -> sha256) makes resolving an unchanged directory again cost no hashing.
+
+fetch returns ``{path: the real source file}`` after checking that each file still has the stat it
+was hashed with (a file whose stat changed is hashed again; if its sha256 is no longer the pinned one
+that is an :class:`IntegrityError` naming it). The build then places those files into the bundle with
+:func:`packager.store.place_file`: a hardlink to the operator's file where it can (no bytes copied),
+else a reflink or a verified copy. See :mod:`packager.store` for why sharing the inode is safe (every
+later edit in place is caught by ``pack verify`` and install.sh against the signed manifest). Note
+that a hardlink changes the file's ctime, so after a build into the same filesystem the next resolve
+hashes the files again (at hashing speed) rather than trusting a stat that has moved.
 
 Skipped: ``.git/`` and ``.cache/huggingface/`` (client metadata). Symlinks are followed to the real
 file only if the target stays inside the directory; otherwise it is an error (so a hub cache
@@ -18,11 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-from concurrent.futures import as_completed
+from contextlib import closing
 from pathlib import Path
 
-from installer.errors import IntegrityError, LlmPackError, NotFoundError, SourceError, UsageError
-from packager.hashing import PARALLEL_MIN_BYTES, process_pool
+from installer.errors import IntegrityError, NotFoundError, SourceError, UsageError
+from packager.hashing import iter_hash_files
 from packager.sources.base import PinnedModel, Progress, RemoteFile, content_hash, filter_paths
 from packager.spec import ModelSpec
 from packager.store import ContentStore
@@ -30,7 +37,7 @@ from packager.store import ContentStore
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 SKIPPED = (".git/", ".cache/huggingface/")
 STAT_ALIAS = "local-stat"
-CHANGED_HINT = "the directory changed since it was resolved (or while it was copied); build again"
+CHANGED_HINT = "the model directory changed since it was resolved (or while it was hashed); build again"
 
 
 def _skipped(rel: str) -> bool:
@@ -86,70 +93,37 @@ def _stat_key(path: Path, st: os.stat_result) -> str:
     return hashlib.sha1(raw.encode(), usedforsecurity=False).hexdigest()
 
 
-def _ingest_one(args: tuple[str, str, str, str | None, int]) -> tuple[str, int]:
-    """Worker: copy one file into the store, hashing it in the same pass; ``(sha256, size)``."""
-    store_root, src, name, expected_sha, size = args
-    blob = ContentStore(Path(store_root)).add_file(Path(src), expected_sha256=expected_sha, expected_size=size,
-                                                   name=name, move=False, hint=CHANGED_HINT)
-    return blob.name, size
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns) == \
+        (b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns, b.st_ctime_ns)
 
 
-def _ingest_worker(args: tuple[str, str, str, str | None, int]) -> tuple:
-    # our errors take keyword-only arguments and do not survive pickling: send their fields back
-    try:
-        return ("ok", *_ingest_one(args))
-    except IntegrityError as e:
-        return ("integrity", e.path, e.expected, e.actual, e.what)
+def _hash_in_place(items: list[tuple[str, Path]], store: ContentStore, jobs: int,
+                   bar: Progress) -> dict[str, tuple[str, int]]:
+    """Hash ``(rel, src)`` files where they are (read only); ``{rel: (sha256, size)}``.
 
-
-def _unwrap(res: tuple) -> tuple[str, int]:
-    if res[0] == "integrity":
-        raise IntegrityError(res[1], expected=res[2], actual=res[3], what=res[4], hint=CHANGED_HINT)
-    return res[1], res[2]
-
-
-def _ingest(items: list[tuple[str, Path, str | None]], store: ContentStore, jobs: int,
-            bar: Progress) -> dict[str, tuple[str, int]]:
-    """Copy ``(rel, src, expected sha256 or None)`` items into the store; ``{rel: (sha256, size)}``.
-
-    Every item is tried; the first failure is raised afterwards (completed files stay in the store).
+    Each result is remembered in the stat cache under the stat taken before hashing, and only if the
+    file still has that stat afterwards (otherwise it changed while we read it: an error).
     """
+    rels: dict[Path, list[str]] = {}  # a file linked in twice (symlink inside the dir) is hashed once
+    for rel, src in items:
+        rels.setdefault(src, []).append(rel)
+    before = {src: src.stat() for src in rels}
     results: dict[str, tuple[str, int]] = {}
-    errors: list[BaseException] = []
-    tasks = []
-    for rel, src, expected in items:
-        st = src.stat()
-        tasks.append((rel, src, st, (str(store.root), str(src), rel, expected, st.st_size)))
-
-    def finish(rel: str, src: Path, st: os.stat_result, sha: str, size: int) -> None:
-        after = src.stat()
-        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
-            raise SourceError(f"{src} changed while it was copied into the store", hint=CHANGED_HINT)
-        store.record_alias(STAT_ALIAS, _stat_key(src, st), sha)
-        results[rel] = (sha, size)
-        bar.done(size)
-
-    total = sum(t[2].st_size for t in tasks)
-    if jobs <= 1 or len(tasks) <= 1 or total < PARALLEL_MIN_BYTES:
-        for rel, src, st, args in tasks:
-            try:
-                finish(rel, src, st, *_ingest_one(args))
-            except Exception as e:
-                errors.append(e)
-    else:
-        with process_pool(min(jobs, len(tasks))) as pool:
-            futures = {pool.submit(_ingest_worker, args): (rel, src, st) for rel, src, st, args in tasks}
-            for fut in as_completed(futures):
-                rel, src, st = futures[fut]
-                try:
-                    finish(rel, src, st, *_unwrap(fut.result()))
-                except Exception as e:
-                    errors.append(e)
-    if errors:
-        first = errors[0]
-        if isinstance(first, LlmPackError):
-            raise first
-        raise SourceError(f"copying into the content store failed: {first}") from first
+    try:
+        with closing(iter_hash_files(list(before), jobs)) as hashed:
+            for src, sha, size in hashed:
+                st = before[src]
+                if size != st.st_size or not _same(src.stat(), st):
+                    raise SourceError(f"{src} changed while it was hashed", hint=CHANGED_HINT)
+                store.record_alias(STAT_ALIAS, _stat_key(src, st), sha)
+                for rel in rels[src]:
+                    results[rel] = (sha, size)
+                bar.done(size)
+    except OSError as e:
+        name = getattr(e, "filename", None) or "a file"
+        raise SourceError(f"cannot read {name} of the model directory: {e.strerror or e}",
+                          hint=CHANGED_HINT) from e
     return results
 
 
@@ -182,19 +156,10 @@ class LocalSource:
                         raise SourceError(f"{root}/{rel} is a git-lfs pointer, not the file itself",
                                           hint=f"run `git lfs pull` in {root}")
         store = self.store or ContentStore.default()
-        known: dict[str, tuple[str, int]] = {}
-        todo: list[tuple[str, Path, str | None]] = []
-        for rel, src in kept:
-            st = src.stat()
-            sha = store.lookup_alias(STAT_ALIAS, _stat_key(src, st))
-            if sha:
-                known[rel] = (sha, st.st_size)
-            else:
-                todo.append((rel, src, None))
-        bar = Progress(f"{spec.name} (hashing {len(todo)} files)", sum(s.stat().st_size for _, s, _ in todo),
-                       progress and bool(todo))
+        known, todo = _cached(kept, store)
+        bar = Progress(f"{spec.name} (hashing {len(todo)} files)", _bytes(todo), progress and bool(todo))
         try:
-            known.update(_ingest(todo, store, self.jobs, bar))
+            known.update(_hash_in_place(todo, store, self.jobs, bar))
         finally:
             bar.close()
         files = tuple(RemoteFile(rel, known[rel][1], known[rel][0]) for rel, _ in kept)
@@ -203,24 +168,43 @@ class LocalSource:
 
     def fetch(self, pinned: PinnedModel, store: ContentStore, *, jobs: int = 4,
               progress: bool = True) -> dict[str, Path]:
-        result: dict[str, Path] = {}
-        todo: list[tuple[str, Path, str | None]] = []
+        """``{path: real source file}``, each checked to still be what was pinned (nothing is copied)."""
         root = Path(pinned.repo or "")
-        sources = dict(walk_model_dir(root)) if any(not store.has(f.sha256) for f in pinned.files) else {}
+        sources = dict(walk_model_dir(root)) if root.is_dir() else {}
+        kept: list[tuple[str, Path]] = []
         for f in pinned.files:
-            if store.has(f.sha256):
-                result[f.path] = store.blob(f.sha256)
-            elif f.path in sources:
-                todo.append((f.path, sources[f.path], f.sha256))
-            else:
+            if f.path not in sources:
                 raise NotFoundError(f"{root}/{f.path} is gone since the model was resolved", hint=CHANGED_HINT)
-        if todo:
-            bar = Progress(f"{pinned.name} ({len(todo)} files)", sum(s.stat().st_size for _, s, _ in todo),
-                           progress)
+            kept.append((f.path, sources[f.path]))
+        known, todo = _cached(kept, store)
+        if todo:  # stat changed since resolve (or another store): hash again, the pin decides
+            bar = Progress(f"{pinned.name} (re-hashing {len(todo)} files)",
+                           _bytes(todo), progress)
             try:
-                done = _ingest(todo, store, jobs, bar)
+                known.update(_hash_in_place(todo, store, jobs, bar))
             finally:
                 bar.close()
-            for rel, (sha, _) in done.items():
-                result[rel] = store.blob(sha)
-        return result
+        for f in pinned.files:
+            sha, size = known[f.path]
+            if sha != f.sha256 or size != f.size:
+                raise IntegrityError(f"{root}/{f.path}", expected=f.sha256, actual=sha, hint=CHANGED_HINT)
+        return {rel: src for rel, src in kept}
+
+
+def _cached(items: list[tuple[str, Path]], store: ContentStore
+            ) -> tuple[dict[str, tuple[str, int]], list[tuple[str, Path]]]:
+    """Split ``(rel, src)`` into ``{rel: (sha256, size)}`` known from the stat cache and the rest to hash."""
+    known: dict[str, tuple[str, int]] = {}
+    todo: list[tuple[str, Path]] = []
+    for rel, src in items:
+        st = src.stat()
+        sha = store.lookup_alias(STAT_ALIAS, _stat_key(src, st), require_blob=False)
+        if sha:
+            known[rel] = (sha, st.st_size)
+        else:
+            todo.append((rel, src))
+    return known, todo
+
+
+def _bytes(items: list[tuple[str, Path]]) -> int:
+    return sum(src.stat().st_size for src in {src for _, src in items})
