@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 HERE = Path(__file__).resolve().parent
 PY_VER = f"{sys.version_info.major}.{sys.version_info.minor}"
 PY_FULL = ".".join(str(x) for x in sys.version_info[:3])
@@ -161,7 +161,8 @@ def build_channel(dest: Path, work: Path) -> None:
     for subdir in ("noarch", "linux-64"):
         (dest / subdir).mkdir(parents=True, exist_ok=True)
         for pkg in sorted((out / subdir).glob("*.conda")):
-            shutil.copy2(pkg, dest / subdir / pkg.name)
+            shutil.copyfile(pkg, dest / subdir / pkg.name)
+            (dest / subdir / pkg.name).chmod(0o644)
     asyncio.run(index_fs(dest, write_zst=False, write_shards=False))
 
 
