@@ -191,7 +191,7 @@ def _env_entry(spec: EnvSpec, built, packed, manifest: Manifest) -> dict:
         "cuda_runtime": runtime_cuda,
         "min_driver": cuda.min_driver(runtime_cuda) if runtime_cuda else None,
         "driver_floor": cuda.driver_floor(runtime_cuda) if runtime_cuda else None,
-        "glibc": manifest.target.glibc,
+        "glibc": built.glibc_floor or manifest.target.glibc,
         "unpacked_size": packed.unpacked_size,
         "files": packed.files,
         "vllm": built.vllm,

@@ -129,13 +129,18 @@ def pack_cmd(args: list[str], env: dict[str, str], log: Callable[[str], None]) -
     return out, peak
 
 
+def host_glibc() -> str:
+    return os.confstr("CS_GNU_LIBC_VERSION").split()[1]
+
+
 def write_manifest(path: Path, *, channel: Path, model: dict, version: str = "1.0.0") -> None:
     import yaml
 
     doc = {
         "bundle": {"name": "tiny-demo", "version": version,
                    "description": "built-in demo: a tiny generated Qwen2 model on the vLLM CPU build"},
-        "target": {"platform": "linux-64", "glibc": "2.28"},
+        # the test channel's python is this host's own interpreter: it needs this host's glibc
+        "target": {"platform": "linux-64", "glibc": host_glibc()},
         "environments": [{
             "name": "vllm-cpu",
             "python": f"{sys.version_info.major}.{sys.version_info.minor}",
