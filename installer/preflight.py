@@ -691,6 +691,19 @@ def _library_packages() -> dict[str, dict[str, str]]:
         return {}
 
 
+# A missing library is fatal when the server's core needs it (vLLM's or torch's compiled code, the
+# interpreter); one needed only by optional plugins or stdlib extras (tkinter, SYCL backends) is a warning.
+_CORE_NEEDERS = ("bin/", "lib/libpython", "/site-packages/vllm/", "/site-packages/torch/lib/",
+                 "/site-packages/torch/_C")
+
+
+def _core_needers(env: dict, lib: str) -> list[str]:
+    needers = (env.get("needed_by") or {}).get(lib)
+    if needers is None:  # bundles without needed_by: treat every library as required
+        return ["(unknown)"]
+    return [f for f in needers if f.startswith(_CORE_NEEDERS[:2]) or any(c in f for c in _CORE_NEEDERS[2:])]
+
+
 def check_libraries(ctx: _Context) -> list[CheckResult]:
     envs = [e for e in ctx.envs.values()]
     if not envs:
@@ -706,6 +719,17 @@ def check_libraries(ctx: _Context) -> list[CheckResult]:
             out.append(CheckResult("libraries", PASS, f"all {len(needed)} needed system libraries found"
                                    + (f" ({', '.join(needed)})" if needed else ""), subject=name))
             continue
+        optional = [lib for lib in missing if not _core_needers(env, lib)]
+        if optional:
+            out.append(CheckResult(
+                "libraries", WARN,
+                "optional parts will not load, missing: " + "; ".join(
+                    f"{lib} (needed by {', '.join((env.get('needed_by') or {}).get(lib, [])[:2])})"
+                    for lib in optional),
+                "ignore unless you use those parts; otherwise install the libraries", name))
+            missing = [lib for lib in missing if lib not in optional]
+            if not missing:
+                continue
         described, debian, rhel = [], [], []
         for lib in missing:
             pkg = packages.get(lib)

@@ -196,6 +196,7 @@ def _env_entry(spec: EnvSpec, built, packed, manifest: Manifest) -> dict:
         "files": packed.files,
         "vllm": built.vllm,
         "needed_libraries": list(built.needed_libraries),
+        "needed_by": {k: list(v) for k, v in sorted(built.needed_by.items())},
         "lock": built.lock,
     }
 

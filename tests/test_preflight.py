@@ -354,6 +354,23 @@ def test_libraries_staging_root(tmp_path):
     assert one(m, "libraries", root=tmp_path).status == pf.PASS
 
 
+def test_libraries_optional_ones_only_warn(tmp_path):
+    m = manifest()
+    env = m["environments"][0]
+    env["needed_libraries"] = ["libnuma.so.1", "libtk8.6.so"]
+    env["needed_by"] = {"libnuma.so.1": ["lib/python3.12/site-packages/vllm/_C.abi3.so"],
+                        "libtk8.6.so": ["lib/python3.12/lib-dynload/_tkinter.cpython-312-x86_64-linux-gnu.so"]}
+    results = [r for r in pf.run_preflight(m, root=tmp_path, skip=[c for c in pf.CHECKS if c != "libraries"])
+               if r.name == "libraries"]
+    by_status = {r.status: r for r in results}
+    assert set(by_status) == {pf.WARN, pf.FAIL}
+    assert "libtk8.6.so" in by_status[pf.WARN].detail and "_tkinter" in by_status[pf.WARN].detail
+    assert "libnuma.so.1" in by_status[pf.FAIL].detail and "libtk" not in by_status[pf.FAIL].detail
+    env["needed_libraries"] = ["libtk8.6.so"]
+    results = pf.run_preflight(m, root=tmp_path, skip=[c for c in pf.CHECKS if c != "libraries"])
+    assert not pf.failed(results)
+
+
 def test_libraries_live_ld_cache():
     m = cpu_manifest()
     assert one(m, "libraries").status == pf.PASS       # libc.so.6 via ldconfig -p
