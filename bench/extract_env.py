@@ -66,7 +66,17 @@ def main() -> int:
     ap.add_argument("--from-dir", type=Path)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workdir", type=Path)
-    ap.add_argument("--no-thread", action="store_true", help="read/decompress in the extracting thread")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        action="append",
+        help="writer threads of installer.extract to measure (repeatable; default: the default)",
+    )
+    ap.add_argument(
+        "--read-ahead",
+        action="store_true",
+        help="also measure with reading, hashing and decompressing in a separate thread",
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-extract-", dir=args.workdir))
     try:
@@ -81,7 +91,14 @@ def main() -> int:
         sha = _sha256(zst)
         zsize, tsize = zst.stat().st_size, tar.stat().st_size
         print(f"archive {zst} {zsize / 1e6:.0f} MB zstd, {tsize / 1e6:.0f} MB as tar")
-        times: dict[str, list[float]] = {"tar -xf (plain .tar)": [], "installer.extract (.tar.zst)": []}
+        from installer.extract import DEFAULT_WORKERS
+
+        variants = args.workers or [DEFAULT_WORKERS]
+        times: dict[str, list[float]] = {"tar -xf (plain .tar)": []}
+        for w in variants:
+            times[f"installer.extract (.tar.zst) w={w}"] = []
+            if args.read_ahead:
+                times[f"installer.extract (.tar.zst) ra w={w}"] = []
         members = 0
         for r in range(args.rounds):
             for label in times:
@@ -92,8 +109,14 @@ def main() -> int:
                     dest.mkdir()
                     subprocess.run(["tar", "-xf", str(tar), "-C", str(dest)], check=True)
                 else:
+                    w = int(label.rsplit("w=", 1)[1])
                     res = extract_archive(
-                        zst, dest, expected_sha256=sha, expected_size=zsize, threaded=not args.no_thread
+                        zst,
+                        dest,
+                        expected_sha256=sha,
+                        expected_size=zsize,
+                        workers=w,
+                        read_ahead=" ra " in label,
                     )
                     members = res.members
                 _sync()

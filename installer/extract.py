@@ -106,23 +106,26 @@ class _ThreadedReader:
             except queue.Full:
                 continue
 
-    def read(self, n: int = -1) -> bytes:
+    def view(self, n: int = -1) -> memoryview:
         if n is None or n < 0:
             n = 1 << 62
         if self._pos >= len(self._buf):
             if self._done:
-                return b""
+                return memoryview(b"")
             item = self._q.get()
             if isinstance(item, BaseException):
                 self._done = True
                 raise item
             if not item:
                 self._done = True
-                return b""
+                return memoryview(b"")
             self._buf, self._pos = memoryview(item), 0
         take = self._buf[self._pos : self._pos + n]
         self._pos += len(take)
-        return bytes(take)
+        return take
+
+    def read(self, n: int = -1) -> bytes:
+        return bytes(self.view(n))
 
     def close(self) -> None:
         self._stop.set()
@@ -373,13 +376,7 @@ class _Writer:
     def _file(self, path: str, m: tarfile.TarInfo, mode: int, stream) -> None:
         fd = self._open(path, mode)
         try:
-            left = m.size
-            while left > 0:
-                data = stream.read(min(left, CHUNK))
-                if not data:
-                    raise tarfile.ReadError(f"unexpected end of data in {m.name!r}")
-                _write_all(fd, data)
-                left -= len(data)
+            _copy_member_data(stream, m, fd)
             if mode & ~self.umask != mode:
                 os.fchmod(fd, mode)
             os.utime(fd, (m.mtime, m.mtime))
@@ -387,7 +384,45 @@ class _Writer:
             os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _copy_member_data(stream, m: tarfile.TarInfo, fd: int) -> None:
+    """Write the ``m.size`` data bytes at the stream's position to ``fd``.
+
+    tarfile's stream object re-buffers every read in small records and copies it twice; for large members
+    this takes what it has buffered and then reads straight from our reader without copying, keeping the
+    stream's position right (``buf``/``pos`` of ``tarfile._Stream``, unchanged since Python 3.2; any other
+    stream falls back to plain reads).
+    """
+    left = m.size
+    raw = getattr(stream, "fileobj", None)
+    if (
+        getattr(stream, "comptype", None) == "tar"
+        and isinstance(getattr(stream, "buf", None), bytes)
+        and isinstance(getattr(stream, "pos", None), int)
+        and hasattr(raw, "view")
+    ):
+        buf = stream.buf
+        k = min(len(buf), left)
+        if k:
+            _write_all(fd, buf[:k])
+            stream.buf = buf[k:]
+        done = k
+        while done < left:
+            data = raw.view(min(left - done, CHUNK))
+            if not data:
+                raise tarfile.ReadError(f"unexpected end of data in {m.name!r}")
+            _write_all(fd, data)
+            done += len(data)
+        stream.pos += left
+        return
+    while left > 0:
+        data = stream.read(min(left, CHUNK))
+        if not data:
+            raise tarfile.ReadError(f"unexpected end of data in {m.name!r}")
+        _write_all(fd, data)
+        left -= len(data)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
@@ -395,14 +430,6 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 # --------------------------------------------------------------------------- extraction
-
-
-def _tarfile_supports_filters() -> None:
-    if not hasattr(tarfile, "data_filter"):
-        raise BundleError(
-            "this Python's tarfile has no extraction filters (PEP 706)",
-            hint="the installer needs Python >= 3.11.4; rebuild the bundle with a newer python",
-        )
 
 
 def extract_archive(
@@ -422,7 +449,6 @@ def extract_archive(
     :class:`IntegrityError` for a size/hash mismatch (also when the stream is corrupt and the hash says so),
     :class:`BundleError` for an unreadable archive whose hash matches.
     """
-    _tarfile_supports_filters()
     archive = Path(archive)
     dest = Path(dest)
     name = display_name or archive.name
@@ -508,7 +534,7 @@ class _Plain:
         self._pos = 0
         self._eof = False
 
-    def read(self, n: int = -1) -> bytes:
+    def view(self, n: int = -1) -> memoryview:
         if n is None or n < 0:
             n = 1 << 62
         if self._pos >= len(self._buf):
@@ -521,7 +547,10 @@ class _Plain:
             self._buf, self._pos = memoryview(data), 0
         take = self._buf[self._pos : self._pos + n]
         self._pos += len(take)
-        return bytes(take)
+        return take
+
+    def read(self, n: int = -1) -> bytes:
+        return bytes(self.view(n))
 
     def close(self) -> None:
         pass
