@@ -52,6 +52,22 @@ ARCHSPEC = {"linux-64": "x86_64", "linux-aarch64": "aarch64"}
 CUDA_CONDA_PACKAGES = ("cuda-cudart", "cuda-version", "cudatoolkit", "cuda-runtime")
 VLLM_COMMAND = ["bin/python", "-m", "vllm.entrypoints.openai.api_server"]
 HASH_FORMAT = 1
+STAMP_NAME = "build-stamp.json"  # beside the prefix, never inside it (never packed)
+
+
+def _inputs_key(records: list, spec: EnvSpec, target: TargetSpec) -> str:
+    doc = {"records": sorted(f"{r.url} {r.sha256.hex() if isinstance(r.sha256, bytes) else r.sha256}"
+                             for r in records),
+           "pip": dataclasses.asdict(spec.pip), "download_kernels": spec.download_kernels,
+           "target": dataclasses.asdict(target), "format": HASH_FORMAT}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _stamp_matches(stamp: Path, key: str) -> bool:
+    try:
+        return json.loads(stamp.read_text()).get("key") == key and (stamp.parent / "prefix" / "conda-meta").is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -94,7 +110,17 @@ def build_env(spec: EnvSpec, target: TargetSpec, work: Path, *, channels_overrid
     records = solve(specs, channels, target, cuda=spec.cuda, cache_dir=work / "repodata", env_name=spec.name)
     timings["solve"] = time.monotonic() - t
 
+    # Reuse the prefix when nothing that went into it changed: the solved records (url + sha256), the pip
+    # layer and the target. A stamp is written only once the whole build succeeded.
+    key = _inputs_key(records, spec, target)
+    stamp = prefix.parent / STAMP_NAME
+    if _stamp_matches(stamp, key):
+        timings["reused"] = 1.0
+        report = json.loads(stamp.read_text()).get("pip_report", {})
+        return _finish(spec, target, prefix, report, timings)
+
     t = time.monotonic()
+    stamp.unlink(missing_ok=True)
     _clear_prefix(prefix)
     install(records, prefix, pkgs, specs=specs, progress=progress)
     timings["install"] = time.monotonic() - t
@@ -111,6 +137,12 @@ def build_env(spec: EnvSpec, target: TargetSpec, work: Path, *, channels_overrid
         t = time.monotonic()
         if download_kernels(prefix, progress=progress, env_name=spec.name):
             timings["download_kernels"] = time.monotonic() - t
+    built = _finish(spec, target, prefix, report, timings)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stamp.with_name(stamp.name + ".tmp")
+    tmp.write_text(json.dumps({"key": key, "pip_report": report}))
+    os.replace(tmp, stamp)
+    return built
     return _finish(spec, target, prefix, report, timings)
 
 

@@ -148,6 +148,23 @@ def test_content_hash_is_stable_across_rebuilds_and_follows_the_lock(built_env, 
     assert other.content_hash != built_env.content_hash
 
 
+def test_unchanged_inputs_reuse_the_built_prefix(conda_channel, wheel_dir, tmp_path):
+    spec = env_spec("t1", conda_channel, wheel_dir)
+    first = build_env(spec, TARGET, tmp_path, progress=False)
+    assert "reused" not in first.timings and "pip" in first.timings
+    marker = first.prefix / "marker-left-by-first-build"
+    marker.write_text("x")
+    second = build_env(spec, TARGET, tmp_path, progress=False)
+    assert second.timings.get("reused") and "pip" not in second.timings
+    assert marker.exists(), "the prefix was reused, not rebuilt"
+    assert second.lock == first.lock and second.content_hash == first.content_hash
+    # a changed pip layer rebuilds from scratch
+    changed = dataclasses.replace(spec, pip=dataclasses.replace(spec.pip, remove=()))
+    third = build_env(changed, TARGET, tmp_path, progress=False)
+    assert "reused" not in third.timings and not marker.exists()
+    assert "llmtest-extra" in {e["name"] for e in third.lock["pip"]}
+
+
 def test_prefix_form_inspects_an_existing_env(built_env):
     got = inspect_env(EnvSpec(name="byhand", prefix=built_env.prefix), TARGET)
     assert got.lock["conda"] == built_env.lock["conda"]

