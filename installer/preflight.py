@@ -691,17 +691,20 @@ def _library_packages() -> dict[str, dict[str, str]]:
         return {}
 
 
-# A missing library is fatal when the server's core needs it (vLLM's or torch's compiled code, the
-# interpreter); one needed only by optional plugins or stdlib extras (tkinter, SYCL backends) is a warning.
-_CORE_NEEDERS = ("bin/", "lib/libpython", "/site-packages/vllm/", "/site-packages/torch/lib/",
-                 "/site-packages/torch/_C")
+# A missing library is fatal unless every file needing it is a known optional part: stdlib extras a server
+# never uses (Tk, NIS, curses, readline, dbm), Intel OpenMP offload/SYCL plugins that ship with intel-openmp
+# and are loaded only on request, numba's alternative thread pools. Anything else (vLLM's and torch's
+# compiled code, the interpreter, stdlib modules such as _sqlite3 that vLLM imports) is required.
+_OPTIONAL_NEEDERS = ("/lib-dynload/_tkinter", "/lib-dynload/nis.", "/lib-dynload/readline.", "/lib-dynload/_curses",
+                     "/lib-dynload/_dbm", "/lib-dynload/_gdbm", "lib/libomptarget", "lib/libur_", "lib/libpi_",
+                     "lib/libarcher", "lib/libsycl", "/numba/np/ufunc/omppool", "/numba/np/ufunc/tbbpool")
 
 
 def _core_needers(env: dict, lib: str) -> list[str]:
     needers = (env.get("needed_by") or {}).get(lib)
-    if needers is None:  # bundles without needed_by: treat every library as required
+    if not needers:  # bundles without needed_by: treat every library as required
         return ["(unknown)"]
-    return [f for f in needers if f.startswith(_CORE_NEEDERS[:2]) or any(c in f for c in _CORE_NEEDERS[2:])]
+    return [f for f in needers if not any(o in f"/{f}" for o in _OPTIONAL_NEEDERS)]
 
 
 def check_libraries(ctx: _Context) -> list[CheckResult]:

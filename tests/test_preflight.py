@@ -369,6 +369,11 @@ def test_libraries_optional_ones_only_warn(tmp_path):
     env["needed_libraries"] = ["libtk8.6.so"]
     results = pf.run_preflight(m, root=tmp_path, skip=[c for c in pf.CHECKS if c != "libraries"])
     assert not pf.failed(results)
+    # stdlib modules the server's code imports are not optional (vLLM imports sqlite3 at start)
+    env["needed_libraries"] = ["libsqlite3.so.0"]
+    env["needed_by"] = {"libsqlite3.so.0": ["lib/python3.11/lib-dynload/_sqlite3.cpython-311-x86_64-linux-gnu.so"]}
+    results = pf.run_preflight(m, root=tmp_path, skip=[c for c in pf.CHECKS if c != "libraries"])
+    assert pf.failed(results)
 
 
 def test_libraries_live_ld_cache():

@@ -24,6 +24,33 @@ def _ignore(directory: str, names: list[str]) -> set[str]:
             if (n in SKIP_DIRS and os.path.isdir(os.path.join(directory, n))) or n.endswith(SKIP_SUFFIXES)}
 
 
+GLIBC = ("libc.so", "libm.so", "libpthread.so", "libdl.so", "librt.so", "libutil.so", "libresolv.so",
+         "ld-linux")
+OPTIONAL_MODULES = ("_tkinter", "nis")  # X11/Tk and NIS: a server's Python does without them
+
+
+def bundle_shared_libraries(dynload: Path, libdir: Path) -> None:
+    """Ship the system libraries the stdlib's extension modules link (sqlite3, ssl, ffi, lzma...).
+
+    A conda-forge `python` gets them from its dependencies (sqlite, openssl, libffi...); this test package
+    is cut from the build machine's interpreter, so it carries copies instead. Without this the env would
+    need e.g. libsqlite3.so.0 from the server, and vLLM imports sqlite3 at start.
+    """
+    import subprocess
+
+    for mod in sorted(dynload.glob("*.so")):
+        if mod.name.startswith(OPTIONAL_MODULES):
+            continue
+        out = subprocess.run(["ldd", str(mod)], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[1] == "=>" and parts[2].startswith("/"):
+                soname, path = parts[0], Path(parts[2])
+                if soname.startswith(GLIBC) or (libdir / soname).exists():
+                    continue
+                shutil.copy2(path, libdir / soname)  # follows the symlink: a real file named by soname
+
+
 def main(base: Path, prefix: Path) -> None:
     ver = f"{sys.version_info.major}.{sys.version_info.minor}"
     (prefix / "bin").mkdir(parents=True, exist_ok=True)
@@ -49,6 +76,7 @@ def main(base: Path, prefix: Path) -> None:
         script.write_text(f"#!{prefix}/bin/python{ver}\nimport sys\nfrom pip._internal.cli.main import main\n"
                           "if __name__ == '__main__':\n    sys.exit(main())\n")
         script.chmod(0o755)
+    bundle_shared_libraries(stdlib / "lib-dynload", prefix / "lib")
     old = str(base).encode()
     targets = list(stdlib.glob("_sysconfigdata*.py")) + list(stdlib.glob("config-*/Makefile"))
     for path in targets:
