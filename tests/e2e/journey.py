@@ -61,10 +61,11 @@ class JourneyResult:
 
 
 class _TreeRss:
-    """Peak RSS of a process tree (the process started by ``Popen`` and all its descendants)."""
+    """Peak RSS of a process tree: ``pid`` and its descendants, or only the descendants (``children_only``:
+    for this process, whose children include the `nsenter`-ed commands run inside the container)."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak = pid, 0
+    def __init__(self, pid: int, *, children_only: bool = False) -> None:
+        self.pid, self.peak, self.children_only = pid, 0, children_only
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -79,7 +80,8 @@ class _TreeRss:
         while not self._stop.is_set():
             try:
                 total = 0
-                for p in [root, *root.children(recursive=True)]:
+                procs = root.children(recursive=True)
+                for p in procs if self.children_only else [root, *procs]:
                     try:
                         total += p.memory_info().rss
                     except psutil.Error:
@@ -225,7 +227,7 @@ def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print
                            "--no-progress"], env, log)
         bundle = out / "tiny-demo-1.0.0"
         res.bundle_size = du(bundle)
-        stage("pack build", t, peak_rss=rss, disk=du(work / "cache") + res.bundle_size,
+        stage("pack build", t, peak_rss=rss, disk=du(work / "cache") + du(vllm_work_dir()) + res.bundle_size,
               note=f"bundle {res.bundle_size / 1e6:.0f} MB")
     finally:
         if hub is not None:
@@ -255,9 +257,9 @@ def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print
     vol1 = f"/media/usb/{Path(vols[0]['path']).name}"
     with Container(rootfs, binds=[(usb, "/media/usb", True)], name="llm-journey", keep=keep_container,
                    nspawn_args=["--tmpfs=/tmp:mode=1777,size=4G"]) as c:
-        rss = _TreeRss(c.leader_pid)
         res.links = c.run(["ip", "-o", "link"]).stdout
         c.write_file("/etc/llm/trusted-keys/build.pub", (keys / "build.pub").read_text())
+        rss = _TreeRss(os.getpid(), children_only=True)
         t = time.monotonic()
         r = c.run(["bash", f"{vol1}/install.sh", "--enable"], timeout=900, check=False)
         log(r.stdout[-6000:] + r.stderr[-3000:])
@@ -279,7 +281,7 @@ def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print
             if time.monotonic() > deadline or state == "failed":
                 raise AssertionError(f"llm@{SERVICE} not healthy ({state}):\n{c.journal(f'llm@{SERVICE}')[-6000:]}")
             time.sleep(1)
-        stage("start -> /health 200", t)
+        stage("start -> /health 200", t, note="systemctl start llm@tiny")
 
         t = time.monotonic()
         models = c.run(["curl", "-sf", f"http://127.0.0.1:{PORT}/v1/models"]).stdout
@@ -287,7 +289,7 @@ def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print
                            "messages": [{"role": "user", "content": "Say hello to the air gap."}]})
         comp = c.run(["curl", "-sf", "-H", "Content-Type: application/json", "-d", body,
                       f"http://127.0.0.1:{PORT}/v1/chat/completions"], timeout=120).stdout
-        stage("first completion", t, peak_rss=rss.stop())
+        stage("first completion", t, peak_rss=rss.stop(), note="peak RSS: the whole container while serving")
         res.completion = {"models": json.loads(models), "chat": json.loads(comp)}
         res.curl = (f"curl -s http://127.0.0.1:{PORT}/v1/chat/completions -H 'Content-Type: application/json' "
                     f"-d '{body}'")
