@@ -21,11 +21,30 @@ main() {
         *) echo "build.sh: unknown command '$cmd' (try: ./build.sh --help)" >&2; return 2 ;;
     esac
     setup_venv
+    [ "$cmd" = demo ] && ensure_demo_tools
     case "$cmd" in
         setup) echo "ready: $(venv_bin)/pack --help" ;;
         demo) "$(venv_bin)/python" -m packager.demo "$@" ;;
         test) "$(venv_bin)/python" -m pytest "$@" ;;
     esac
+}
+
+# The demo boots a systemd container and builds a small conda channel: it needs a few Debian packages.
+ensure_demo_tools() {
+    local missing="" tool
+    for tool in debootstrap systemd-nspawn patchelf zstd; do
+        command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
+    done
+    [ -z "$missing" ] && return 0
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        echo "build.sh demo: missing:$missing; install the packages in .ci/apt-packages.txt (as root)" >&2
+        return 1
+    fi
+    echo "installing the demo's system packages (missing:$missing)"
+    apt-get update -qq
+    # shellcheck disable=SC2046
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        $(grep -hv '^\s*#' .ci/apt-packages.txt) >/dev/null
 }
 
 venv_bin() { echo "${LLM_PACK_VENV:-$PWD/.venv}/bin"; }
