@@ -72,15 +72,18 @@ def check_relpath(path: str, *, what: str = "artifact path") -> str:
 
 
 def sha256_file(path: str | os.PathLike[str], bufsize: int = BUFSIZE) -> tuple[str, int]:
-    """Stream ``path`` through sha256; returns (hexdigest, size). Memory stays at one buffer."""
+    """Stream ``path`` through sha256; returns (hexdigest, size). Memory stays at one buffer.
+
+    ``read()`` into a fresh bytes object each time, not ``readinto()`` one long-lived 1 MiB bytearray: in a
+    fresh process glibc serves that bytearray from its own mmap() region, and copying the page cache into
+    it measured 3-5x the kernel time of copying into heap memory (~20% of a whole 2-process hash).
+    """
     h = hashlib.sha256()
     size = 0
-    buf = bytearray(bufsize)
-    view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            size += n
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+            size += len(chunk)
     return h.hexdigest(), size
 
 
