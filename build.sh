@@ -61,8 +61,13 @@ setup_venv() {
     # reinstall only when the dependency list changed
     stamp="$venv/.llm-pack-setup.sha256"
     if [ ! -f "$stamp" ] || ! sha256sum --status -c "$stamp" 2>/dev/null; then
-        "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-        "$venv/bin/python" -m pip install -q -e ".[test]"
+        echo "setting up $venv (pip install -e .[test]; log: $venv/setup.log)"
+        if ! { "$venv/bin/python" -m pip install --upgrade pip &&
+               "$venv/bin/python" -m pip install -e ".[test]"; } >"$venv/setup.log" 2>&1; then
+            tail -n 30 "$venv/setup.log" >&2
+            echo "build.sh: pip install failed (full log: $venv/setup.log)" >&2
+            return 1
+        fi
         sha256sum setup.cfg pyproject.toml > "$stamp"
     fi
 }
