@@ -50,6 +50,10 @@ class JourneyResult:
     journal: str = ""
     links: str = ""
     network_attempts: list[str] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)  # active version after upgrade, after rollback
+    after_rollback: dict = field(default_factory=dict)
+    uninstall_rc: int | None = None
+    leftover: list[str] = field(default_factory=list)  # paths changed by install and not undone by uninstall
 
     def table(self) -> str:
         rows = [f"{'stage':28} {'seconds':>8} {'peak RSS':>10} {'disk':>10}  note"]
@@ -250,15 +254,29 @@ def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print
     if len(vols) < 2:
         raise AssertionError(f"expected several volumes, got {res.volumes}")
 
+    # a newer version of the same bundle (environment and model unchanged: reused at build and install)
+    t = time.monotonic()
+    write_manifest(work / "demo-next.yaml", channel=channel, model=model, version="1.0.1")
+    if via_hub:
+        model_next = {"source": "local", "path": str(model_dir)}  # the hub is gone; same bytes
+        write_manifest(work / "demo-next.yaml", channel=channel, model=model_next, version="1.0.1")
+    usb2 = work / "usb2"
+    shutil.rmtree(usb2, ignore_errors=True)
+    pack_cmd(["build", str(work / "demo-next.yaml"), "--key", str(keys / "build.key"), "--out", str(usb2),
+              "--no-progress"], env, log)
+    stage("pack build 1.0.1 (reuse)", t)
+
     # -- target ----------------------------------------------------------------------------------
     t = time.monotonic()
     rootfs = ensure_rootfs()
     stage("target rootfs (cached)", t)
     vol1 = f"/media/usb/{Path(vols[0]['path']).name}"
-    with Container(rootfs, binds=[(usb, "/media/usb", True)], name="llm-journey", keep=keep_container,
+    with Container(rootfs, binds=[(usb, "/media/usb", True), (usb2, "/media/usb2", True)], name="llm-journey",
+                   keep=keep_container,
                    nspawn_args=["--tmpfs=/tmp:mode=1777,size=4G"]) as c:
         res.links = c.run(["ip", "-o", "link"]).stdout
         c.write_file("/etc/llm/trusted-keys/build.pub", (keys / "build.pub").read_text())
+        before = set(c.changed_paths())
         rss = _TreeRss(os.getpid(), children_only=True)
         t = time.monotonic()
         r = c.run(["bash", f"{vol1}/install.sh", "--enable"], timeout=900, check=False)
@@ -299,10 +317,56 @@ def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print
                                                          "Name or service not known",
                                                          "Temporary failure in name resolution",
                                                          "Failed to get the IP address"))]
+        # upgrade to 1.0.1 (restarts the running instance), then roll back to 1.0.0
+        t = time.monotonic()
+        r = c.run(["bash", "/media/usb2/tiny-demo-1.0.1/install.sh"], timeout=900, check=False)
+        log(r.stdout[-3000:] + r.stderr[-2000:])
+        if r.returncode != 0:
+            raise AssertionError(f"upgrade failed:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}")
+        res.versions.append(_active_version(c))
+        stage("upgrade to 1.0.1", t)
+        t = time.monotonic()
+        r = c.run(["llm-install", "--rollback"], timeout=600, check=False)
+        log(r.stdout[-2000:] + r.stderr[-2000:])
+        res.versions.append(_active_version(c))
+        stage("rollback", t)
+        _wait_healthy(c, timeout=300)
+        res.after_rollback = json.loads(c.run(["curl", "-sf", f"http://127.0.0.1:{PORT}/v1/models"]).stdout)
+
         t = time.monotonic()
         c.systemctl("stop", f"llm@{SERVICE}")
         stage("stop", t)
+        r = c.run(["llm-install", "--uninstall"], timeout=600, check=False)
+        log(r.stdout[-2000:] + r.stderr[-2000:])
+        res.uninstall_rc = r.returncode
+        after = set(c.changed_paths())
+        res.leftover = sorted(p for p in after - before if not p.startswith(SYSTEM_NOISE))
     return res
+
+
+# written by systemd and journald on their own while the container runs, not by the installer
+SYSTEM_NOISE = ("/var/log/journal", "/var/lib/systemd", "/var/tmp/systemd-private", "/tmp/systemd-private",
+                "/var/lib/private", "/var/cache/private", "/run", "/tmp")
+
+
+def _active_version(c) -> str:
+    out = c.run(["llm-install", "--status", "--json"], check=False).stdout
+    try:
+        st = json.loads(out)
+    except ValueError:
+        return f"? {out[:200]}"
+    return ",".join(str(b.get("active")) for b in st.get("bundles", [])) or "none"
+
+
+def _wait_healthy(c, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = c.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{PORT}/health"],
+                  check=False, timeout=30)
+        if h.stdout.strip() == "200":
+            return
+        time.sleep(1)
+    raise AssertionError(f"llm@{SERVICE} not healthy after {timeout}s:\n{c.journal(f'llm@{SERVICE}')[-4000:]}")
 
 
 def main() -> None:  # python -m tests.e2e.journey [--hub] [WORK]

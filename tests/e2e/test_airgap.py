@@ -62,3 +62,13 @@ def test_stages_timed(journey) -> None:
     names = [s.name for s in journey.stages]
     for n in ("pack build", "pack split", "install.sh (in container)", "start -> /health 200", "first completion"):
         assert n in names
+
+
+def test_upgrade_then_rollback_in_real_systemd(journey) -> None:
+    assert journey.versions == ["1.0.1", "1.0.0"]
+    assert [m["id"] for m in journey.after_rollback["data"]] == ["tiny"]
+
+
+def test_uninstall_leaves_the_system_as_before(journey) -> None:
+    assert journey.uninstall_rc == 0
+    assert journey.leftover == [], journey.leftover
