@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("LLM_PACK_DEMO_DIR", "/var/tmp/llm-pack-demo")),
                     help="working directory (kept: a second run reuses the environment and the target image)")
     ap.add_argument("--keep-container", action="store_true", help="keep the container's tree for inspection")
+    ap.add_argument("--no-pause", action="store_true",
+                    help="do not stop while the server answers (default: pause when run from a terminal)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("build.sh demo: needs root (it boots a systemd container with systemd-nspawn)", file=sys.stderr)
@@ -32,7 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(repo))
     from tests.e2e.journey import run_journey
 
-    res = run_journey(args.work, via_hub=False, keep_container=args.keep_container)
+    def pause(res, leader: int) -> None:
+        if args.no_pause or not sys.stdin.isatty():
+            return
+        chat = res.completion["chat"]
+        print(f"\nllm@tiny is serving inside the network-less container. Completion: "
+              f"{json.dumps(chat['choices'][0]['message']['content'])}")
+        print(f"Try it yourself from another terminal:\n  nsenter -t {leader} -a {res.curl}")
+        print(f"  nsenter -t {leader} -a systemctl status llm@tiny")
+        input("Press Enter to continue (upgrade, rollback, uninstall, shut the container down)... ")
+
+    res = run_journey(args.work, via_hub=False, keep_container=args.keep_container, while_serving=pause)
     chat = res.completion["chat"]
     print("\n" + res.table())
     print(f"\nbundle: {res.bundle_size / 1e6:.0f} MB in {len(res.volumes)} volumes "
@@ -40,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     print("served models:", [m["id"] for m in res.completion["models"]["data"]])
     print("completion:", json.dumps(chat["choices"][0]["message"]["content"]),
           f"({chat['usage']['completion_tokens']} tokens; the demo model has random weights, so it babbles)")
-    print(f"\nreproduce inside the target:\n  {res.curl}")
+    print(f"\nthe request, as run inside the target:\n  {res.curl}")
+    print(f"upgrade -> rollback: active version {' -> '.join(res.versions)}; uninstall left "
+          f"{len(res.leftover)} changed path(s) behind")
     print(f"\nfiles are in {args.work}: keys/, out/ (the bundle), usb/ (the volumes)")
     return 0
 

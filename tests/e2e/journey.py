@@ -185,7 +185,9 @@ def write_manifest(path: Path, *, channel: Path, model: dict, version: str = "1.
 
 
 def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print,
-                split_size: str = "300M", keep_container: bool = False) -> JourneyResult:
+                split_size: str = "300M", keep_container: bool = False,
+                while_serving: Callable[[JourneyResult, int], None] | None = None) -> JourneyResult:
+    """Run the journey; ``while_serving(result, container_leader_pid)`` is called while llm@tiny answers."""
     from packager.demo_model import make_tiny_model
     from tests.conda.channel import ensure_test_channel
     from tests.nspawn import Container, ensure_rootfs
@@ -312,6 +314,8 @@ def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print
         res.curl = (f"curl -s http://127.0.0.1:{PORT}/v1/chat/completions -H 'Content-Type: application/json' "
                     f"-d '{body}'")
         res.journal = c.journal(f"llm@{SERVICE}")
+        if while_serving is not None:
+            while_serving(res, c.leader_pid)
         res.network_attempts = [ln for ln in res.journal.splitlines()
                                 if any(k in ln for k in ("Network is unreachable", "Failed to establish",
                                                          "Name or service not known",
