@@ -255,7 +255,15 @@ def _cross_checks(chk: _Checker, root: yaml.Node, data: dict, base: Path) -> Non
             prefix = base / str(env["prefix"])
             if not (prefix / "conda-meta").is_dir():
                 add(["environments", i, "prefix"], f"{prefix} is not a conda environment (no conda-meta/)")
-        elif not env.get("conda") and not env.get("python"):
+        if isinstance(env.get("cuda"), str):
+            from installer import cuda as cuda_table
+
+            try:
+                cuda_table.min_driver(env["cuda"])
+            except Exception as e:  # UsageError with the list of known versions
+                add(["environments", i, "cuda"], getattr(e, "message", str(e)) +
+                    " — pick a listed CUDA version, or add its minimum driver (NVIDIA's release notes) to the table")
+        if env.get("prefix") is None and not env.get("conda") and not env.get("python"):
             add(["environments", i], "an environment needs 'conda' specs (and usually 'python') or a 'prefix'")
     for i, m in enumerate(models):
         m = m or {}

@@ -109,6 +109,8 @@ services:
      "is not a conda environment"),
     ("bundle: {name: x, version: '1'}\nenvironments: [{name: e, cuda: '12.8'}]\n",
      "needs 'conda' specs"),
+    ("bundle: {name: x, version: '1'}\nenvironments: [{name: e, cuda: '13.1', conda: [python]}]\n",
+     "CUDA 13.1 is not in the driver table"),
     ("bundle: {name: x, version: '1'}\nmodels: [{name: m, source: local, path: nope}]\n", "is not a directory"),
     ("bundle: {name: x, version: '1', name: y}\nmodels: [{name: m, source: local, path: .}]\n", "duplicate key"),
 ])
