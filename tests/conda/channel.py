@@ -43,6 +43,13 @@ int main(void) {
 """
 
 
+def base_python() -> Path:
+    """The machine's own interpreter (copy_python.py needs only the stdlib). Not sys.executable: a venv's
+    path differs between checkouts and would make every clone build its own channel and vLLM env."""
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return Path(sys.base_prefix) / "bin" / f"python{ver}"
+
+
 def _recipes() -> dict[str, str]:
     base = Path(sys.base_prefix)
     copy_py = HERE / "copy_python.py"
@@ -57,7 +64,7 @@ build:
     skip_pyc_compilation:
       - "**/*.py"
   script:
-    - {sys.executable} {copy_py} {base} $PREFIX
+    - {base_python()} {copy_py} {base} $PREFIX
 """,
         "llmtest-text": """
 package:
