@@ -344,12 +344,28 @@ def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print
         log(r.stdout[-2000:] + r.stderr[-2000:])
         res.uninstall_rc = r.returncode
         after = set(c.changed_paths())
-        res.leftover = sorted(p for p in after - before if not p.startswith(SYSTEM_NOISE))
+        res.leftover = sorted(p for p in after - before
+                              if not p.startswith(SYSTEM_NOISE) and not _same_as_image(c, p))
     return res
 
 
+def _same_as_image(c, path: str) -> bool:
+    """True if ``path`` in the container's overlay is back to what the image has (copied up, then restored:
+    /etc/passwd after the llm user was added and removed, a directory whose new entries were removed)."""
+    upper = c.dir / "upper" / path.lstrip("/")
+    lower = c._lower / path.lstrip("/") if c._lower is not None else None
+    if lower is None or not os.path.lexists(lower) or not os.path.lexists(upper):
+        return False
+    if upper.is_dir() and not upper.is_symlink():
+        return lower.is_dir()
+    if upper.is_symlink() or lower.is_symlink():
+        return upper.is_symlink() and lower.is_symlink() and os.readlink(upper) == os.readlink(lower)
+    return upper.read_bytes() == lower.read_bytes()
+
+
 # written by systemd and journald on their own while the container runs, not by the installer
-SYSTEM_NOISE = ("/var/log/journal", "/var/lib/systemd", "/var/tmp/systemd-private", "/tmp/systemd-private",
+SYSTEM_NOISE = ("/etc/passwd-", "/etc/group-", "/etc/shadow-", "/etc/gshadow-",  # shadow-utils backups
+                "/var/log/journal", "/var/lib/systemd", "/var/tmp/systemd-private", "/tmp/systemd-private",
                 "/var/lib/private", "/var/cache/private", "/run", "/tmp")
 
 

@@ -21,6 +21,7 @@ def journey(tmp_path_factory: pytest.TempPathFactory):
     print(f"bundle {res.bundle_size / 1e6:.0f} MB; volumes: {res.volumes}")
     print("completion:", res.completion.get("chat"))
     print("network attempts logged by vLLM:", res.network_attempts or "none")
+    print("left behind by uninstall:", res.leftover or "nothing")
     return res
 
 
@@ -71,4 +72,4 @@ def test_upgrade_then_rollback_in_real_systemd(journey) -> None:
 
 def test_uninstall_leaves_the_system_as_before(journey) -> None:
     assert journey.uninstall_rc == 0
-    assert journey.leftover == [], journey.leftover
+    assert journey.leftover == [], "\n".join(journey.leftover)
