@@ -50,6 +50,7 @@ class JourneyResult:
     journal: str = ""
     links: str = ""
     network_attempts: list[str] = field(default_factory=list)
+    restarts_after_kill: int = 0
     versions: list[str] = field(default_factory=list)  # active version after upgrade, after rollback
     after_rollback: dict = field(default_factory=dict)
     uninstall_rc: int | None = None
@@ -321,6 +322,20 @@ def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print
                                                          "Name or service not known",
                                                          "Temporary failure in name resolution",
                                                          "Failed to get the IP address"))]
+        # kill -9 vLLM's engine process, as an OOM kill would: the API server then exits 0, and only
+        # Restart=always brings the service back
+        t = time.monotonic()
+        engine = c.run(["pgrep", "-f", "EngineCore"], check=False).stdout.split()
+        if not engine:
+            raise AssertionError("no vLLM EngineCore process found:\n" + c.run(["ps", "axf"]).stdout[-3000:])
+        c.run(["kill", "-9", engine[0]])
+        deadline = time.monotonic() + 120
+        while int(c.show(f"llm@{SERVICE}", "NRestarts") or 0) < 1 and time.monotonic() < deadline:
+            time.sleep(1)
+        res.restarts_after_kill = int(c.show(f"llm@{SERVICE}", "NRestarts") or 0)
+        _wait_healthy(c, timeout=300)
+        stage("kill -9 engine -> healthy", t, note=f"NRestarts={res.restarts_after_kill}")
+
         # upgrade to 1.0.1 (restarts the running instance), then roll back to 1.0.0
         t = time.monotonic()
         r = c.run(["bash", "/media/usb2/tiny-demo-1.0.1/install.sh"], timeout=900, check=False)

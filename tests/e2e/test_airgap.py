@@ -65,6 +65,11 @@ def test_stages_timed(journey) -> None:
         assert n in names
 
 
+def test_kill_9_of_engine_process_is_restarted(journey) -> None:
+    assert journey.restarts_after_kill >= 1
+    assert "kill -9 engine -> healthy" in [s.name for s in journey.stages]
+
+
 def test_upgrade_then_rollback_in_real_systemd(journey) -> None:
     assert journey.versions == ["1.0.1", "1.0.0"]
     assert [m["id"] for m in journey.after_rollback["data"]] == ["tiny"]
