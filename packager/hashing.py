@@ -23,9 +23,10 @@ PARALLEL_MIN_BYTES = 64 << 20
 def _read_chunks(f, bufsize: int):
     # f.read() into a fresh bytes object each time, not f.readinto() one long-lived 1 MiB bytearray. In a
     # fresh process glibc serves that bytearray from its own mmap() region (the mmap threshold starts at
-    # 128 KiB), and copying the page cache into such a region measured 3-5x the kernel time of copying into
-    # heap memory (2 hashing processes, 2.2 GB: 0.6 s vs 0.2 s of sys time, ~20% of the whole hash). read()
-    # frees its chunk each time, which raises glibc's threshold, so from the second chunk on it is heap.
+    # 128 KiB), and on the build VM copying the page cache into such a region at times cost 3-5x the kernel
+    # time of copying into heap memory (2 hashing processes, 2.2 GB: 0.6 s vs 0.2 s of sys time, ~20% of
+    # the hash; not reproducible at other times). read() frees each chunk, which raises glibc's threshold,
+    # so from the second chunk on it is heap memory; it was never slower.
     while chunk := f.read(bufsize):
         yield chunk
 
