@@ -665,6 +665,14 @@ def remove_units(root: Path, names: Iterable[str]) -> list[Path]:
         d = dropin_path(root, n).parent
         if d.is_dir() and not any(d.iterdir()):
             d.rmdir()
+        # the instance's CacheDirectory= (systemd made it for our unit: vLLM's caches), /var/cache/llm/<name>
+        cache = root / cache_dir(n).relative_to("/")
+        if cache.is_dir() and not cache.is_symlink():
+            shutil.rmtree(cache)
+            removed.append(cache)
+    cache_root = root / CACHE_ROOT.relative_to("/")
+    if cache_root.is_dir() and not any(cache_root.iterdir()):
+        cache_root.rmdir()
     if not installed_instances(root):
         for p in (root / UNIT_DIR / TEMPLATE, root / LAUNCHER):
             if p.exists():

@@ -520,9 +520,14 @@ def test_install_units_layout(tmp_path, caplog):
     before = {p: p.read_bytes() for p in written}
     systemd.install_units(root, manifest(), resolve)
     assert {p: p.read_bytes() for p in written} == before
+    # the instance's CacheDirectory (created by systemd when it ran, filled by vLLM) goes with it
+    cache = root / "var/cache/llm/tiny/vllm/modelinfos"
+    cache.mkdir(parents=True)
+    (cache / "x.json").write_text("{}")
     # uninstall leaves nothing of ours
     removed = systemd.remove_units(root, ["qwen3-32b", "tiny"])
-    assert sorted(removed) == sorted(written)
+    assert sorted(removed) == sorted(written + [root / "var/cache/llm/tiny"])
+    assert not (root / "var/cache/llm").exists()
     assert not (root / "etc/llm").exists() and not (root / "opt/llm/bin").exists()
     assert not list((root / "etc/systemd/system").iterdir())
 
