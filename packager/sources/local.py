@@ -3,17 +3,17 @@
 resolve walks ``spec.path``, applies allow/ignore patterns (HF semantics) and hashes every file in
 place, read only, in worker processes (in parallel). Nothing is copied into the content store.
 ``commit`` is the sha256 over the sorted ``(path, sha256)`` list, ``repo`` the directory's absolute
-real path, ``revision`` None. A stat cache in the store's aliases (path, device, inode, size, mtime,
-ctime -> sha256) makes resolving an unchanged directory again cost no hashing.
+real path, ``revision`` None. A stat cache in the store's aliases (path, device, inode, size, mtime
+-> sha256) makes resolving an unchanged directory again cost no hashing.
 
 fetch returns ``{path: the real source file}`` after checking that each file still has the stat it
 was hashed with (a file whose stat changed is hashed again; if its sha256 is no longer the pinned one
 that is an :class:`IntegrityError` naming it). The build then places those files into the bundle with
 :func:`packager.store.place_file`: a hardlink to the operator's file where it can (no bytes copied),
 else a reflink or a verified copy. See :mod:`packager.store` for why sharing the inode is safe (every
-later edit in place is caught by ``pack verify`` and install.sh against the signed manifest). Note
-that a hardlink changes the file's ctime, so after a build into the same filesystem the next resolve
-hashes the files again (at hashing speed) rather than trusting a stat that has moved.
+later edit in place is caught by ``pack verify`` and install.sh against the signed manifest). The
+cache key leaves out ctime because the hardlink into a bundle changes it; within one build, resolve
+and fetch still compare the full stat, ctime included.
 
 Skipped: ``.git/`` and ``.cache/huggingface/`` (client metadata). Symlinks are followed to the real
 file only if the target stays inside the directory; otherwise it is an error (so a hub cache
@@ -89,7 +89,10 @@ def walk_model_dir(root: Path) -> list[tuple[str, Path]]:
 
 
 def _stat_key(path: Path, st: os.stat_result) -> str:
-    raw = f"{path}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+    # No ctime: hardlinking the file into a bundle changes it, which made every rebuild re-hash everything.
+    # An in-place edit that keeps both the size and the exact mtime_ns is missed here, but never silently:
+    # `pack verify` and install.sh check every sha256 against the signed MANIFEST.json.
+    raw = f"{path}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}"
     return hashlib.sha1(raw.encode(), usedforsecurity=False).hexdigest()
 
 
