@@ -2,7 +2,7 @@
 
     source = get_source(spec.source)
     pinned = source.resolve(spec)                 # PinnedModel: commit + files with size/sha256
-    blobs = source.fetch(pinned, store, jobs=4)   # {path: verified blob in the content store}
+    blobs = source.fetch(pinned, store, jobs=4)   # {path: verified file: a store blob, or the local file}
     pinned = pinned.with_hashes(blobs)            # fills sha256 the hub did not list (HF non-LFS files)
 
 Hub clients are imported only when their source is used.

@@ -65,7 +65,11 @@ class Source(Protocol):
 
     def fetch(self, pinned: PinnedModel, store: ContentStore, *, jobs: int = 4,
               progress: bool = True) -> dict[str, Path]:
-        """Ensure every file is in the store, verified; return {relative path: store blob path}."""
+        """Make every file available, verified; return {relative path: a file with exactly its bytes}.
+
+        Hub sources return content-store blobs; the local source returns the operator's own files
+        (hashed in place). The build places either into the bundle with `packager.store.place_file`.
+        """
         ...
 
 
