@@ -51,6 +51,7 @@ class JourneyResult:
     links: str = ""
     network_attempts: list[str] = field(default_factory=list)
     restarts_after_kill: int = 0
+    upgrade_output: str = ""
     versions: list[str] = field(default_factory=list)  # active version after upgrade, after rollback
     after_rollback: dict = field(default_factory=dict)
     uninstall_rc: int | None = None
@@ -342,8 +343,9 @@ def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print
         log(r.stdout[-3000:] + r.stderr[-2000:])
         if r.returncode != 0:
             raise AssertionError(f"upgrade failed:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}")
+        res.upgrade_output = r.stdout + r.stderr
         res.versions.append(_active_version(c))
-        stage("upgrade to 1.0.1", t)
+        stage("upgrade to 1.0.1", t, note="restarts llm@tiny, waits for /health + one completion")
         t = time.monotonic()
         r = c.run(["llm-install", "--rollback"], timeout=600, check=False)
         log(r.stdout[-2000:] + r.stderr[-2000:])

@@ -72,6 +72,8 @@ def test_kill_9_of_engine_process_is_restarted(journey) -> None:
 
 def test_upgrade_then_rollback_in_real_systemd(journey) -> None:
     assert journey.versions == ["1.0.1", "1.0.0"]
+    # the installer restarted the running instance and checked it with a real completion, then printed a curl
+    assert "tiny: healthy after" in journey.upgrade_output and "curl" in journey.upgrade_output
     assert [m["id"] for m in journey.after_rollback["data"]] == ["tiny"]
 
 
