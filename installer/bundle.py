@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -103,6 +102,8 @@ def hash_files(paths: Iterable[str | os.PathLike[str]], *, jobs: int | None = No
         for p in items:
             yield _hash_job(p)
         return
+    from concurrent.futures import ProcessPoolExecutor  # imports multiprocessing: only when needed
+
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         yield from pool.map(_hash_job, items, chunksize=1)
 

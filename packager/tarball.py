@@ -53,7 +53,8 @@ def _norm(ti: tarfile.TarInfo) -> tarfile.TarInfo:
     return ti
 
 
-def write_tar_gz(dest: Path, entries: list[tuple[str, Path]], *, level: int = 9) -> WrittenFile:
+def write_tar_gz(dest: Path, entries: list[tuple[str, Path]], *, level: int = 6) -> WrittenFile:
+    # level 6: half the time of 9 for 0.5% more bytes on the installer package
     """Write ``entries`` ((arcname, source path) pairs; directories are added with their content)."""
     files: dict[str, Path] = {}
     for arc, src in entries:
