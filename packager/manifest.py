@@ -336,7 +336,7 @@ def load_manifest(path: str | Path) -> Manifest:
         _cross_checks(chk, root, data, path.parent)
     if chk.problems:
         raise ManifestError(str(path), [msg for _, msg in sorted(chk.problems, key=lambda p: p[0])])
-    return _to_spec(path, yaml.safe_load(text))
+    return _to_spec(path, yaml.SafeLoader("").construct_document(root))  # from the nodes: no second parse
 
 
 def _tuple(v: Any) -> tuple:

@@ -133,19 +133,22 @@ class Progress:
     """One byte-counting bar per model (per-file bars come from the hub clients)."""
 
     def __init__(self, desc: str, total: int, enabled: bool) -> None:
-        # imported here: tqdm costs ~20 ms of every `pack` start (tqdm.auto ~70 ms: it imports asyncio)
-        from tqdm.std import tqdm
-
-        self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                         disable=not enabled, leave=enabled)
+        self._bar = None
         self._lock = threading.Lock()
+        if enabled:
+            # imported only for a visible bar: tqdm costs ~20 ms of a `pack` start (tqdm.auto ~70: asyncio)
+            from tqdm.std import tqdm
+
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
 
     def done(self, nbytes: int) -> None:
-        with self._lock:
-            self._bar.update(nbytes)
+        if self._bar is not None:
+            with self._lock:
+                self._bar.update(nbytes)
 
     def close(self) -> None:
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
 
 def run_all(fn: Callable[[T], None], items: Sequence[T], jobs: int, what: str) -> None:
