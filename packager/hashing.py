@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from installer.bundle import sha256_file  # one implementation, shared with the target
+
 BUFSIZE = 1 << 20
 # Below this many bytes in total, starting worker processes costs more than it saves.
 PARALLEL_MIN_BYTES = 64 << 20
@@ -29,17 +31,6 @@ def _read_chunks(f, bufsize: int):
     # so from the second chunk on it is heap memory; it was never slower.
     while chunk := f.read(bufsize):
         yield chunk
-
-
-def sha256_file(path: str | os.PathLike[str], bufsize: int = BUFSIZE) -> tuple[str, int]:
-    """Return ``(sha256 hex, size)`` of a file, read once in ``bufsize`` chunks."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb", buffering=0) as f:
-        for chunk in _read_chunks(f, bufsize):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
 
 
 def git_blob_sha1_and_sha256(path: str | os.PathLike[str], bufsize: int = BUFSIZE) -> tuple[str, str, int]:
