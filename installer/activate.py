@@ -37,6 +37,7 @@ from installer import state as st
 from installer.bundle import MANIFEST_NAME, SIGNATURE_NAME, Bundle, check_relpath
 from installer.errors import BundleError, InstallError, IntegrityError, PreflightError
 from installer.extract import DEFAULT_WORKERS, copy_verified, extract_archive
+from installer.sizes import human_size
 
 INSTALL_DIR = "/opt/llm"
 ENVS = f"{INSTALL_DIR}/envs"
@@ -256,7 +257,7 @@ class Installer:
         art = bundle.artifact(str(env["artifact"]))
         parent = self.mkdir(str(Path(target).parent))
         partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=parent))
-        self.say(f"environment {env['name']}: verifying and unpacking {art.path} ({_human(art.size)})")
+        self.say(f"environment {env['name']}: verifying and unpacking {art.path} ({human_size(art.size)})")
         try:
             res = extract_archive(
                 bundle.path_of(art),
@@ -303,7 +304,7 @@ class Installer:
         total = sum(a.size for _, a in arts)
         parent = self.mkdir(str(Path(target).parent))
         partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=parent))
-        self.say(f"model {model['name']}: verifying and copying {len(arts)} files ({_human(total)})")
+        self.say(f"model {model['name']}: verifying and copying {len(arts)} files ({human_size(total)})")
         try:
             for f, _ in arts:
                 (partial / f["path"]).parent.mkdir(parents=True, exist_ok=True)
@@ -1058,14 +1059,6 @@ def _remove(p: Path) -> None:
         p.unlink()
     elif p.is_dir():
         shutil.rmtree(p)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def _now() -> str:

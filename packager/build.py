@@ -15,6 +15,7 @@ from pathlib import Path
 
 from installer import bundle as fmt
 from installer.errors import UsageError
+from installer.sizes import human_size
 from packager import __version__
 from packager.manifest import load_manifest
 from packager.spec import EnvSpec, Manifest, ServiceSpec
@@ -84,7 +85,7 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
             raise UsageError(f"model {spec.name}: no files in {p.repo or spec.path} match allow_patterns/"
                              "ignore_patterns", hint="check the patterns in the manifest")
         log(f"model {spec.name}: {spec.source} {p.repo or spec.path} {p.revision or ''} -> {p.commit} "
-            f"({len(p.files)} files, {_human(sum(f.size for f in p.files))})")
+            f"({len(p.files)} files, {human_size(sum(f.size for f in p.files))})")
         pinned.append(p)
     timings["resolve"] = time.monotonic() - t
 
@@ -172,7 +173,7 @@ def _build_env(spec: EnvSpec, manifest: Manifest, opts: BuildOptions, log):
         f"({time.monotonic() - t:.1f}s)")
     t = time.monotonic()
     packed = cached_pack(built, work / "packed")
-    log(f"environment {spec.name}: packed {_human(packed.size)} ({time.monotonic() - t:.1f}s)")
+    log(f"environment {spec.name}: packed {human_size(packed.size)} ({time.monotonic() - t:.1f}s)")
     return spec, built, packed
 
 
@@ -237,11 +238,3 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 def _short_py(version: str) -> str:
     return ".".join(version.split(".")[:2])
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"

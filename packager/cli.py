@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from installer.errors import LlmPackError
+from installer.sizes import human_size
 from packager import __version__
 
 EPILOG = """\b
@@ -80,7 +81,7 @@ def build(manifest: Path, out_dir: Path, key: Path | None, store: Path | None, j
     res = do_build(BuildOptions(manifest=manifest, out_dir=out_dir, key=key, store=store, jobs=jobs,
                                 progress=not no_progress and not as_json), log=log)
     _emit(res.to_dict(), as_json,
-          f"bundle {res.bundle_dir} ({_human(res.size)}, {res.artifacts} artifacts, "
+          f"bundle {res.bundle_dir} ({human_size(res.size)}, {res.artifacts} artifacts, "
           f"{'signed by ' + res.signed_by if res.signed_by else 'UNSIGNED'}) in {res.seconds:.1f}s")
 
 
@@ -118,7 +119,7 @@ def verify(bundle: Path, pubkeys: tuple[Path, ...], insecure: bool, jobs: int | 
     _emit({"ok": True, "bundle": str(b.root), "signed_by": signer, "artifacts": len(b.artifacts), "size": size,
            "seconds": round(secs, 2)}, as_json,
           f"OK {b.root}: signature {'by ' + signer if signer else 'NOT CHECKED (--insecure)'}, "
-          f"{len(b.artifacts)} artifacts, {_human(size)} verified in {secs:.1f}s "
+          f"{len(b.artifacts)} artifacts, {human_size(size)} verified in {secs:.1f}s "
           f"({size / max(secs, 1e-9) / 1e6:.0f} MB/s)")
 
 
@@ -169,7 +170,7 @@ def split(bundle: Path, size: str, out_dir: Path | None, as_json: bool) -> None:
     b = Bundle.load(bundle)
     vols = split_bundle(b.root, out_dir or b.root.parent, parse_size(size))
     info = {"bundle": str(b.root), "volumes": [{"path": str(v), "size": _dir_size(v)} for v in vols]}
-    lines = [f"{len(vols)} volume(s) of at most {size}:"] + [f"  {v['path']}  {_human(v['size'])}"
+    lines = [f"{len(vols)} volume(s) of at most {size}:"] + [f"  {v['path']}  {human_size(v['size'])}"
                                                             for v in info["volumes"]]
     _emit(info, as_json, "\n".join(lines))
 
@@ -195,12 +196,6 @@ def validate(manifest: Path) -> None:
 
 def _dir_size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-
-
-def _human(n: float) -> str:
-    from packager.build import _human as h
-
-    return h(n)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from installer.bundle import SIGNATURE_NAME, Bundle
+from installer.sizes import human_size
 
 
 def describe(path: Path) -> dict:
@@ -33,9 +34,7 @@ def describe(path: Path) -> dict:
 
 
 def _h(n: int | None) -> str:
-    from packager.build import _human
-
-    return "?" if n is None else _human(n)
+    return "?" if n is None else human_size(n)
 
 
 def render(info: dict) -> str:

@@ -13,7 +13,6 @@ import pytest
 from huggingface_hub.utils import filter_repo_objects
 
 from installer.errors import IntegrityError, NotFoundError, SourceError, UsageError
-from packager.hashing import PARALLEL_MIN_BYTES
 from packager.sources import get_source
 from packager.sources.base import content_hash, filter_paths
 from packager.sources.local import LocalSource
@@ -203,7 +202,7 @@ def test_fetch_with_another_store_rehashes_against_the_pin(tmp_path: Path, store
 def test_parallel_hashing_large(tmp_path: Path, store: ContentStore) -> None:
     root = tmp_path / "big"
     root.mkdir()
-    data = {f"model-{i}.safetensors": os.urandom(PARALLEL_MIN_BYTES // 3 + 1) for i in range(4)}
+    data = {f"model-{i}.safetensors": os.urandom((8 << 20) + 1) for i in range(4)}
     for rel, d in data.items():
         (root / rel).write_bytes(d)
     os.symlink("model-0.safetensors", root / "same.safetensors")  # one file under two names

@@ -11,15 +11,7 @@ from pathlib import Path
 import pytest
 
 from installer.errors import IntegrityError, NotFoundError, UsageError
-from packager.hashing import (
-    PARALLEL_MIN_BYTES,
-    copy_and_hash,
-    copy_and_hash_parallel,
-    git_blob_sha1_and_sha256,
-    hash_files_parallel,
-    iter_hash_files,
-    sha256_file,
-)
+from packager.hashing import copy_and_hash, git_blob_sha1_and_sha256, hash_files, sha256_file
 from packager.store import ContentStore, default_store_root, place_file
 
 
@@ -61,24 +53,28 @@ def test_git_blob_sha1_matches_git(tmp_path: Path) -> None:
     assert (oid, sha, size) == (want.strip(), _sha(data), len(data))
 
 
-def test_parallel_hash_and_copy_use_processes_and_agree(tmp_path: Path) -> None:
-    # enough bytes that the process pool is really used
-    per_file = PARALLEL_MIN_BYTES // 2 + 1
-    files = [_write(tmp_path / f"w{i}.bin", os.urandom(per_file)) for i in range(3)]
-    expected = {p: sha256_file(p) for p in files}
-    assert hash_files_parallel(files, jobs=2) == expected
-    dsts = [tmp_path / f"copy{i}.bin" for i in range(3)]
-    assert copy_and_hash_parallel(list(zip(files, dsts)), jobs=2) == [expected[p] for p in files]
-    assert all(d.read_bytes() == s.read_bytes() for s, d in zip(files, dsts))
+def test_hash_files_in_threads_agrees_and_reports_every_byte(tmp_path: Path) -> None:
+    files = [_write(tmp_path / f"w{i}.bin", os.urandom((3 << 20) * (i + 1) + i)) for i in range(3)]
+    expected = {os.fspath(p): sha256_file(p) for p in files}
+    seen: list[int] = []
+    ordered = list(hash_files(files, jobs=2, on_bytes=seen.append))
+    assert [(p, (d, n)) for p, d, n in ordered] == [(os.fspath(p), expected[os.fspath(p)]) for p in files]
+    assert sum(seen) == sum(p.stat().st_size for p in files)  # progress per chunk, from the worker threads
+    unordered = list(hash_files(files, jobs=2, ordered=False))
+    assert sorted(unordered) == sorted((p, *v) for p, v in expected.items())
+    assert [p for p, _, _ in hash_files(files[::-1], jobs=1)] == [os.fspath(p) for p in files[::-1]]
 
 
-def test_iter_hash_files_biggest_first_and_errors(tmp_path: Path) -> None:
-    files = [_write(tmp_path / f"w{i}.bin", os.urandom(PARALLEL_MIN_BYTES // 4 * (i + 1))) for i in range(3)]
-    got = list(iter_hash_files(files, jobs=2))
-    assert sorted(got) == sorted((p, *sha256_file(p)) for p in files)
-    assert [p for p, _, _ in list(iter_hash_files(files, jobs=1))] == files[::-1]  # in-process: biggest first
+def test_hash_files_raises_the_first_error_and_stops_the_others(tmp_path: Path) -> None:
+    big = _write(tmp_path / "big.bin", os.urandom(1 << 20) * 64)  # 64 MiB, ~30 ms per thread
     with pytest.raises(FileNotFoundError):
-        list(iter_hash_files([*files, tmp_path / "gone.bin"], jobs=2))
+        list(hash_files([big, tmp_path / "gone.bin", big], jobs=2, ordered=False))
+    # closing the generator early cancels: the running hash stops at its next chunk
+    chunks: list[int] = []
+    gen = hash_files([big, big, big, big], jobs=2, on_bytes=chunks.append)
+    next(gen)
+    gen.close()
+    assert sum(chunks) < 4 * big.stat().st_size
 
 
 # -- store ---------------------------------------------------------------------------------------------------

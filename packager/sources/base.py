@@ -141,6 +141,11 @@ class Progress:
 
             self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
 
+    @property
+    def callback(self) -> Callable[[int], None] | None:
+        """:meth:`done`, or None without a visible bar (so hot loops skip the call)."""
+        return self.done if self._bar is not None else None
+
     def done(self, nbytes: int) -> None:
         if self._bar is not None:
             with self._lock:

@@ -29,7 +29,7 @@ from contextlib import closing
 from pathlib import Path
 
 from installer.errors import IntegrityError, NotFoundError, SourceError, UsageError
-from packager.hashing import iter_hash_files
+from packager.hashing import hash_files
 from packager.sources.base import PinnedModel, Progress, RemoteFile, content_hash, filter_paths
 from packager.spec import ModelSpec
 from packager.store import ContentStore
@@ -114,15 +114,16 @@ def _hash_in_place(items: list[tuple[str, Path]], store: ContentStore, jobs: int
     before = {src: src.stat() for src in rels}
     results: dict[str, tuple[str, int]] = {}
     try:
-        with closing(iter_hash_files(list(before), jobs)) as hashed:
-            for src, sha, size in hashed:
+        biggest_first = sorted(before, key=lambda src: -before[src].st_size)
+        with closing(hash_files(biggest_first, jobs=jobs, ordered=False, on_bytes=bar.callback)) as hashed:
+            for name, sha, size in hashed:
+                src = Path(name)
                 st = before[src]
                 if size != st.st_size or not _same(src.stat(), st):
                     raise SourceError(f"{src} changed while it was hashed", hint=CHANGED_HINT)
                 store.record_alias(STAT_ALIAS, _stat_key(src, st), sha)
                 for rel in rels[src]:
                     results[rel] = (sha, size)
-                bar.done(size)
     except OSError as e:
         name = getattr(e, "filename", None) or "a file"
         raise SourceError(f"cannot read {name} of the model directory: {e.strerror or e}",
