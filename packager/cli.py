@@ -60,7 +60,7 @@ def _emit(obj: dict, as_json: bool, text: str) -> None:
 @click.option("--store", type=click.Path(path_type=Path),
               help="Content store for downloads, reused between builds [default: ~/.cache/llm-pack/store].")
 @click.option("--jobs", "-j", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="Parallel downloads / hashing processes.")
+              help="Parallel downloads / hashing threads.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (logs go to stderr).")
 def build(manifest: Path, out_dir: Path, key: Path | None, store: Path | None, jobs: int, no_progress: bool,
@@ -90,7 +90,7 @@ def build(manifest: Path, out_dir: Path, key: Path | None, store: Path | None, j
 @click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(path_type=Path),
               help="Trusted public key (.pub from `pack keygen`); repeat for several.")
 @click.option("--insecure", is_flag=True, help="Skip the signature check (hashes are still checked).")
-@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=None, help="Hashing processes [default: cores].")
+@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=None, help="Hashing threads [default: cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def verify(bundle: Path, pubkeys: tuple[Path, ...], insecure: bool, jobs: int | None, as_json: bool) -> None:
     """Check BUNDLE's signature and the size and sha256 of every file.
