@@ -19,9 +19,10 @@ from installer.sizes import human_size
 from packager import __version__
 from packager.manifest import load_manifest
 from packager.spec import EnvSpec, Manifest, ServiceSpec
-from packager.tarball import write_tar_gz
+from packager.tarball import inputs_key, write_tar_gz
 
 INSTALLER_PKG = Path(__file__).resolve().parent.parent / "installer"
+INSTALLER_ALIAS = "installer-archive"  # content store alias: inputs_key of the installer package -> blob
 CONFIG_KEYS = ("architectures", "model_type", "num_attention_heads", "num_key_value_heads", "hidden_size",
                "num_hidden_layers", "torch_dtype", "dtype", "max_position_embeddings", "head_dim")
 
@@ -106,8 +107,8 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
         links: dict[str, int] = {}
         install_sh = INSTALLER_PKG / "install.sh"
         w.add_bytes(fmt.INSTALL_SH, install_sh.read_bytes(), kind="bootstrap", mode=0o755)
-        wf = write_tar_gz(w.path(fmt.INSTALLER_ARCHIVE), [("installer", INSTALLER_PKG)])
-        w.record(fmt.INSTALLER_ARCHIVE, kind="installer", sha256=wf.sha256, size=wf.size)
+        sha, size = installer_archive(store, w.path(fmt.INSTALLER_ARCHIVE))
+        w.record(fmt.INSTALLER_ARCHIVE, kind="installer", sha256=sha, size=size)
         runtime = None
         env_entries = []
         for i, (spec, built, packed) in enumerate(built_envs):
@@ -159,6 +160,26 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
                                       "min_driver": e["min_driver"], "size": e["archive_size"]}
                                      for e in env_entries],
                        timings=timings)
+
+
+def installer_archive(store, dest: Path, pkg: Path = INSTALLER_PKG) -> tuple[str, int]:
+    """Put installer.tar.gz (the installer package as it is now) at ``dest``; ``(sha256, size)``.
+
+    The archive is deterministic, so one built before from the same inputs (same :func:`inputs_key`) is the
+    same bytes: it is kept in the content store and hardlinked, not compressed again on every build.
+    """
+    entries = [("installer", pkg)]
+    key = inputs_key(entries)
+    sha = store.lookup_alias(INSTALLER_ALIAS, key)
+    if sha is None:
+        tmp = store.tmpdir() / f"installer-{os.getpid()}-{time.monotonic_ns()}.tar.gz"
+        wf = write_tar_gz(tmp, entries)
+        store.add_file(tmp, expected_sha256=wf.sha256, expected_size=wf.size, name=fmt.INSTALLER_ARCHIVE,
+                       move=True)
+        store.record_alias(INSTALLER_ALIAS, key, wf.sha256)
+        sha = wf.sha256
+    store.link_into(sha, dest)
+    return sha, dest.stat().st_size
 
 
 def _build_env(spec: EnvSpec, manifest: Manifest, opts: BuildOptions, log):

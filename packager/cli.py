@@ -168,10 +168,12 @@ def split(bundle: Path, size: str, out_dir: Path | None, as_json: bool) -> None:
     from installer.volumes import parse_size, split_bundle
 
     b = Bundle.load(bundle)
-    vols = split_bundle(b.root, out_dir or b.root.parent, parse_size(size))
-    info = {"bundle": str(b.root), "volumes": [{"path": str(v), "size": _dir_size(v)} for v in vols]}
-    lines = [f"{len(vols)} volume(s) of at most {size}:"] + [f"  {v['path']}  {human_size(v['size'])}"
-                                                            for v in info["volumes"]]
+    limit = parse_size(size)
+    vols = split_bundle(b.root, out_dir or b.root.parent, limit)
+    info = {"bundle": str(b.root), "max_size": limit,
+            "volumes": [{"path": str(v), "size": _dir_size(v)} for v in vols]}
+    lines = [f"{len(vols)} volume(s) of at most {size} ({human_size(limit)}):"] + \
+        [f"  {v['path']}  {human_size(v['size'])}" for v in info["volumes"]]
     _emit(info, as_json, "\n".join(lines))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,11 @@ import pytest
 from click.testing import CliRunner
 
 from installer import bundle as fmt
+from packager.build import INSTALLER_PKG, installer_archive
 from packager.cli import main
 from packager.demo_model import make_tiny_model
+from packager.store import ContentStore
+from packager.tarball import inputs_key, write_tar_gz
 
 pytest_plugins = ("tests.hub.fixtures",)
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +107,29 @@ def test_same_inputs_give_identical_bytes_and_rebuild_fetches_nothing(tmp_path: 
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     for rel in files:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_installer_archive_is_reused_only_while_the_installer_is_unchanged(tmp_path: Path) -> None:
+    pkg = tmp_path / "installer"
+    shutil.copytree(INSTALLER_PKG, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    store = ContentStore(tmp_path / "store")
+    sha1, size1 = installer_archive(store, tmp_path / "b1" / "installer.tar.gz", pkg)
+    fresh = write_tar_gz(tmp_path / "fresh.tar.gz", [("installer", pkg)])
+    assert (sha1, size1) == (fresh.sha256, fresh.size)  # the bytes a fresh archive has
+    second = tmp_path / "b2" / "installer.tar.gz"
+    assert installer_archive(store, second, pkg)[0] == sha1
+    assert second.stat().st_ino == store.blob(sha1).stat().st_ino  # reused: hardlinked, not compressed again
+
+    key = inputs_key([("installer", pkg)])
+    os.utime(pkg / "bundle.py", (1, 1))  # mtimes are not in the archive (fixed): same key
+    assert inputs_key([("installer", pkg)]) == key
+    (pkg / "errors.py").chmod(0o755)  # the exec bit is
+    assert inputs_key([("installer", pkg)]) != key
+    (pkg / "errors.py").chmod(0o644)
+    with open(pkg / "bundle.py", "a") as f:
+        f.write("# changed\n")
+    sha3, _ = installer_archive(store, tmp_path / "b3" / "installer.tar.gz", pkg)
+    assert sha3 != sha1 and sha3 == write_tar_gz(tmp_path / "fresh3.tar.gz", [("installer", pkg)]).sha256
 
 
 def test_bad_manifest_via_cli_lists_problems_no_traceback(tmp_path: Path) -> None:
