@@ -1,19 +1,8 @@
-"""Unpack, activate, roll back and uninstall bundles on the target.
+"""Install a verified bundle: preflight, plan, place everything beside what is serving, then switch.
 
-Layout (target paths; with ``--root DIR`` everything lands under DIR instead and nothing runs)::
-
-    /opt/llm/envs/<env>/<content_hash[:16]>/     unpacked env, conda-unpack run there, .llm-installed.json
-    /opt/llm/models/<model>/<commit>/             model files (real files)
-    /opt/llm/hf-cache/hub/models--org--name/      HF cache view: snapshots/<sha>/* -> real files, refs/main
-    /opt/llm/runtime/<sha[:16]>/, current         the installer's Python (kept for rollback/uninstall/status)
-    /opt/llm/installer/<sha[:16]>/, current       the installer package + install.sh
-    /usr/local/sbin/llm-install                   wrapper: the installed install.sh without the bundle's disk
-    /var/lib/llm/state.json, lock, bundles/<id>/  records (installer.state), a copy of each MANIFEST.json
-
-Every environment and model directory is built beside its final place (``.<name>.partial-XXXX``) and
-renamed when complete and verified, so an interrupted install leaves only partial directories, which the
-next run removes. The state file is the commit point: a version becomes active only when everything it
-needs is in place and its units are written; the previous version stays installed for ``rollback``.
+The state file is the commit point: a version becomes active only when everything it needs is in place and
+its units are written; the previous version stays installed for rollback (:mod:`installer.lifecycle`). A
+failed activation restores the units of the version that was active.
 """
 
 from __future__ import annotations
@@ -21,93 +10,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import hashlib
-import json
-import os
-import re
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from installer import state as st
-from installer.bundle import MANIFEST_NAME, SIGNATURE_NAME, Bundle, check_relpath
+from installer.bundle import MANIFEST_NAME, SIGNATURE_NAME, Bundle
 from installer.errors import BundleError, InstallError, IntegrityError, PreflightError
-from installer.extract import DEFAULT_WORKERS, copy_verified, extract_archive
-from installer.sizes import human_size
-
-INSTALL_DIR = "/opt/llm"
-ENVS = f"{INSTALL_DIR}/envs"
-MODELS = f"{INSTALL_DIR}/models"
-HF_HUB = f"{INSTALL_DIR}/hf-cache/hub"
-RUNTIMES = f"{INSTALL_DIR}/runtime"
-INSTALLERS = f"{INSTALL_DIR}/installer"
-WRAPPER = "/usr/local/sbin/llm-install"
-BUNDLE_RECORDS = f"/{st.STATE_DIR}/bundles"
-ENV_MARKER = ".llm-installed.json"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-Say = Callable[[str], None]
-
-
-def _safe_name(value: str, what: str) -> str:
-    if not _NAME_RE.match(str(value)) or ".." in str(value):
-        raise BundleError(
-            f"unsafe {what} {value!r} in {MANIFEST_NAME}",
-            hint="the manifest was not produced by `pack build`; do not install this bundle",
-        )
-    return str(value)
-
-
-def bundle_id(bundle: Bundle) -> str:
-    return (
-        f"{_safe_name(bundle.name, 'bundle name')}-{_safe_name(bundle.version, 'version')}-"
-        f"{bundle.manifest_sha256[:12]}"
-    )
-
-
-def env_dir(env: Mapping) -> str:
-    h = str(env.get("content_hash") or "")
-    if not re.fullmatch(r"[0-9a-f]{16,64}", h):
-        raise BundleError(f"environment {env.get('name')!r}: missing or malformed content_hash")
-    return f"{ENVS}/{_safe_name(env['name'], 'environment name')}/{h[:16]}"
-
-
-def model_version(model: Mapping) -> str:
-    commit = model.get("commit")
-    if commit:
-        return _safe_name(str(commit), "model commit")
-    files = json.dumps(sorted((f["path"], f["sha256"]) for f in model.get("files", [])))
-    return "local-" + hashlib.sha256(files.encode()).hexdigest()[:16]
-
-
-def model_dir(model: Mapping) -> str:
-    return f"{MODELS}/{_safe_name(model['name'], 'model name')}/{model_version(model)}"
-
-
-def hf_repo_dir(repo: str) -> str:
-    org, _, name = str(repo).partition("/")
-    if not name:
-        org, name = "", org
-    folder = "models--" + "--".join(p for p in (org, name) if p)
-    return f"{HF_HUB}/{_safe_name(folder, 'repo id')}"
-
-
-@dataclass
-class Target:
-    """Maps target paths (what the server sees) to host paths (under ``--root``)."""
-
-    root: Path
-
-    @property
-    def live(self) -> bool:
-        return self.root.resolve() == Path("/")
-
-    def host(self, target: str) -> Path:
-        return self.root / str(target).lstrip("/")
+from installer.extract import DEFAULT_WORKERS
+from installer.layout import (
+    BUNDLE_RECORDS,
+    HF_HUB,
+    INSTALL_DIR,
+    Say,
+    Target,
+    bundle_id,
+    env_dir,
+    model_dir,
+    model_version,
+)
+from installer.placement import Installer, model_intact, write_atomic
 
 
 @dataclass
@@ -139,281 +61,9 @@ class Plan:
         return "\n".join(f"  {a.ljust(w)}  {what}" for a, what in self.steps)
 
 
-class Installer:
-    """One run of the installer against ``root`` (holds the state while the lock is held)."""
-
-    def __init__(self, root: Path, say: Say = print) -> None:
-        self.t = Target(Path(root))
-        self.say = say
-        self.state = st.load_state(self.t.root)
-
-    # ------------------------------------------------------------------ bookkeeping
-    def save(self) -> None:
-        st.save_state(self.t.root, self.state)
-
-    def mkdir(self, target: str) -> Path:
-        """mkdir -p, recording every directory this creates (uninstall removes them again if empty)."""
-        missing = []
-        p = self.t.host(target)
-        while not p.exists():
-            missing.append(p)
-            p = p.parent
-        for d in reversed(missing):
-            d.mkdir(mode=0o755)
-            rel = "/" + d.relative_to(self.t.root).as_posix()
-            if rel not in self.state["dirs"]:
-                self.state["dirs"].append(rel)
-        return self.t.host(target)
-
-    def own(self, target: str, kind: str, user: str) -> None:
-        obj = self.state["objects"].setdefault(target, {"kind": kind, "users": []})
-        if user not in obj["users"]:
-            obj["users"].append(user)
-
-    def use(self, target: str, user: str) -> None:
-        """Add ``user`` to an object the installer created (pre-existing things are never taken over)."""
-        obj = self.state["objects"].get(target)
-        if obj is not None and user not in obj["users"]:
-            obj["users"].append(user)
-
-    def release(self, user: str) -> list[str]:
-        """Drop ``user`` from every object; delete the objects nobody uses any more. Returns those deleted."""
-        gone = []
-        for target, obj in sorted(self.state["objects"].items(), key=lambda kv: -len(kv[0])):
-            if user in obj["users"]:
-                obj["users"].remove(user)
-            if not obj["users"]:
-                _remove(self.t.host(target))
-                del self.state["objects"][target]
-                gone.append(target)
-        self.prune_dirs()
-        return gone
-
-    def prune_dirs(self) -> None:
-        for d in sorted(self.state["dirs"], key=len, reverse=True):
-            p = self.t.host(d)
-            if p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
-                p.rmdir()
-            if not p.exists():
-                self.state["dirs"].remove(d)
-
-    def clean_partials(self) -> None:
-        """Remove what an interrupted install left: partial dirs, envs without their completion marker."""
-        for base in (ENVS, MODELS, RUNTIMES, INSTALLERS):
-            top = self.t.host(base)
-            if not top.is_dir():
-                continue
-            for d in list(top.glob(".*.partial-*")) + list(top.glob("*/.*.partial-*")):
-                self.say(f"removing {d.name} left by an interrupted install")
-                shutil.rmtree(d, ignore_errors=True)
-        envs = self.t.host(ENVS)
-        if envs.is_dir():
-            for d in envs.glob("*/*"):
-                if d.is_dir() and not d.name.startswith(".") and not (d / ENV_MARKER).exists():
-                    self.say(f"removing incomplete environment {d} (interrupted before it was finished)")
-                    shutil.rmtree(d, ignore_errors=True)
-
-    def stored_manifest(self, bid: str) -> dict:
-        p = self.t.host(f"{BUNDLE_RECORDS}/{bid}/{MANIFEST_NAME}")
-        try:
-            return json.loads(p.read_bytes())
-        except (OSError, ValueError) as e:
-            raise InstallError(
-                f"the record of installed bundle {bid} is missing or damaged ({p}: {e})"
-            ) from e
-
-    def line_of(self, name: str | None) -> tuple[str, dict]:
-        lines = self.state["lines"]
-        if name is None:
-            if len(lines) == 1:
-                name = next(iter(lines))
-            elif not lines:
-                raise InstallError("nothing is installed here", hint="install a bundle with install.sh first")
-            else:
-                raise InstallError(
-                    f"several bundles are installed ({', '.join(sorted(lines))})",
-                    hint="say which one with --name NAME",
-                )
-        if name not in lines:
-            raise InstallError(
-                f"no bundle named {name!r} is installed",
-                hint=f"installed: {', '.join(sorted(lines)) or 'none'}",
-            )
-        return name, lines[name]
-
-    # ------------------------------------------------------------------ environments and models
-    def env_complete(self, target: str) -> bool:
-        return (self.t.host(target) / ENV_MARKER).is_file()
-
-    def install_env(self, bundle: Bundle, env: Mapping, bid: str, workers: int) -> str:
-        target = env_dir(env)
-        final = self.t.host(target)
-        if self.env_complete(target):
-            self.use(target, bid)
-            self.say(f"environment {env['name']}: already installed at {target} (reused)")
-            return target
-        if final.exists():  # renamed but conda-unpack/marker never finished: redo it
-            shutil.rmtree(final)
-        art = bundle.artifact(str(env["artifact"]))
-        parent = self.mkdir(str(Path(target).parent))
-        partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=parent))
-        self.say(f"environment {env['name']}: verifying and unpacking {art.path} ({human_size(art.size)})")
-        try:
-            res = extract_archive(
-                bundle.path_of(art),
-                partial,
-                expected_sha256=art.sha256,
-                expected_size=art.size,
-                display_name=art.path,
-                workers=workers,
-            )
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        os.chmod(partial, 0o755)
-        os.rename(partial, final)
-        self.own(target, "tree", bid)
-        self.save()  # from here on uninstall knows the directory, even if conda-unpack fails
-        self.say(
-            f"environment {env['name']}: {res.members} files in {res.seconds:.1f} s; running conda-unpack"
-        )
-        run_conda_unpack(final, target)
-        marker = {
-            "environment": env["name"],
-            "content_hash": env["content_hash"],
-            "artifact_sha256": art.sha256,
-            "installed_by": bid,
-        }
-        _write_atomic(final / ENV_MARKER, json.dumps(marker, indent=1, sort_keys=True) + "\n")
-        return target
-
-    def install_model(self, bundle: Bundle, model: Mapping, bid: str, workers: int) -> str:
-        target = model_dir(model)
-        final = self.t.host(target)
-        files = list(model.get("files") or [])
-        if final.is_dir() and _model_intact(final, files):
-            self.use(target, bid)
-            self.say(f"model {model['name']}: already installed at {target} (reused)")
-            return target
-        if final.exists():
-            shutil.rmtree(final)
-        src_dir = str(model.get("dir") or f"models/{model['name']}")
-        arts = [
-            (f, bundle.artifact(f"{src_dir}/{check_relpath(f['path'], what='model file')}")) for f in files
-        ]
-        total = sum(a.size for _, a in arts)
-        parent = self.mkdir(str(Path(target).parent))
-        partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=parent))
-        self.say(f"model {model['name']}: verifying and copying {len(arts)} files ({human_size(total)})")
-        try:
-            for f, _ in arts:
-                (partial / f["path"]).parent.mkdir(parents=True, exist_ok=True)
-            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                jobs = [
-                    pool.submit(
-                        copy_verified,
-                        bundle.path_of(a),
-                        partial / f["path"],
-                        expected_sha256=a.sha256,
-                        expected_size=a.size,
-                        display_name=a.path,
-                    )
-                    for f, a in sorted(arts, key=lambda fa: -fa[1].size)
-                ]
-                for j in jobs:
-                    j.result()
-            for d in [partial, *(p for p in partial.rglob("*") if p.is_dir())]:
-                os.chmod(d, 0o755)
-            os.rename(partial, final)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        self.own(target, "tree", bid)
-        return target
-
-    def hf_view(self, model: Mapping, mdir: str, bid: str) -> str:
-        """``models--org--name/snapshots/<sha>/<file>``: relative links to the real files. Returns the dir."""
-        repo = model.get("repo") or model["name"]
-        rdir = hf_repo_dir(repo)
-        snap = f"{rdir}/snapshots/{model_version(model)}"
-        host_snap = self.t.host(snap)
-        if not host_snap.is_dir():
-            self.mkdir(f"{rdir}/snapshots")
-            tmp = Path(tempfile.mkdtemp(prefix=f".{host_snap.name}.partial-", dir=host_snap.parent))
-            for f in model.get("files") or []:
-                link = tmp / f["path"]
-                link.parent.mkdir(parents=True, exist_ok=True)
-                real = self.t.host(f"{mdir}/{f['path']}")
-                rel = os.path.relpath(real, host_snap / Path(f["path"]).parent)
-                os.symlink(rel, link)
-            for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir() and not p.is_symlink())]:
-                os.chmod(d, 0o755)
-            os.rename(tmp, host_snap)
-            self.own(snap, "tree", bid)
-        else:
-            self.use(snap, bid)
-        return rdir
-
-    def set_ref(self, rdir: str, commit: str, line: str) -> None:
-        refs = self.mkdir(f"{rdir}/refs")
-        _write_atomic(refs / "main", commit)
-        self.own(f"{rdir}/refs/main", "file", f"line:{line}")
-
-    # ------------------------------------------------------------------ bootstrap copy
-    def keep_bootstrap(self, bundle: Bundle, bootstrap: Path, bid: str) -> None:
-        """Keep the verified runtime, installer and install.sh so rollback/uninstall/status work later."""
-        m = bundle.manifest
-        runtime = m.get("runtime") or None
-        boot = self.state["bootstrap"]
-        if runtime and (bootstrap / "runtime").is_dir():
-            sha = bundle.artifact(runtime["artifact"]).sha256[:16]
-            tgt = f"{RUNTIMES}/{sha}"
-            if not self.t.host(tgt).is_dir():
-                _copy_tree(bootstrap / "runtime", self.t.host(tgt), self.mkdir(RUNTIMES))
-                self.own(tgt, "tree", bid)
-            else:
-                self.use(tgt, bid)
-            _relink(self.t.host(f"{RUNTIMES}/current"), sha)
-            self.own(f"{RUNTIMES}/current", "file", "bootstrap")
-            boot["runtime"] = tgt
-            boot["python"] = runtime.get("python")
-        inst_art = (m.get("installer") or {}).get("artifact")
-        if inst_art and (bootstrap / "installer").is_dir():
-            sha = bundle.artifact(inst_art).sha256[:16]
-            tgt = f"{INSTALLERS}/{sha}"
-            if not self.t.host(tgt).is_dir():
-                tmp = Path(tempfile.mkdtemp(prefix=f".{sha}.partial-", dir=self.mkdir(INSTALLERS)))
-                shutil.copytree(
-                    bootstrap / "installer" / "installer",
-                    tmp / "installer",
-                    symlinks=True,
-                    ignore=shutil.ignore_patterns("__pycache__"),
-                )
-                sh = bundle.path_of("install.sh")
-                if sh.is_file():
-                    shutil.copy2(sh, tmp / "install.sh")
-                    os.chmod(tmp / "install.sh", 0o755)
-                os.chmod(tmp, 0o755)
-                os.rename(tmp, self.t.host(tgt))
-                self.own(tgt, "tree", bid)
-            else:
-                self.use(tgt, bid)
-            _relink(self.t.host(f"{INSTALLERS}/current"), sha)
-            self.own(f"{INSTALLERS}/current", "file", "bootstrap")
-            boot["installer"] = tgt
-        if boot.get("runtime") and boot.get("installer"):
-            self.mkdir(str(Path(WRAPPER).parent))
-            _write_atomic(self.t.host(WRAPPER), wrapper_text(), mode=0o755)
-            self.own(WRAPPER, "file", "bootstrap")
-            boot["wrapper"] = WRAPPER
-
-
-# --------------------------------------------------------------------------- the commands
-
-
 def install(bundle: Bundle, opts: InstallOptions, say: Say = print) -> dict:
     """Install and activate ``bundle``; returns a summary record (also printed as it goes)."""
-    _quick_check(bundle)
+    quick_check(bundle)
     bid = bundle_id(bundle)
     t = Target(Path(opts.root))
     if opts.dry_run:
@@ -457,7 +107,7 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
         "root": str(inst.t.root),
         "changed": False,
     }
-    if active == bid and _intact(inst, bid, m):
+    if active == bid and intact(inst, bid, m):
         say(f"{name} {bundle.version} is already installed and active: nothing changed")
         summary["result"] = "unchanged"
         return summary
@@ -511,10 +161,10 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
     )
     rec_dir = f"{BUNDLE_RECORDS}/{bid}"
     host_rec = inst.mkdir(rec_dir)
-    _write_atomic(host_rec / MANIFEST_NAME, bundle.manifest_bytes)
+    write_atomic(host_rec / MANIFEST_NAME, bundle.manifest_bytes)
     sig = bundle.root / SIGNATURE_NAME
     if sig.is_file():
-        _write_atomic(host_rec / SIGNATURE_NAME, sig.read_bytes())
+        write_atomic(host_rec / SIGNATURE_NAME, sig.read_bytes())
     inst.own(rec_dir, "tree", bid)
     inst.save()
     for env in m.get("environments") or []:
@@ -543,7 +193,7 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
 
     # 2. switch: units, refs, then the state file (the commit point)
     prev_line = dict(line)
-    _activate(inst, name, bid, m, rec, say)
+    activate_version(inst, name, bid, m, rec, say)
     line = inst.state["lines"][name]
     if active and active != bid:
         line["previous"] = active
@@ -567,7 +217,7 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
     return summary
 
 
-def _activate(inst: Installer, name: str, bid: str, m: Mapping, rec: Mapping, say: Say) -> None:
+def activate_version(inst: Installer, name: str, bid: str, m: Mapping, rec: Mapping, say: Say) -> None:
     """Write the units of ``bid`` and point the HF refs at it; on failure restore the active version's."""
     from installer import systemd
 
@@ -603,7 +253,7 @@ def _activate(inst: Installer, name: str, bid: str, m: Mapping, rec: Mapping, sa
         if old_active and old_active != bid:
             say("activation failed: restoring the units of the version that was active")
             try:
-                _activate(
+                activate_version(
                     inst,
                     name,
                     old_active,
@@ -743,154 +393,6 @@ def _after_switch(
     return out
 
 
-def rollback(
-    root: Path,
-    name: str | None = None,
-    *,
-    dry_run: bool = False,
-    lock_timeout: float = 60.0,
-    say: Say = print,
-) -> dict:
-    """Make the previous version of a bundle active again (the current one becomes 'previous')."""
-    with st.Lock(Path(root), lock_timeout) if not dry_run else _nolock():
-        inst = Installer(Path(root), say)
-        name, line = inst.line_of(name)
-        prev, cur = line.get("previous"), line.get("active")
-        if not prev or prev not in inst.state["bundles"]:
-            raise InstallError(
-                f"{name}: there is no previous version to roll back to",
-                hint="only the version before the last install is kept",
-            )
-        m = inst.stored_manifest(prev)
-        if not _intact(inst, prev, m):
-            raise InstallError(
-                f"{name}: the files of the previous version {prev} are incomplete",
-                hint="install that bundle again instead",
-            )
-        pv, cv = inst.state["bundles"][prev]["version"], inst.state["bundles"][cur]["version"]
-        say(f"rollback {name}: {cv} -> {pv}")
-        if dry_run:
-            say("dry run: nothing was changed")
-            return {"bundle": name, "from": cur, "to": prev, "result": "dry-run"}
-        rec = inst.state["bundles"][prev]
-        _activate(inst, name, prev, m, rec, say)
-        inst.state["lines"][name]["previous"] = cur
-        inst.save()
-        from installer import systemd
-
-        restarted = systemd.restart_instances(rec.get("services") or [], root=inst.t.root)
-        if restarted:
-            say(f"restarted: {', '.join(restarted)}")
-        say(f"{name} {pv} is active again ({cv} kept as previous)")
-        return {"bundle": name, "from": cur, "to": prev, "result": "rolled-back", "restarted": restarted}
-
-
-def uninstall(
-    root: Path,
-    name: str | None = None,
-    *,
-    dry_run: bool = False,
-    lock_timeout: float = 60.0,
-    say: Say = print,
-) -> dict:
-    """Remove exactly what the installer created: one bundle line (``name``) or everything."""
-    root = Path(root)
-    if not st.state_path(root).exists():
-        say("nothing is installed here (no /var/lib/llm/state.json): nothing to do")
-        return {"result": "nothing-installed"}
-    with st.Lock(root, lock_timeout) if not dry_run else _nolock():
-        inst = Installer(root, say)
-        names = [inst.line_of(name)[0]] if name else sorted(inst.state["lines"])
-        everything = set(names) == set(inst.state["lines"])
-        if dry_run:
-            say(
-                f"would remove: {', '.join(names) or '(no bundles)'}"
-                + ("; and the installer's runtime, records and directories" if everything else "")
-            )
-            return {"result": "dry-run", "lines": names}
-        from installer import systemd
-
-        for n in names:
-            line = inst.state["lines"][n]
-            if line.get("instances"):
-                systemd.remove_units(root, line["instances"])
-            for f in line.get("unit_files") or []:
-                if not any(
-                    f in (o.get("unit_files") or []) for k, o in inst.state["lines"].items() if k != n
-                ):
-                    _remove(inst.t.host(f))
-            for bid, rec in list(inst.state["bundles"].items()):
-                if rec.get("name") == n:
-                    inst.release(bid)
-                    del inst.state["bundles"][bid]
-            inst.release(f"line:{n}")
-            del inst.state["lines"][n]
-            say(f"removed {n}")
-            inst.save()
-        if everything:
-            inst.clean_partials()
-            inst.release("bootstrap")
-            for target in list(inst.state["objects"]):  # anything left over (should be nothing)
-                _remove(inst.t.host(target))
-            inst.state["objects"] = {}
-            if inst.state.get("user_created"):
-                systemd.remove_user(root)
-            else:
-                (root / systemd.SYSUSERS_CONF).unlink(missing_ok=True)
-            for stale in (f"{BUNDLE_RECORDS}",):
-                _remove(inst.t.host(stale))
-            st.state_path(root).unlink(missing_ok=True)
-            (root / st.STATE_DIR / st.LOCK_FILE).unlink(missing_ok=True)
-            inst.prune_dirs()
-            systemd.daemon_reload(root) if inst.t.live and systemd.systemd_running() else None
-            say("uninstalled: every file and directory the installer created is gone")
-        return {"result": "uninstalled", "lines": names}
-
-
-def status(root: Path) -> dict:
-    """Installed bundles (active, previous) and their instances (version, port, health)."""
-    root = Path(root)
-    inst = Installer(root, lambda s: None)
-    lines = []
-    version_of: dict[str, str] = {}
-    for n, line in sorted(inst.state["lines"].items()):
-        b = inst.state["bundles"]
-        act, prev = b.get(line.get("active") or ""), b.get(line.get("previous") or "")
-        lines.append(
-            {
-                "bundle": n,
-                "active": act and act["version"],
-                "active_id": line.get("active"),
-                "previous": prev and prev["version"],
-                "previous_id": line.get("previous"),
-                "instances": line.get("instances") or [],
-            }
-        )
-        for i in line.get("instances") or []:
-            version_of[i] = act["version"] if act else None
-    from installer import health
-
-    rows = health.instance_status(root, sorted(version_of), version_of=version_of.get) if version_of else []
-    return {"root": str(root), "bundles": lines, "instances": rows}
-
-
-def format_status(s: Mapping) -> str:
-    from installer import health
-
-    if not s["bundles"]:
-        return f"nothing installed under {s['root']}"
-    out = [
-        f"{b['bundle']}: active {b['active']}" + (f", previous {b['previous']}" if b["previous"] else "")
-        for b in s["bundles"]
-    ]
-    if s["instances"]:
-        out += ["", health.format_status(s["instances"])]
-    return "\n".join(out)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
 def _plan(inst: Installer, bundle: Bundle, bid: str, active: str | None) -> Plan:
     m = bundle.manifest
     plan = Plan(bid)
@@ -899,7 +401,7 @@ def _plan(inst: Installer, bundle: Bundle, bid: str, active: str | None) -> Plan
         plan.add("reuse" if inst.env_complete(tgt) else "unpack", f"environment {env['name']} -> {tgt}")
     for model in m.get("models") or []:
         tgt = model_dir(model)
-        ok = inst.t.host(tgt).is_dir() and _model_intact(inst.t.host(tgt), model.get("files") or [])
+        ok = inst.t.host(tgt).is_dir() and model_intact(inst.t.host(tgt), model.get("files") or [])
         plan.add("reuse" if ok else "copy", f"model {model['name']} -> {tgt}")
     for s in m.get("services") or []:
         plan.add("unit", f"llm@{s['name']} (port {s.get('port')})")
@@ -907,7 +409,7 @@ def _plan(inst: Installer, bundle: Bundle, bid: str, active: str | None) -> Plan
     return plan
 
 
-def _quick_check(bundle: Bundle) -> None:
+def quick_check(bundle: Bundle) -> None:
     """Presence, type and size of every artifact and no unlisted files (cheap); hashes are checked while
     each artifact is unpacked or copied."""
     extra = bundle.unlisted_files()
@@ -925,7 +427,7 @@ def _quick_check(bundle: Bundle) -> None:
             raise IntegrityError(a.path, expected=str(a.size), actual=str(size), what="size")
 
 
-def _intact(inst: Installer, bid: str, m: Mapping) -> bool:
+def intact(inst: Installer, bid: str, m: Mapping) -> bool:
     rec = inst.state["bundles"].get(bid)
     if not rec or rec.get("status") != "installed":
         return False
@@ -934,19 +436,7 @@ def _intact(inst: Installer, bid: str, m: Mapping) -> bool:
             return False
     for model in m.get("models") or []:
         d = inst.t.host(model_dir(model))
-        if not d.is_dir() or not _model_intact(d, model.get("files") or []):
-            return False
-    return True
-
-
-def _model_intact(d: Path, files: list) -> bool:
-    """Every file present with its size (the hash was checked when it was copied here)."""
-    for f in files:
-        p = d / f["path"]
-        try:
-            if p.stat().st_size != int(f["size"]):
-                return False
-        except OSError:
+        if not d.is_dir() or not model_intact(d, model.get("files") or []):
             return False
     return True
 
@@ -978,99 +468,8 @@ def _prune(inst: Installer, name: str) -> list[str]:
     return gone
 
 
-def run_conda_unpack(host_prefix: Path, target_prefix: str) -> None:
-    """Run the env's ``conda-unpack`` with the env's own python so the prefix baked in is ``target_prefix``.
-
-    On a live server both are the same path and conda-pack's script runs as it is. In a staging tree
-    (``--root``) the files are under the root, but the env will run at ``target_prefix`` on the booted
-    image: the script's own records and replacement function are used with that prefix.
-    """
-    script = host_prefix / "bin" / "conda-unpack"
-    if not script.is_file():
-        return  # packed for a fixed destination: nothing to relocate
-    py = host_prefix / "bin" / "python"
-    if not py.exists():
-        raise InstallError(f"{host_prefix}: the environment has no bin/python to run conda-unpack with")
-    env = {"PATH": f"{host_prefix}/bin:/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
-    if str(host_prefix) == target_prefix:
-        cmd = [str(py), str(script)]
-    else:
-        code = (
-            "import os, sys\n"
-            "script, new_prefix, actual = sys.argv[1:4]\n"
-            "sys.path.insert(0, os.path.dirname(script))\n"
-            "g = {'__name__': 'conda_unpack_as_library', '__file__': script}\n"
-            "exec(compile(open(script).read(), script, 'exec'), g)\n"
-            "for path, placeholder, mode in g['_prefix_records']:\n"
-            "    g['update_prefix'](os.path.join(actual, path), new_prefix, placeholder, mode=mode)\n"
-        )
-        cmd = [str(py), "-c", code, str(script), target_prefix, str(host_prefix)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=host_prefix, check=False)
-    if r.returncode != 0:
-        raise InstallError(
-            f"conda-unpack failed in {host_prefix} (exit {r.returncode}): "
-            f"{(r.stderr or r.stdout).strip()[-2000:]}",
-            hint="the environment's python cannot run on this server? see the message above",
-        )
-
-
-def wrapper_text() -> str:
-    return f"""#!/bin/bash
-# llm-install: rollback, uninstall and status of LLM bundles after the bundle's disk is gone.
-# Written by install.sh; runs the installed copy of install.sh (which uses the installed runtime).
-set -eu
-exec bash {INSTALLERS}/current/install.sh "$@"
-"""
-
-
-def _copy_tree(src: Path, dst: Path, parent: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=parent))
-    try:
-        shutil.copytree(src, tmp / "t", symlinks=True)
-        os.rename(tmp / "t", dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _relink(link: Path, target: str) -> None:
-    tmp = link.with_name(f".{link.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-
-
-def _write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _remove(p: Path) -> None:
-    if p.is_symlink() or p.is_file():
-        p.unlink()
-    elif p.is_dir():
-        shutil.rmtree(p)
-
-
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-class _nolock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def with_bundle_root(bundle: Bundle, root: Path) -> Bundle:

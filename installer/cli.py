@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from installer import activate
+from installer import activate, layout, lifecycle
 from installer.bundle import MANIFEST_NAME, Bundle
 from installer.errors import LlmPackError, SignatureError, UsageError
 
@@ -163,16 +163,16 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, say) -> dict:
     root = args.root
     if args.command == "status":
-        s = activate.status(root)
+        s = lifecycle.status(root)
         if not args.json:
-            say(activate.format_status(s))
+            say(lifecycle.format_status(s))
         return s
     if args.command == "rollback":
-        return activate.rollback(
+        return lifecycle.rollback(
             root, args.name, dry_run=args.dry_run, lock_timeout=args.lock_timeout, say=say
         )
     if args.command == "uninstall":
-        return activate.uninstall(
+        return lifecycle.uninstall(
             root, args.name, dry_run=args.dry_run, lock_timeout=args.lock_timeout, say=say
         )
     bundle, signed_by = load_bundle(args)
@@ -181,12 +181,12 @@ def _run(args: argparse.Namespace, say) -> dict:
     if args.command == "check":
         from installer import preflight
 
-        activate._quick_check(bundle)
+        activate.quick_check(bundle)
         results = preflight.run_preflight(
             activate.preflight_manifest(root, bundle.manifest),
             root=root,
             skip=args.skip_check,
-            install_dir=Path(root) / activate.INSTALL_DIR.lstrip("/"),
+            install_dir=Path(root) / layout.INSTALL_DIR.lstrip("/"),
         )
         if not args.json:
             say(preflight.render_table(results))

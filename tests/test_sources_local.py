@@ -4,6 +4,7 @@ patterns, symlinks, registry; and `pack build` hardlinking the operator's files 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -237,7 +238,10 @@ def test_pack_build_hardlinks_local_files_and_verify_catches_an_edit_in_place(tm
         placed = bundle / "models" / "m" / rel
         assert not placed.is_symlink() and placed.stat().st_ino == (model / rel).stat().st_ino
         assert placed.read_bytes() == data
-    assert not (tmp_path / "store" / "sha256").exists()  # the operator's files never enter the store
+    # the operator's files never enter the store: its only blob is the installer archive (kept for reuse)
+    doc = json.loads((bundle / "MANIFEST.json").read_text())
+    installer_sha = next(a["sha256"] for a in doc["artifacts"] if a["path"] == "installer.tar.gz")
+    assert [b.name for b in _blobs(ContentStore(tmp_path / "store"))] == [installer_sha]
     r = _pack("verify", str(bundle), "--pubkey", f"{tmp_path}/k.pub", store=tmp_path / "store")
     assert r.returncode == 0 and r.stdout.startswith("OK "), r.stdout + r.stderr
     # the operator edits a weight file in place: the bundle shares the inode, and verify says so, by name
