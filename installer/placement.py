@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -268,45 +268,49 @@ class Installer:
         boot = self.state["bootstrap"]
         if runtime and (bootstrap / "runtime").is_dir():
             sha = bundle.artifact(runtime["artifact"]).sha256[:16]
-            tgt = f"{RUNTIMES}/{sha}"
-            if not self.t.host(tgt).is_dir():
-                _copy_tree(bootstrap / "runtime", self.t.host(tgt), self.mkdir(RUNTIMES))
-                self.own(tgt, "tree", bid)
-            else:
-                self.use(tgt, bid)
-            _relink(self.t.host(f"{RUNTIMES}/current"), sha)
-            self.own(f"{RUNTIMES}/current", "file", "bootstrap")
-            boot["runtime"] = tgt
+
+            def fill_runtime(d: Path) -> None:
+                shutil.copytree(bootstrap / "runtime", d, symlinks=True, dirs_exist_ok=True)
+
+            boot["runtime"] = self._keep_current(RUNTIMES, sha, bid, fill_runtime)
             boot["python"] = runtime.get("python")
         inst_art = (m.get("installer") or {}).get("artifact")
         if inst_art and (bootstrap / "installer").is_dir():
             sha = bundle.artifact(inst_art).sha256[:16]
-            tgt = f"{INSTALLERS}/{sha}"
-            if not self.t.host(tgt).is_dir():
-                tmp = Path(tempfile.mkdtemp(prefix=f".{sha}.partial-", dir=self.mkdir(INSTALLERS)))
-                shutil.copytree(
-                    bootstrap / "installer" / "installer",
-                    tmp / "installer",
-                    symlinks=True,
-                    ignore=shutil.ignore_patterns("__pycache__"),
-                )
+
+            def fill_installer(d: Path) -> None:
+                shutil.copytree(bootstrap / "installer" / "installer", d / "installer", symlinks=True,
+                                ignore=shutil.ignore_patterns("__pycache__"))
                 sh = bundle.path_of("install.sh")
                 if sh.is_file():
-                    shutil.copy2(sh, tmp / "install.sh")
-                    os.chmod(tmp / "install.sh", 0o755)
-                os.chmod(tmp, 0o755)
-                os.rename(tmp, self.t.host(tgt))
-                self.own(tgt, "tree", bid)
-            else:
-                self.use(tgt, bid)
-            _relink(self.t.host(f"{INSTALLERS}/current"), sha)
-            self.own(f"{INSTALLERS}/current", "file", "bootstrap")
-            boot["installer"] = tgt
+                    shutil.copy2(sh, d / "install.sh")
+                    os.chmod(d / "install.sh", 0o755)
+
+            boot["installer"] = self._keep_current(INSTALLERS, sha, bid, fill_installer)
         if boot.get("runtime") and boot.get("installer"):
             self.mkdir(str(Path(WRAPPER).parent))
             write_atomic(self.t.host(WRAPPER), wrapper_text(), mode=0o755)
             self.own(WRAPPER, "file", "bootstrap")
             boot["wrapper"] = WRAPPER
+
+    def _keep_current(self, base: str, version: str, bid: str, fill: Callable[[Path], None]) -> str:
+        """``base/version`` (filled by ``fill`` in a partial dir, then renamed) and ``base/current`` -> it."""
+        tgt = f"{base}/{version}"
+        if not self.t.host(tgt).is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=self.mkdir(base)))
+            try:
+                fill(tmp)
+                os.chmod(tmp, 0o755)
+                os.rename(tmp, self.t.host(tgt))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            self.own(tgt, "tree", bid)
+        else:
+            self.use(tgt, bid)
+        _relink(self.t.host(f"{base}/current"), version)
+        self.own(f"{base}/current", "file", "bootstrap")
+        return tgt
 
 
 def run_conda_unpack(host_prefix: Path, target_prefix: str) -> None:
@@ -355,15 +359,6 @@ def model_intact(d: Path, files: list) -> bool:
         except OSError:
             return False
     return True
-
-
-def _copy_tree(src: Path, dst: Path, parent: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=parent))
-    try:
-        shutil.copytree(src, tmp / "t", symlinks=True)
-        os.rename(tmp / "t", dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _relink(link: Path, target: str) -> None:
