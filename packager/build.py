@@ -81,7 +81,7 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
     t = time.monotonic()
     pinned = []
     for spec in manifest.models:
-        p = get_source(spec.source, store=store).resolve(spec)
+        p = get_source(spec.source, store=store, jobs=opts.jobs, progress=opts.progress).resolve(spec)
         if not p.files:
             raise UsageError(f"model {spec.name}: no files in {p.repo or spec.path} match allow_patterns/"
                              "ignore_patterns", hint="check the patterns in the manifest")

@@ -21,8 +21,10 @@ if TYPE_CHECKING:
 SOURCES = ("huggingface", "modelscope", "local")
 
 
-def get_source(name: str, *, store: ContentStore | None = None) -> Source:
-    """The source called ``name``. ``store``: where the local source ingests while it resolves."""
+def get_source(name: str, *, store: ContentStore | None = None, jobs: int | None = None,
+               progress: bool = False) -> Source:
+    """The source called ``name``. The local source hashes while it resolves: ``store`` keeps its stat
+    cache, ``jobs`` hashing threads, ``progress`` shows a bar (the hub sources resolve with API calls only)."""
     if name == "huggingface":
         from packager.sources.huggingface import HuggingFaceSource
 
@@ -34,5 +36,5 @@ def get_source(name: str, *, store: ContentStore | None = None) -> Source:
     if name == "local":
         from packager.sources.local import LocalSource
 
-        return LocalSource(store=store)
+        return LocalSource(store=store, jobs=jobs, progress=progress)
     raise UsageError(f"unknown model source {name!r}", hint=f"use one of: {', '.join(SOURCES)}")

@@ -134,11 +134,12 @@ def _hash_in_place(items: list[tuple[str, Path]], store: ContentStore, jobs: int
 class LocalSource:
     name = "local"
 
-    def __init__(self, store: ContentStore | None = None, jobs: int | None = None) -> None:
+    def __init__(self, store: ContentStore | None = None, jobs: int | None = None, progress: bool = False) -> None:
         self.store = store
         self.jobs = jobs or min(os.cpu_count() or 1, 8)
+        self.progress = progress
 
-    def resolve(self, spec: ModelSpec, *, progress: bool = False) -> PinnedModel:
+    def resolve(self, spec: ModelSpec) -> PinnedModel:
         if spec.path is None:
             raise UsageError(f"model {spec.name}: source local needs `path: /dir/with/the/model`")
         root = Path(spec.path).expanduser()
@@ -161,7 +162,7 @@ class LocalSource:
                                           hint=f"run `git lfs pull` in {root}")
         store = self.store or ContentStore.default()
         known, todo = _cached(kept, store)
-        bar = Progress(f"{spec.name} (hashing {len(todo)} files)", _bytes(todo), progress and bool(todo))
+        bar = Progress(f"{spec.name} (hashing {len(todo)} files)", _bytes(todo), self.progress and bool(todo))
         try:
             known.update(_hash_in_place(todo, store, self.jobs, bar))
         finally:
