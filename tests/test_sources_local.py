@@ -255,3 +255,15 @@ def test_pack_build_hardlinks_local_files_and_verify_catches_an_edit_in_place(tm
     assert r.returncode == 0, r.stdout + r.stderr
     r = _pack("verify", str(bundle), "--pubkey", f"{tmp_path}/k.pub", store=tmp_path / "store")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_pack_build_shows_a_hashing_bar_for_a_local_model(tmp_path: Path) -> None:
+    files = _make_model(tmp_path / "m")
+    manifest = tmp_path / "b.yaml"
+    manifest.write_text(f"bundle: {{name: bar, version: '1'}}\n"
+                        f"models:\n  - {{name: m, source: local, path: {(tmp_path / 'm').resolve()}}}\n")
+    r = _pack("build", str(manifest), "--out", str(tmp_path / "out"), store=tmp_path / "store")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"m (hashing {len(files)} files): 100%" in r.stderr, r.stderr
+    r = _pack("build", str(manifest), "--out", str(tmp_path / "out2"), "--no-progress", store=tmp_path / "s2")
+    assert r.returncode == 0 and "hashing" not in r.stderr, r.stderr
