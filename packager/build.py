@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from installer import bundle as fmt
 from installer.errors import UsageError
@@ -20,6 +21,9 @@ from packager import __version__
 from packager.manifest import load_manifest
 from packager.spec import EnvSpec, Manifest, ServiceSpec
 from packager.tarball import inputs_key, write_tar_gz
+
+if TYPE_CHECKING:
+    from packager.store import ContentStore
 
 INSTALLER_PKG = Path(__file__).resolve().parent.parent / "installer"
 INSTALLER_ALIAS = "installer-archive"  # content store alias: inputs_key of the installer package -> blob
@@ -162,7 +166,7 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
                        timings=timings)
 
 
-def installer_archive(store, dest: Path, pkg: Path = INSTALLER_PKG) -> tuple[str, int]:
+def installer_archive(store: ContentStore, dest: Path, pkg: Path = INSTALLER_PKG) -> tuple[str, int]:
     """Put installer.tar.gz (the installer package as it is now) at ``dest``; ``(sha256, size)``.
 
     The archive is deterministic, so one built before from the same inputs (same :func:`inputs_key`) is the
