@@ -150,7 +150,9 @@ def service(
     environment: str | None = "t1",
     port: int = 18431,
     serve_by: str = "path",
+    **overrides: object,
 ) -> dict:
+    """A MANIFEST.json service entry (every key `pack build` writes) for a small CPU test model."""
     return {
         "name": name,
         "model": model,
@@ -169,6 +171,7 @@ def service(
         "serve_by": serve_by,
         "vllm_args": ["--enforce-eager"],
         "env": {},
+        **overrides,
     }
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.installer_fixtures import service as manifest_service
 from tests.nspawn import Container, fixtures
 from tests.test_systemd_unit import API_DOUBLE_SOURCE
 
@@ -47,27 +48,9 @@ DOUBLE_ENV = {"PYTHONPATH": "/opt/double", "LD_LIBRARY_PATH": "/opt/hostpy/lib"}
 
 
 def service(name: str, port: int, environment: str, **kw) -> dict:
-    svc = {
-        "name": name,
-        "model": "tiny",
-        "environment": environment,
-        "served_model_name": f"{name}-chat",
-        "host": "127.0.0.1",
-        "port": port,
-        "gpus": [],
-        "tensor_parallel_size": 1,
-        "pipeline_parallel_size": 1,
-        "max_model_len": 512,
-        "dtype": "bfloat16",
-        "gpu_memory_utilization": None,
-        "trust_remote_code": False,
-        "api_key_file": None,
-        "serve_by": "path",
-        "vllm_args": ["--enforce-eager", TRICKY_ARG],
-        "env": dict(DOUBLE_ENV),
-    }
-    svc.update(kw)
-    return svc
+    return manifest_service(**{"name": name, "environment": environment, "port": port,
+                               "served_model_name": f"{name}-chat", "vllm_args": ["--enforce-eager", TRICKY_ARG],
+                               "env": dict(DOUBLE_ENV), **kw})
 
 
 MANIFEST = {

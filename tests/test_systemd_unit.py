@@ -23,6 +23,7 @@ import pytest
 
 from installer import health, systemd
 from installer.errors import InstallError, UsageError
+from tests.installer_fixtures import service
 
 # A TEST DOUBLE of vLLM's OpenAI-compatible API server (not vLLM!), used only to test unit mechanics.
 API_DOUBLE_SOURCE = r'''
@@ -161,51 +162,14 @@ CPU_ENV = {
 
 
 def gpu_service(**kw) -> dict:
-    svc = {
-        "name": "qwen3-32b",
-        "model": "qwen3-32b",
-        "environment": "vllm-cu128",
-        "served_model_name": "qwen3-32b",
-        "host": "0.0.0.0",
-        "port": 11434,
-        "gpus": [1, 2],
-        "tensor_parallel_size": 2,
-        "pipeline_parallel_size": 1,
-        "max_model_len": 18480,
-        "dtype": None,
-        "gpu_memory_utilization": 0.9,
-        "trust_remote_code": False,
-        "api_key_file": None,
-        "serve_by": "path",
-        "vllm_args": [],
-        "env": {},
-    }
-    svc.update(kw)
-    return svc
+    return service(**{"name": "qwen3-32b", "model": "qwen3-32b", "environment": "vllm-cu128", "port": 11434,
+                      "host": "0.0.0.0", "gpus": [1, 2], "tensor_parallel_size": 2, "max_model_len": 18480,
+                      "dtype": None, "gpu_memory_utilization": 0.9, "vllm_args": [], **kw})
 
 
 def cpu_service(**kw) -> dict:
-    svc = {
-        "name": "tiny",
-        "model": "tiny",
-        "environment": "vllm-cpu",
-        "served_model_name": "tiny-chat",
-        "host": "127.0.0.1",
-        "port": 8000,
-        "gpus": [],
-        "tensor_parallel_size": 1,
-        "pipeline_parallel_size": 1,
-        "max_model_len": 512,
-        "dtype": "bfloat16",
-        "gpu_memory_utilization": None,
-        "trust_remote_code": False,
-        "api_key_file": None,
-        "serve_by": "path",
-        "vllm_args": ["--enforce-eager"],
-        "env": {},
-    }
-    svc.update(kw)
-    return svc
+    return service(**{"name": "tiny", "environment": "vllm-cpu", "port": 8000, "served_model_name": "tiny-chat",
+                      **kw})
 
 
 def render(svc: dict, env_meta: dict, **kw) -> dict[str, str]:
