@@ -71,19 +71,50 @@ class _HashingSource:
         self.f.close()
 
 
-class _ThreadedReader:
-    """A read-only file object fed by a producer thread (read + hash + decompress overlap with extraction).
+class _Plain:
+    """A read-only file object over ``produce``, a zero-argument callable returning the next decompressed
+    chunk (``b""`` at the end). ``view`` hands out slices without copying."""
 
-    ``produce`` is a zero-argument callable returning the next decompressed chunk (``b""`` at the end).
+    def __init__(self, produce: Callable[[], bytes]) -> None:
+        self._produce = produce
+        self._buf = memoryview(b"")
+        self._pos = 0
+        self._eof = False
+
+    def _next(self) -> bytes:
+        return self._produce()
+
+    def view(self, n: int = -1) -> memoryview:
+        if n is None or n < 0:
+            n = 1 << 62
+        if self._pos >= len(self._buf):
+            if self._eof:
+                return memoryview(b"")
+            data = self._next()
+            if not data:
+                self._eof = True
+                return memoryview(b"")
+            self._buf, self._pos = memoryview(data), 0
+        take = self._buf[self._pos : self._pos + n]
+        self._pos += len(take)
+        return take
+
+    def read(self, n: int = -1) -> bytes:
+        return bytes(self.view(n))
+
+    def close(self) -> None:
+        pass
+
+
+class _ThreadedReader(_Plain):
+    """:class:`_Plain` fed by a producer thread (read + hash + decompress overlap with extraction).
+
     Exceptions in the producer are re-raised in the consumer.
     """
 
     def __init__(self, produce: Callable[[], bytes], depth: int = 16) -> None:
+        super().__init__(produce)
         self._q: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
-        self._produce = produce
-        self._buf = memoryview(b"")
-        self._pos = 0
-        self._done = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llm-extract-reader", daemon=True)
         self._thread.start()
@@ -106,26 +137,12 @@ class _ThreadedReader:
             except queue.Full:
                 continue
 
-    def view(self, n: int = -1) -> memoryview:
-        if n is None or n < 0:
-            n = 1 << 62
-        if self._pos >= len(self._buf):
-            if self._done:
-                return memoryview(b"")
-            item = self._q.get()
-            if isinstance(item, BaseException):
-                self._done = True
-                raise item
-            if not item:
-                self._done = True
-                return memoryview(b"")
-            self._buf, self._pos = memoryview(item), 0
-        take = self._buf[self._pos : self._pos + n]
-        self._pos += len(take)
-        return take
-
-    def read(self, n: int = -1) -> bytes:
-        return bytes(self.view(n))
+    def _next(self) -> bytes:
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            self._eof = True
+            raise item
+        return item
 
     def close(self) -> None:
         self._stop.set()
@@ -523,37 +540,6 @@ def _is_stream_error(e: BaseException) -> bool:
         or "zstd" in type(e).__name__.lower()
         or type(e).__module__.startswith("zstandard")
     )
-
-
-class _Plain:
-    """Same interface as :class:`_ThreadedReader`, without the thread."""
-
-    def __init__(self, produce: Callable[[], bytes]) -> None:
-        self._produce = produce
-        self._buf = memoryview(b"")
-        self._pos = 0
-        self._eof = False
-
-    def view(self, n: int = -1) -> memoryview:
-        if n is None or n < 0:
-            n = 1 << 62
-        if self._pos >= len(self._buf):
-            if self._eof:
-                return b""
-            data = self._produce()
-            if not data:
-                self._eof = True
-                return b""
-            self._buf, self._pos = memoryview(data), 0
-        take = self._buf[self._pos : self._pos + n]
-        self._pos += len(take)
-        return take
-
-    def read(self, n: int = -1) -> bytes:
-        return bytes(self.view(n))
-
-    def close(self) -> None:
-        pass
 
 
 def _check_hash(
