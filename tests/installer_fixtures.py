@@ -265,21 +265,37 @@ def tree_snapshot(root: Path) -> dict[str, str]:
     return out
 
 
+def run_command(cmd: list[str | Path], *, check: bool, timeout: float, env: dict | None = None,
+                cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` capturing its output; with ``check``, a non-zero exit fails the test showing both streams."""
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=cwd,
+                       timeout=timeout, check=False)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
 def run_installer(*args: str | Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m installer ARGS`` in a fresh process (as install.sh runs it)."""
     import sys
 
-    r = subprocess.run(
-        [sys.executable, "-m", "installer", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=INSTALLER_PKG.parent,
-        timeout=timeout,
-        check=False,
+    return run_command([sys.executable, "-m", "installer", *args], check=check, timeout=timeout,
+                       cwd=INSTALLER_PKG.parent)
+
+
+def models_only_bundle(out: Path, keys: Keys) -> Path:
+    """A bundle with a model and a service but no environment (for a server that already has one)."""
+    return make_bundle(
+        out,
+        BundleSpec(
+            name="extra",
+            version="1",
+            env=None,
+            models=[tiny_model("m2", commit="b" * 40)],
+            services=[service("m2svc", model="m2", port=18433)],
+        ),
+        keys,
     )
-    if check and r.returncode != 0:
-        raise AssertionError(f"installer {args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-    return r
 
 
 @pytest.fixture(scope="session")

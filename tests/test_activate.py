@@ -22,6 +22,7 @@ from tests.installer_fixtures import (
     env_parts,
     keys,  # noqa: F401
     make_bundle,
+    models_only_bundle,
     run_installer,
     service,
     t1_parts,  # noqa: F401
@@ -97,17 +98,7 @@ def bundles(tmp_path_factory, t1_parts, keys):
             ),
             keys,
         ),
-        "models-only": make_bundle(
-            out,
-            BundleSpec(
-                name="extra",
-                version="1",
-                env=None,
-                models=[tiny_model("m2", commit="b" * 40)],
-                services=[service("m2svc", model="m2", port=18433)],
-            ),
-            keys,
-        ),
+        "models-only": models_only_bundle(out, keys),
     }
 
 

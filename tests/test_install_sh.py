@@ -23,6 +23,8 @@ from tests.installer_fixtures import (
     keys,  # noqa: F401
     make_bundle,
     make_keys,
+    models_only_bundle,
+    run_command,
     service,
     t1_parts,  # noqa: F401
     tiny_model,
@@ -34,17 +36,7 @@ pytestmark = pytest.mark.timeout(900)
 
 def sh(script: Path, *args: str | Path, check: bool = False) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "TMPDIR": str(script.parent.parent)}
-    r = subprocess.run(
-        ["bash", str(script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    if check and r.returncode != 0:
-        raise AssertionError(f"install.sh {args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-    return r
+    return run_command(["bash", script, *args], check=check, timeout=600, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -263,17 +255,7 @@ def test_check_dry_run_and_model_only_bundle_on_the_installed_runtime(root, good
     assert not (root / "opt").exists()
     r = sh(good / "install.sh", "--dry-run", "--root", root, "--pubkey", keys.pub, check=True)
     assert "dry run: nothing was changed" in r.stdout and not (root / "opt").exists()
-    mo = make_bundle(
-        out,
-        BundleSpec(
-            name="extra",
-            version="1",
-            env=None,
-            models=[tiny_model("m2", commit="b" * 40)],
-            services=[service("m2svc", model="m2", port=18433)],
-        ),
-        keys,
-    )
+    mo = models_only_bundle(out, keys)
     r = sh(mo / "install.sh", "--root", root, "--pubkey", keys.pub)
     assert r.returncode != 0 and "carries no Python and none was installed before" in r.stderr
     sh(good / "install.sh", "--root", root, "--pubkey", keys.pub, check=True)
