@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from installer.bundle import (
     VOLUME_PREFIX,
     Bundle,
     canonical_json,
+    check_relpath,
 )
 from installer.errors import BundleError, IntegrityError, UsageError
 
@@ -317,16 +319,49 @@ def find_volumes(
     return found
 
 
+_INDEX_LINE = re.compile(r"([0-9a-f]{64})  ([^\n\r\x00\\]+)")
+
+
 def check_volume(vol: str | os.PathLike[str], number: int | None = None) -> None:
-    """Check one volume against its VOLUME.sha256 (what ``sha256sum -c`` does); names the first bad file."""
+    """Check one volume against its VOLUME.sha256 (what ``sha256sum -c`` does); names the first bad file.
+
+    Reads only: every listed name must be a plain relative path inside the volume (no ``..``, no
+    absolute path, no backslash, NUL or newline) naming a regular file that is not a symlink; anything
+    else is refused before a byte is read. (Joining volumes is install.sh's job; there is no Python join.)
+    """
     vol = Path(vol)
     label = f"volume {number} ({vol})" if number else str(vol)
-    lines = (vol / VOLUME_INDEX).read_text(encoding="utf-8").splitlines()
-    for line in lines:
-        digest, _, name = line.partition("  ")
+    index = vol / VOLUME_INDEX
+    try:
+        text = index.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(f"{label}: cannot read {VOLUME_INDEX} ({e})",
+                          hint="this disk's copy is damaged: copy that volume again") from e
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        m = _INDEX_LINE.fullmatch(line)
+        if m is None:
+            raise BundleError(f"{label}: {VOLUME_INDEX}:{lineno}: not a `sha256  name` line: {line[:80]!r}",
+                              hint="this volume was not written by `pack split`; do not use it")
+        digest, name = m.groups()
+        try:
+            check_relpath(name, what=f"file name in {VOLUME_INDEX}")
+        except BundleError as e:
+            raise BundleError(f"{label}: {VOLUME_INDEX}:{lineno}: unsafe file name {name!r}",
+                              hint="this volume was not written by `pack split`; do not use it") from e
         p = vol.joinpath(*name.split("/"))
-        if not p.is_file():
-            raise IntegrityError(f"{label}: {name}", expected=digest, actual="missing", what="file")
+        parent = p.parent
+        while parent != vol:  # no symlinked directory on the way out of the volume
+            if parent.is_symlink():
+                raise BundleError(f"{label}: {name}: {parent.relative_to(vol)} is a symlink",
+                                  hint="this volume was not written by `pack split`; do not use it")
+            parent = parent.parent
+        try:
+            st = p.lstat()
+        except FileNotFoundError:
+            raise IntegrityError(f"{label}: {name}", expected=digest, actual="missing", what="file") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise IntegrityError(f"{label}: {name}", expected="regular file", actual="not a regular file",
+                                 what="type")
         h = hashlib.sha256()
         with open(p, "rb") as f:
             while b := f.read(_BUF):
@@ -338,30 +373,3 @@ def check_volume(vol: str | os.PathLike[str], number: int | None = None) -> None
                 actual=h.hexdigest(),
                 hint="this disk's copy is damaged: copy that volume again",
             )
-
-
-def reassemble(volumes: list[str | os.PathLike[str]], out_dir: str | os.PathLike[str]) -> Path:
-    """Check each volume, then join the pieces into the bundle directory ``out_dir`` (created)."""
-    vols = [Path(v) for v in volumes]
-    info = read_split_info(vols[0])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    split_files = set(info["split_files"])
-    for n, vol in enumerate(vols, start=1):
-        check_volume(vol, n)
-        for line in (vol / VOLUME_INDEX).read_text(encoding="utf-8").splitlines():
-            name = line.partition("  ")[2]
-            if name == SPLIT_INFO:
-                continue
-            base, sep, num = name.rpartition(PIECE_SUFFIX)
-            src = vol.joinpath(*name.split("/"))
-            if sep and base in split_files and num.isdigit():
-                dst = out.joinpath(*base.split("/"))
-                mode = "wb" if num == "0001" else "ab"
-            else:
-                dst = out.joinpath(*name.split("/"))
-                mode = "wb"
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            with open(src, "rb") as fi, open(dst, mode) as fo:
-                shutil.copyfileobj(fi, fo, _BUF)
-    return out

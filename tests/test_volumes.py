@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from installer.bundle import Bundle, BundleWriter
-from installer.errors import IntegrityError, UsageError
+from installer.errors import BundleError, IntegrityError, UsageError
 from installer.volumes import (
     FAT32_MAX_FILE,
     _plan,
@@ -17,9 +19,32 @@ from installer.volumes import (
     find_volumes,
     parse_size,
     read_split_info,
-    reassemble,
     split_bundle,
 )
+
+
+def _join(vols: list[Path], out: Path) -> Path:
+    """Join volumes from SPLIT.json's piece list (the test's own reference join; install.sh does it for real)."""
+    info = read_split_info(vols[0])
+    for n, v in enumerate(vols, start=1):
+        check_volume(v, n)
+    for src in (vols[0] / "MANIFEST.json", vols[0] / "MANIFEST.json.sig", vols[0] / "install.sh"):
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, out / src.name)
+    for piece in info["pieces"]:
+        dst = out / piece["file"]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src = vols[piece["volume"] - 1] / piece["name"]
+        with open(src, "rb") as fi, open(dst, "r+b" if dst.exists() else "wb") as fo:
+            fo.seek(piece["offset"])
+            shutil.copyfileobj(fi, fo)
+    return out
+
+
+def _tree(root: Path) -> dict[str, tuple[int, str]]:
+    return {p.relative_to(root).as_posix(): (p.lstat().st_mode, hashlib.sha256(p.read_bytes()).hexdigest()
+                                             if p.is_file() and not p.is_symlink() else "")
+            for p in sorted(root.rglob("*"))}
 
 
 @pytest.fixture
@@ -77,7 +102,7 @@ def test_split_then_join_gives_the_same_bundle(bundle, tmp_path, size):
     info = read_split_info(first)
     assert info["volumes"] == len(vols) and [v.name for v in vols] == info["volume_names"]
     assert find_volumes(first) == vols
-    joined = reassemble(vols, tmp_path / "joined")
+    joined = _join(vols, tmp_path / "joined")
     b = Bundle.load(joined)
     b.check_files()
     b0 = Bundle.load(bundle)
@@ -106,7 +131,49 @@ def test_corrupted_volume_is_named(bundle, tmp_path):
         check_volume(vols[1], 2)
     assert f"volume 2 ({vols[1]}): {piece.relative_to(vols[1]).as_posix()}" in str(ei.value)
     with pytest.raises(IntegrityError):
-        reassemble(vols, tmp_path / "joined")
+        _join(vols, tmp_path / "joined")
+
+
+HOSTILE_INDEX_LINES = [
+    ("../outside.bin", "unsafe file name"),
+    ("/etc/passwd", "unsafe file name"),
+    ("a/../../outside.bin", "unsafe file name"),
+    ("./x", "unsafe file name"),
+    ("a//b", "unsafe file name"),
+    ("a\\..\\b", "not a `sha256  name` line"),
+    ("link/outside.bin", "is a symlink"),
+    ("fifo", "not a regular file"),
+    ("linkfile", "not a regular file"),
+]
+
+
+@pytest.mark.parametrize(("name", "error"), HOSTILE_INDEX_LINES)
+def test_hostile_volume_index_is_refused_before_reading(bundle, tmp_path, name, error):
+    vols = split_bundle(bundle, tmp_path / "usb", "2M")
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"secret")
+    v = vols[1]
+    (v / "link").symlink_to(tmp_path)
+    (v / "linkfile").symlink_to(outside)
+    os.mkfifo(v / "fifo")
+    digest = hashlib.sha256(b"secret").hexdigest()
+    with open(v / "VOLUME.sha256", "a", encoding="utf-8") as f:
+        f.write(f"{digest}  {name}\n")
+    before = _tree(tmp_path)
+    with pytest.raises((BundleError, IntegrityError)) as ei:
+        check_volume(v, 2)
+    assert error in str(ei.value)
+    assert _tree(tmp_path) == before
+    print(f"hostile VOLUME.sha256 name {name!r}: refused ({error})")
+
+
+@pytest.mark.parametrize("line", ["nothex  models/x", "0" * 63 + "  x", "0" * 64 + " x", "0" * 64 + "  "])
+def test_malformed_volume_index_line_is_refused(bundle, tmp_path, line):
+    vols = split_bundle(bundle, tmp_path / "usb", "2M")
+    with open(vols[0] / "VOLUME.sha256", "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+    with pytest.raises(BundleError, match="not a `sha256  name` line"):
+        check_volume(vols[0], 1)
 
 
 def test_corrupt_bundle_is_not_split(bundle, tmp_path):
