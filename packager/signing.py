@@ -24,8 +24,12 @@ def keygen(prefix: str | Path, *, force: bool = False) -> tuple[Path, Path, str]
     for p in (key_path, pub_path):
         if p.exists() and not force:
             raise UsageError(f"{p} already exists", hint="choose another --out prefix, or pass --force to replace it")
-    if not key_path.parent.is_dir():
-        raise UsageError(f"{key_path.parent} is not a directory", hint="create it first")
+    parent = key_path.parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"{parent} exists and is not a directory",
+                         hint=f"choose another --out prefix, or move {parent} away")
+    if not parent.is_dir():
+        parent.mkdir(mode=0o700, parents=True)  # keys/ in a fresh checkout: private to its owner
     key = Ed25519PrivateKey.generate()
     priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())

@@ -201,3 +201,17 @@ def test_keygen_refuses_to_overwrite_and_cli(tmp_path: Path) -> None:
     from installer.errors import UsageError
     with pytest.raises(UsageError, match="chmod 600"):
         load_private_key(tmp_path / "k.key")
+
+
+def test_keygen_creates_a_missing_parent_0700_as_in_a_fresh_checkout(tmp_path: Path) -> None:
+    os.chdir(tmp_path)  # the README's first command, run where there is no keys/ yet
+    r = CliRunner().invoke(main, ["keygen", "--out", "keys/build"])
+    assert r.exit_code == 0, r.output
+    assert oct((tmp_path / "keys").stat().st_mode & 0o777) == "0o700"
+    assert oct((tmp_path / "keys" / "build.key").stat().st_mode & 0o777) == "0o600"
+    load_private_key(tmp_path / "keys" / "build.key")
+    (tmp_path / "nested").write_text("a file where a directory should be")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = CliRunner().invoke(main, ["keygen", "--out", "nested/build"])
+    assert r.exit_code == 2 and "nested exists and is not a directory" in r.output
+    assert "Traceback" not in r.output and sorted(p.name for p in tmp_path.iterdir()) == before
