@@ -203,8 +203,8 @@ def test_keygen_refuses_to_overwrite_and_cli(tmp_path: Path) -> None:
         load_private_key(tmp_path / "k.key")
 
 
-def test_keygen_creates_a_missing_parent_0700_as_in_a_fresh_checkout(tmp_path: Path) -> None:
-    os.chdir(tmp_path)  # the README's first command, run where there is no keys/ yet
+def test_keygen_creates_a_missing_parent_0700_as_in_a_fresh_checkout(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the README's first command, run where there is no keys/ yet
     r = CliRunner().invoke(main, ["keygen", "--out", "keys/build"])
     assert r.exit_code == 0, r.output
     assert oct((tmp_path / "keys").stat().st_mode & 0o777) == "0o700"
