@@ -1,9 +1,10 @@
 """``python -m installer install|check|rollback|uninstall|status`` (argparse: the target has the stdlib only).
 
 ``install.sh`` verifies the signature and the bootstrap's hashes, unpacks the bundle's Python, and runs this
-with ``--bundle DIR --manifest VERIFIED_COPY --signature-verified-by FINGERPRINT|insecure``. Run directly
-(without install.sh), ``install`` and ``check`` verify the signature themselves (``--pubkey`` or the trusted
-keys under ``--root``), so nothing is ever installed from an unverified manifest by accident.
+with ``--bundle DIR --manifest PRIVATE_COPY --pubkey KEY...`` (``--insecure`` only when the operator gave it).
+``install`` and ``check`` always verify MANIFEST.json.sig themselves, with ``--pubkey`` or the trusted keys
+under ``--root``: nothing on the command line can say "already verified", so running ``python -m installer``
+by hand never installs from an unverified manifest; ``--insecure`` is the only way to skip the check.
 """
 
 from __future__ import annotations
@@ -42,12 +43,8 @@ def _bundle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--manifest",
         type=Path,
-        help="a private, already verified copy of MANIFEST.json (install.sh passes it)",
-    )
-    p.add_argument(
-        "--signature-verified-by",
-        metavar="FINGERPRINT|insecure",
-        help="install.sh checked MANIFEST.json.sig (with this key) before running this",
+        help="a private copy of MANIFEST.json with its MANIFEST.json.sig beside it (install.sh passes it); "
+        "its signature is checked like the bundle's",
     )
     p.add_argument(
         "--pubkey",
@@ -113,7 +110,11 @@ def _read_key(p: Path) -> bytes:
 
 
 def load_bundle(args: argparse.Namespace) -> tuple[Bundle, str]:
-    """The bundle with its verified manifest, and who signed it."""
+    """The bundle with its verified manifest, and who signed it (a key fingerprint, or "insecure").
+
+    The signature is always checked here, on the manifest that is used (the private copy when ``--manifest``
+    is given); only ``--insecure`` turns a failed check into a warning.
+    """
     if args.manifest is not None:
         verified = Bundle.load(args.manifest.parent) if args.manifest.name == MANIFEST_NAME else None
         if verified is None:
@@ -126,21 +127,62 @@ def load_bundle(args: argparse.Namespace) -> tuple[Bundle, str]:
                 f"{args.bundle}/{MANIFEST_NAME} changed after it was verified",
                 hint="something is modifying the bundle while it is installed; copy it again",
             )
-        bundle = activate.with_bundle_root(verified, args.bundle)
     else:
-        bundle = Bundle.load(args.bundle)
-    if args.signature_verified_by:
-        return bundle, args.signature_verified_by
+        verified = Bundle.load(args.bundle)
     try:
-        return bundle, bundle.check_signature(trusted_keys(args.root, args.pubkey))
+        signed_by = verified.check_signature(trusted_keys(args.root, args.pubkey))
     except SignatureError as e:
-        if args.insecure:
-            print(f"warning: --insecure: installing without a valid signature ({e.message})", file=sys.stderr)
-            return bundle, "insecure"
-        raise
+        if not args.insecure:
+            raise
+        print(f"warning: --insecure: installing without a valid signature ({e.message})", file=sys.stderr)
+        signed_by = "insecure"
+    if args.manifest is not None:
+        return activate.with_bundle_root(verified, args.bundle), signed_by
+    return verified, signed_by
+
+
+def _spoofed_handover(argv: list[str]) -> None:
+    """Older install.sh versions passed ``--signature-verified-by``; it is refused by name, never trusted."""
+    for a in argv:
+        if a == "--" or not a.startswith("--sig"):
+            continue
+        if "--signature-verified-by".startswith(a.split("=", 1)[0]):
+            raise UsageError(
+                "--signature-verified-by is not accepted: the installer checks MANIFEST.json.sig itself",
+                hint="trust the build key with --pubkey FILE (or ROOT/etc/llm/trusted-keys/), or install an "
+                "unsigned bundle explicitly with --insecure",
+            )
+
+
+def os_error_message(e: OSError) -> str:
+    """An OSError as a one-paragraph message: what failed, where, how to fix it (no traceback)."""
+    import errno
+
+    where = " and ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "(no path given)"
+    what = e.strerror or str(e)
+    hints = {
+        errno.ENOSPC: "free space on the file system holding it (df -h), or use a larger disk; then run the "
+        "same command again",
+        errno.EDQUOT: "the disk quota is exhausted: free space or raise the quota, then run the same command again",
+        errno.EACCES: "run the installer as root (sudo), or fix the owner/mode of that path",
+        errno.EPERM: "run the installer as root (sudo); an immutable file (chattr +i) also causes this",
+        errno.EROFS: "the file system is mounted read-only: remount it read-write or pick another --root",
+        errno.ENOENT: "the path does not exist (a removed disk, or a file deleted during the install); "
+        "mount or copy it again and run the same command again",
+        errno.EIO: "the disk returned an I/O error (failing or removed medium): copy the bundle to a healthy "
+        "disk and run the same command again",
+    }
+    hint = hints.get(e.errno or 0, "check that path, then run the same command again")
+    return f"{what}: {where}\n  hint: {hint}"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        _spoofed_handover(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     args = build_parser().parse_args(argv)
     out = sys.stderr if args.json else sys.stdout
 
@@ -152,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     except LlmPackError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: the previous version (if any) is still active", file=sys.stderr)
         return 130
