@@ -16,10 +16,11 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from installer.errors import BundleError, IntegrityError, SignatureError
+from installer.records import Manifest as ManifestRecords
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "MANIFEST.json"
@@ -211,6 +212,7 @@ class Bundle:
     manifest_bytes: bytes
     manifest: dict
     artifacts: tuple[Artifact, ...]
+    records: ManifestRecords | None = field(default=None, compare=False, repr=False)  # validated, typed
 
     @classmethod
     def load(cls, root: str | os.PathLike[str]) -> Bundle:
@@ -225,25 +227,16 @@ class Bundle:
             hint = ("this looks like split volumes: run install.sh from the first volume"
                     if (root / SPLIT_INFO).exists() else "pass the directory `pack build` printed")
             raise BundleError(f"{root}: no {MANIFEST_NAME}: not a bundle", hint=hint) from e
-        try:
-            manifest = json.loads(raw)
-        except ValueError as e:
-            raise BundleError(f"{mpath}: not valid JSON ({e})",
-                              hint="the manifest is corrupt; copy the bundle again") from e
-        if not isinstance(manifest, dict):
-            raise BundleError(f"{mpath}: expected a JSON object")
-        version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise BundleError(f"{mpath}: bundle format version {version!r} is not supported "
-                              f"(this tool reads version {FORMAT_VERSION})",
-                              hint="use the installer that came with the bundle, or rebuild it")
+        # every field checked once, here (installer/records.py); the dict stays for older readers
+        records = ManifestRecords.from_json(raw, source=str(mpath))
+        manifest = records.raw
         arts = tuple(Artifact.from_dict(a) for a in manifest.get("artifacts", []))
         seen: set[str] = set()
         for a in arts:
             if a.path in seen or a.path in (MANIFEST_NAME, SIGNATURE_NAME):
                 raise BundleError(f"{mpath}: artifact {a.path!r} listed twice or reserved")
             seen.add(a.path)
-        return cls(root=root, manifest_bytes=raw, manifest=manifest, artifacts=arts)
+        return cls(root=root, manifest_bytes=raw, manifest=manifest, artifacts=arts, records=records)
 
     # -- identity
     @property
