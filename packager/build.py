@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from installer import bundle as fmt
-from installer.errors import UsageError
+from installer.errors import IntegrityError, UsageError
 from installer.sizes import human_size
 from packager import __version__
 from packager.manifest import load_manifest
@@ -69,7 +70,9 @@ def cache_root() -> Path:
 def build(opts: BuildOptions, log=print) -> BuildResult:
     from packager.signing import load_private_key
     from packager.sources import get_source
-    from packager.store import ContentStore, place_file
+    from packager.sources.base import Progress, content_hash
+    from packager.sources.local import remember_hash
+    from packager.store import CORRUPT_HINT, ContentStore, place
 
     t0 = time.monotonic()
     timings: dict[str, float] = {}
@@ -81,15 +84,17 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
     store = ContentStore(opts.store or Path(os.environ.get("LLM_PACK_STORE", cache_root() / "store")))
 
     # 1. resolve: pin every model to a commit and a file list (hub API calls, no downloads yet; a local
-    #    directory is hashed here, in place: its files are later placed into the bundle, not the store)
+    #    directory is walked here; its files are hashed once, in the bundle, after they are hardlinked there)
     t = time.monotonic()
     pinned = []
     for spec in manifest.models:
-        p = get_source(spec.source, store=store, jobs=opts.jobs, progress=opts.progress).resolve(spec)
+        p = get_source(spec.source, store=store, jobs=opts.jobs, progress=opts.progress,
+                       defer_hash=True).resolve(spec)
         if not p.files:
             raise UsageError(f"model {spec.name}: no files in {p.repo or spec.path} match allow_patterns/"
                              "ignore_patterns", hint="check the patterns in the manifest")
-        log(f"model {spec.name}: {spec.source} {p.repo or spec.path} {p.revision or ''} -> {p.commit} "
+        pin = p.commit or "content hash after placing"
+        log(f"model {spec.name}: {spec.source} {p.repo or spec.path} {p.revision or ''} -> {pin} "
             f"({len(p.files)} files, {human_size(sum(f.size for f in p.files))})")
         pinned.append(p)
     timings["resolve"] = time.monotonic() - t
@@ -102,40 +107,80 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
     # 3. fetch models into the content store (parallel, resumable, verified)
     t = time.monotonic()
     blobs = [get_source(p.source, store=store).fetch(p, store, jobs=opts.jobs, progress=opts.progress) for p in pinned]
-    pinned = [p.with_hashes(b) for p, b in zip(pinned, blobs, strict=True)]
+    pinned = [p if p.source == "local" else p.with_hashes(b) for p, b in zip(pinned, blobs, strict=True)]
     timings["fetch"] = time.monotonic() - t
 
-    # 4. assemble
+    # 4. assemble: every file is placed (hardlinked where it can be), then every byte that was not hashed as
+    #    it was written (hardlinks and reflinks from the store, the env cache, a local model) is read once,
+    #    in one threaded pass, and must match before anything is signed
     t = time.monotonic()
     with fmt.BundleWriter(opts.out_dir, manifest.bundle.name, manifest.bundle.version) as w:
         links: dict[str, int] = {}
+        on_damage: dict[str, Callable[[], str]] = {}  # relpath -> clean-up so that a re-run works; says what
         install_sh = INSTALLER_PKG / "install.sh"
         w.add_bytes(fmt.INSTALL_SH, install_sh.read_bytes(), kind="bootstrap", mode=0o755)
-        sha, size = installer_archive(store, w.path(fmt.INSTALLER_ARCHIVE))
-        w.record(fmt.INSTALLER_ARCHIVE, kind="installer", sha256=sha, size=size)
+        sha, how, copied = installer_archive(store, w.path(fmt.INSTALLER_ARCHIVE), detail=True)
+        w.record(fmt.INSTALLER_ARCHIVE, kind="installer", sha256=sha, hashed=copied is not None,
+                 size=copied, source=store.blob(sha), hint=CORRUPT_HINT)
+        on_damage[fmt.INSTALLER_ARCHIVE] = _discard_blob(store, sha)
         runtime = None
         env_entries = []
         for i, (spec, built, packed) in enumerate(built_envs):
             rel = fmt.env_artifact(spec.name)
             _link_or_copy(Path(packed.path), w.path(rel))
-            w.record(rel, kind="environment", sha256=packed.sha256, size=packed.size)
+            w.record(rel, kind="environment", sha256=packed.sha256, size=packed.size, source=packed.path,
+                     hint="the packed environment in the build cache is damaged; build again (it is repacked)")
+            on_damage[rel] = _discard_packed(Path(packed.path))
             if i == 0:
                 from packager.envpack import cut_runtime
                 rrel = fmt.runtime_artifact(spec.name)
-                rt = cut_runtime(built, w.path(rrel))
-                w.record(rrel, kind="runtime", sha256=rt.sha256, size=rt.size)
+                rt = cut_runtime(built, w.path(rrel))  # written now, hashed as it was written
+                w.record(rrel, kind="runtime", sha256=rt.sha256, size=rt.size, hashed=True)
                 runtime = {"artifact": rrel, "python": f"bin/python{_short_py(built.python_version)}"}
             env_entries.append(_env_entry(spec, built, packed, manifest))
-        model_entries = []
+        local_stats: dict[str, tuple[Path, os.stat_result]] = {}
         for p, blob_map in zip(pinned, blobs, strict=True):
-            files = []
             for f in p.files:
                 rel = f"{fmt.model_dir(p.name)}/{f.path}"
-                how = place_file(Path(blob_map[f.path]), w.path(rel), f.sha256)
+                src = Path(blob_map[f.path])
+                if p.source == "local":
+                    local_stats[rel] = (src, src.stat())
+                    hint = (f"{src} changed after it was hashed or does not hold the bytes the stat cache "
+                            "recorded (edited in place?); build again (it is hashed again)")
+                    on_damage[rel] = _forget_local(store, src)
+                else:
+                    hint = CORRUPT_HINT
+                    on_damage[rel] = _discard_blob(store, f.sha256)
+                how, csha, csize = place(src, w.path(rel), f.sha256 or None, hint=hint)
                 links[how] = links.get(how, 0) + 1
-                w.record(rel, kind="model", sha256=f.sha256, size=f.size)
-                files.append({"path": f.path, "size": f.size, "sha256": f.sha256})
-            model_entries.append(_model_entry(p, files, blob_map))
+                w.record(rel, kind="model", sha256=csha or f.sha256 or None, size=csize or f.size,
+                         hashed=csha is not None, source=src, hint=hint)
+        pending = w.pending_size()
+        bar = Progress(f"{manifest.bundle.name} (hashing {w.pending_count()} files to sign)", pending,
+                       opts.progress and pending > 0)
+        try:
+            hashed = w.hash_pending(jobs=opts.jobs, on_bytes=bar.callback)
+        except IntegrityError as e:
+            fix = on_damage.get(getattr(e, "artifact", ""))
+            if fix is not None:
+                e.message += f"; {fix()}"
+                e.args = (e.message,)
+            raise
+        finally:
+            bar.close()
+        for rel, (src, st) in local_stats.items():
+            if rel in hashed:
+                remember_hash(store, src, st, hashed[rel].sha256)
+        arts = {a.path: a for a in w.artifacts}
+        model_entries = []
+        for p in pinned:
+            files = [{"path": f.path, "size": arts[f"{fmt.model_dir(p.name)}/{f.path}"].size,
+                      "sha256": arts[f"{fmt.model_dir(p.name)}/{f.path}"].sha256} for f in p.files]
+            if p.source == "local":
+                p = replace(p, commit=content_hash((x["path"], x["sha256"]) for x in files))
+                log(f"model {p.name}: local {p.repo} -> {p.commit} (content hash)")
+            placed = {f.path: w.path(f"{fmt.model_dir(p.name)}/{f.path}") for f in p.files}
+            model_entries.append(_model_entry(p, files, placed))  # config.json: the bytes just hashed
         doc = {
             "bundle": {"name": manifest.bundle.name, "version": manifest.bundle.version,
                        "description": manifest.bundle.description, "tool": f"llm-pack {__version__}"},
@@ -166,11 +211,13 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
                        timings=timings)
 
 
-def installer_archive(store: ContentStore, dest: Path, pkg: Path = INSTALLER_PKG) -> tuple[str, int]:
+def installer_archive(store: ContentStore, dest: Path, pkg: Path = INSTALLER_PKG, *, detail: bool = False):
     """Put installer.tar.gz (the installer package as it is now) at ``dest``; ``(sha256, size)``.
 
     The archive is deterministic, so one built before from the same inputs (same :func:`inputs_key`) is the
     same bytes: it is kept in the content store and hardlinked, not compressed again on every build.
+    ``detail=True`` returns ``(sha256, how, size)`` instead, ``size`` None unless the bytes were copied
+    (and so hashed) on the way: a hardlinked archive must be hashed by the caller.
     """
     entries = [("installer", pkg)]
     key = inputs_key(entries)
@@ -182,7 +229,9 @@ def installer_archive(store: ContentStore, dest: Path, pkg: Path = INSTALLER_PKG
                        move=True)
         store.record_alias(INSTALLER_ALIAS, key, wf.sha256)
         sha = wf.sha256
-    store.link_into(sha, dest)
+    how, _, copied = store.place_blob(sha, dest)
+    if detail:
+        return sha, how, copied
     return sha, dest.stat().st_size
 
 
@@ -250,6 +299,30 @@ def _service_entry(s: ServiceSpec) -> dict:
             "dtype": s.dtype, "gpu_memory_utilization": s.gpu_memory_utilization,
             "trust_remote_code": s.trust_remote_code, "api_key_file": s.api_key_file, "serve_by": s.serve_by,
             "vllm_args": list(s.vllm_args), "env": dict(s.env)}
+
+
+def _discard_blob(store: ContentStore, sha256: str) -> Callable[[], str]:
+    def fix() -> str:
+        if store.discard(sha256):
+            return f"removed the damaged blob {store.blob(sha256)} from the content store: building again fetches it"
+        return "build again"
+    return fix
+
+
+def _discard_packed(path: Path) -> Callable[[], str]:
+    def fix() -> str:
+        path.unlink(missing_ok=True)
+        path.with_suffix("").with_suffix(".json").unlink(missing_ok=True)
+        return f"removed the damaged packed environment {path}: building again repacks it"
+    return fix
+
+
+def _forget_local(store: ContentStore, src: Path) -> Callable[[], str]:
+    def fix() -> str:
+        from packager.sources.local import forget_hash
+        forget_hash(store, src)
+        return f"building again hashes {src} anew"
+    return fix
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:

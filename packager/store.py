@@ -38,6 +38,7 @@ from packager.hashing import copy_and_hash, sha256_file
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _KEY = re.compile(r"[0-9A-Za-z._-]{1,128}")
+CORRUPT_HINT = "the content store is corrupt; delete this blob and build again"
 
 
 def default_store_root() -> Path:
@@ -161,12 +162,31 @@ class ContentStore:
     # -- placing blobs into a bundle -----------------------------------------------------------------
     def link_into(self, sha256: str, dest: Path) -> str:
         """:func:`place_file` for a blob of this store; ``"hardlink"``, ``"reflink"`` or ``"copy"``."""
+        return self.place_blob(sha256, dest)[0]
+
+    def place_blob(self, sha256: str, dest: Path) -> tuple[str, str | None, int | None]:
+        """:func:`place` for a blob of this store (a copy is checked against ``sha256``)."""
         blob = self.blob(sha256)
         if not blob.is_file():
             raise NotFoundError(f"blob {sha256} is not in the content store {self.root}",
                                 hint="fetch the model again (`pack build` does this)")
-        return place_file(blob, dest, sha256,
-                          hint="the content store is corrupt; delete this blob and build again")
+        return place(blob, dest, sha256, hint=CORRUPT_HINT)
+
+    def discard(self, sha256: str) -> bool:
+        """Remove a blob found damaged (its bytes are not its name), so the next build fetches it again."""
+        blob = self.blob(sha256)
+        try:
+            blob.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def drop_alias(self, kind: str, key: str) -> None:
+        """Forget ``kind:key`` (a stat cache entry that no longer describes the file's bytes)."""
+        try:
+            self._alias_path(kind, key).unlink()
+        except (FileNotFoundError, UsageError):
+            pass
 
 
 def place_file(src: Path, dest: Path, sha256: str, *, hint: str | None = None) -> str:
@@ -178,6 +198,17 @@ def place_file(src: Path, dest: Path, sha256: str, *, hint: str | None = None) -
     atomically (temp file + rename in its directory). A hardlinked ``dest`` shares the inode with
     ``src``: never write into it afterwards (see the module docstring for why that is still safe).
     """
+    return place(src, dest, sha256, hint=hint)[0]
+
+
+def place(src: Path, dest: Path, sha256: str | None, *, hint: str | None = None
+          ) -> tuple[str, str | None, int | None]:
+    """:func:`place_file`, returning ``(how, sha256, size)`` of the bytes written for a copy.
+
+    For a hardlink or reflink nothing was read: ``(how, None, None)``, and the caller must hash ``dest``
+    before trusting it (``BundleWriter.record(..., hashed=False)`` does). ``sha256=None`` checks nothing
+    for a copy (its hash is returned).
+    """
     src, dest = Path(src), Path(dest)
     if not src.is_file():
         raise NotFoundError(f"{src} is gone (or not a regular file); it was there when the build started",
@@ -188,19 +219,19 @@ def place_file(src: Path, dest: Path, sha256: str, *, hint: str | None = None) -
         try:
             os.link(src, tmp)  # EXDEV across filesystems, EPERM under fs.protected_hardlinks, EMLINK ...
             os.replace(tmp, dest)
-            return "hardlink"
+            return "hardlink", None, None
         except OSError:
             tmp.unlink(missing_ok=True)
         if _reflink(src, tmp):
             os.replace(tmp, dest)
-            return "reflink"
-        sha, _ = copy_and_hash(src, tmp)
-        if sha != sha256:
+            return "reflink", None, None
+        sha, size = copy_and_hash(src, tmp)
+        if sha256 is not None and sha != sha256:
             raise IntegrityError(str(src), expected=sha256, actual=sha,
                                  hint=hint or "the file changed after it was hashed (or the disk is failing); "
                                               "build again")
         os.replace(tmp, dest)
-        return "copy"
+        return "copy", sha, size
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -215,3 +215,146 @@ def test_keygen_creates_a_missing_parent_0700_as_in_a_fresh_checkout(tmp_path: P
     r = CliRunner().invoke(main, ["keygen", "--out", "nested/build"])
     assert r.exit_code == 2 and "nested exists and is not a directory" in r.output
     assert "Traceback" not in r.output and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# -- what is signed is what was read (hash_pending) -------------------------------------------------------
+def _tree(root: Path) -> dict[str, tuple[int, str]]:
+    import hashlib
+    return {p.relative_to(root).as_posix(): (p.lstat().st_mode, hashlib.sha256(p.read_bytes()).hexdigest()
+                                             if p.is_file() and not p.is_symlink() else "")
+            for p in sorted(root.rglob("*"))}
+
+
+def _linked_writer(tmp_path: Path, data: bytes, recorded_sha: str | None):
+    src = tmp_path / "cache" / "blob.bin"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_bytes(data)
+    w = fmt.BundleWriter(tmp_path / "out", "b", "1")
+    w.add_bytes("install.sh", b"#!/bin/bash\n", kind="bootstrap", mode=0o755)
+    os.link(src, w.path("models/m/w.safetensors"))
+    w.record("models/m/w.safetensors", kind="model", sha256=recorded_sha, size=len(data), source=src,
+             hint="the cache is damaged")
+    return w, src
+
+
+def test_hardlinked_artifact_is_read_before_signing_and_a_rotted_one_is_refused(tmp_path: Path, keys) -> None:
+    import hashlib
+    key, pub = keys
+    good = os.urandom(3 << 20)
+    w, src = _linked_writer(tmp_path, good, hashlib.sha256(good).hexdigest())
+    rotted = bytearray(good)
+    rotted[12345] ^= 0x40  # the cached blob rots after it was recorded (same size, same name)
+    with open(src, "r+b") as f:
+        f.write(rotted)
+    out_before = sorted(os.listdir(tmp_path / "out"))
+    signed: list[bytes] = []
+    with pytest.raises(IntegrityError) as ei:
+        with w:
+            w.commit({"bundle": {"name": "b", "version": "1"}}, sign=lambda d: signed.append(d) or b"s" * 64)
+    assert str(ei.value).startswith(f"models/m/w.safetensors (from {src}): sha256 mismatch")
+    assert "the cache is damaged" in str(ei.value) and ei.value.artifact == "models/m/w.safetensors"
+    assert signed == [], "nothing was signed"
+    assert [n for n in os.listdir(tmp_path / "out") if n not in out_before] == []
+    assert not (tmp_path / "out" / "b-1").exists() and os.listdir(tmp_path / "out") == []
+
+
+def test_unknown_sha_is_taken_from_the_one_read_and_signed(tmp_path: Path, keys) -> None:
+    import hashlib
+    key, pub = keys
+    data = os.urandom(1 << 20)
+    w, _ = _linked_writer(tmp_path, data, None)
+    with w:
+        done = w.hash_pending(jobs=2)
+        assert done["models/m/w.safetensors"].sha256 == hashlib.sha256(data).hexdigest()
+        b = w.commit({"bundle": {"name": "b", "version": "1"}}, sign=load_private_key(key).sign)
+    assert b.artifact("models/m/w.safetensors").sha256 == hashlib.sha256(data).hexdigest()
+    b.check_signature([pub.read_bytes()])
+    b.check_files()
+
+
+def test_a_source_edited_in_place_after_hashing_is_refused_before_the_switch(tmp_path: Path) -> None:
+    data = os.urandom(1 << 20)
+    w, src = _linked_writer(tmp_path, data, None)
+
+    def sign_while_someone_edits(d: bytes) -> bytes:  # the operator rewrites the file meanwhile
+        with open(src, "r+b") as f:
+            f.seek(100)
+            f.write(b"edited")
+        os.utime(src, ns=(1, 1))
+        return b"s" * 64
+
+    with pytest.raises(IntegrityError, match="models/m/w.safetensors: content mismatch"):
+        with w:
+            w.commit({"bundle": {"name": "b", "version": "1"}}, sign=sign_while_someone_edits)
+    assert os.listdir(tmp_path / "out") == []
+
+
+# -- the switch: one atomic step, leftovers of a crashed writer cleaned ------------------------------------
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+_WATCHER = """
+import os, sys
+final, stop = sys.argv[1], sys.argv[2]
+looks = missing = 0
+while not os.path.exists(stop):
+    looks += 1
+    if not os.path.isfile(os.path.join(final, "MANIFEST.json")):
+        missing += 1
+print(looks, missing)
+"""
+
+
+def test_switch_never_leaves_the_final_path_without_a_bundle(tmp_path: Path) -> None:
+    import sys
+    make_bundle(tmp_path / "out", None)
+    final = tmp_path / "out" / "b-1"
+    stop = tmp_path / "stop"
+    # another process (another core) looks at the final path all the time while the bundle is rebuilt
+    watcher = subprocess.Popen([sys.executable, "-c", _WATCHER, str(final), str(stop)], stdout=subprocess.PIPE,
+                               text=True)
+    inodes = set()
+    try:
+        for _ in range(60):
+            inodes.add(make_bundle(tmp_path / "out", None).stat().st_ino)
+    finally:
+        stop.touch()
+        looks, missing = map(int, watcher.communicate(timeout=30)[0].split())
+    print(f"switch: 60 rebuilds, {looks} looks at the final path from another process, {missing} without a bundle")
+    assert missing == 0 and looks > 60 and len(inodes) > 1
+    assert os.listdir(tmp_path / "out") == ["b-1"], "no .partial or .old-PID left"
+
+
+def test_leftovers_of_a_crashed_writer_are_cleaned_and_a_stranded_old_bundle_restored(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    root = make_bundle(out, None)
+    manifest = (root / fmt.MANIFEST_NAME).read_bytes()
+    dead = _dead_pid()
+    # crash between the fallback's two renames: the previous bundle is only at .old-PID, nothing at b-1
+    os.replace(root, out / f".b-1.old-{dead}")
+    (out / f".b-1.{dead}-abc123.partial" / "models").mkdir(parents=True)  # a crashed staging directory
+    live = out / f".b-1.{os.getppid()}-live01.partial"  # a writer that is still running: left alone
+    live.mkdir()
+    other = out / f".b-10.{dead}-abc123.partial"  # another bundle's leftovers: not ours to judge
+    other.mkdir()
+    w = fmt.BundleWriter(out, "b", "1")
+    try:
+        assert w.recovered == out / "b-1" and (out / "b-1" / fmt.MANIFEST_NAME).read_bytes() == manifest
+        assert sorted(os.listdir(out)) == sorted(["b-1", live.name, other.name, w.staging.name])
+    finally:
+        w.abort()
+    assert sorted(os.listdir(out)) == sorted(["b-1", live.name, other.name])
+
+
+def test_exchange_swaps_two_directories_in_one_step(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("new")
+    (b / "x").write_text("old")
+    assert fmt._exchange(a, b) is True
+    assert (b / "x").read_text() == "new" and (a / "x").read_text() == "old"
+    assert fmt._exchange(a, tmp_path / "missing") is False and (a / "x").exists()

@@ -22,9 +22,11 @@ SOURCES = ("huggingface", "modelscope", "local")
 
 
 def get_source(name: str, *, store: ContentStore | None = None, jobs: int | None = None,
-               progress: bool = False) -> Source:
+               progress: bool = False, defer_hash: bool = False) -> Source:
     """The source called ``name``. The local source hashes while it resolves: ``store`` keeps its stat
-    cache, ``jobs`` hashing threads, ``progress`` shows a bar (the hub sources resolve with API calls only)."""
+    cache, ``jobs`` hashing threads, ``progress`` shows a bar (the hub sources resolve with API calls only);
+    ``defer_hash`` leaves files the stat cache does not know unhashed ("") for the build to hash in the
+    bundle."""
     if name == "huggingface":
         from packager.sources.huggingface import HuggingFaceSource
 
@@ -36,5 +38,5 @@ def get_source(name: str, *, store: ContentStore | None = None, jobs: int | None
     if name == "local":
         from packager.sources.local import LocalSource
 
-        return LocalSource(store=store, jobs=jobs, progress=progress)
+        return LocalSource(store=store, jobs=jobs, progress=progress, defer_hash=defer_hash)
     raise UsageError(f"unknown model source {name!r}", hint=f"use one of: {', '.join(SOURCES)}")

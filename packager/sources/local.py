@@ -134,10 +134,15 @@ def _hash_in_place(items: list[tuple[str, Path]], store: ContentStore, jobs: int
 class LocalSource:
     name = "local"
 
-    def __init__(self, store: ContentStore | None = None, jobs: int | None = None, progress: bool = False) -> None:
+    def __init__(self, store: ContentStore | None = None, jobs: int | None = None, progress: bool = False,
+                 defer_hash: bool = False) -> None:
         self.store = store
         self.jobs = jobs or min(os.cpu_count() or 1, 8)
         self.progress = progress
+        # `pack build`: files the stat cache does not know are not hashed here but once, in the bundle,
+        # after they were hardlinked there (their sha256 is "" and ``commit`` "" until then): what is
+        # signed is what was read, in one pass (see installer.bundle.BundleWriter)
+        self.defer_hash = defer_hash
 
     def resolve(self, spec: ModelSpec) -> PinnedModel:
         if spec.path is None:
@@ -162,6 +167,11 @@ class LocalSource:
                                           hint=f"run `git lfs pull` in {root}")
         store = self.store or ContentStore.default()
         known, todo = _cached(kept, store)
+        if self.defer_hash:
+            files = tuple(RemoteFile(rel, known[rel][1] if rel in known else src.stat().st_size,
+                                     known[rel][0] if rel in known else "") for rel, src in kept)
+            return PinnedModel(name=spec.name, source=self.name, repo=str(root_real), revision=None,
+                               commit="", endpoint=None, files=files)
         bar = Progress(f"{spec.name} (hashing {len(todo)} files)", _bytes(todo), self.progress and bool(todo))
         try:
             known.update(_hash_in_place(todo, store, self.jobs, bar))
@@ -182,6 +192,8 @@ class LocalSource:
                 raise NotFoundError(f"{root}/{f.path} is gone since the model was resolved", hint=CHANGED_HINT)
             kept.append((f.path, sources[f.path]))
         known, todo = _cached(kept, store)
+        deferred = {f.path for f in pinned.files if not f.sha256}  # hashed in the bundle, by the build
+        todo = [(rel, src) for rel, src in todo if rel not in deferred]
         if todo:  # stat changed since resolve (or another store): hash again, the pin decides
             bar = Progress(f"{pinned.name} (re-hashing {len(todo)} files)",
                            _bytes(todo), progress)
@@ -190,10 +202,34 @@ class LocalSource:
             finally:
                 bar.close()
         for f in pinned.files:
+            if f.path in deferred:
+                continue
             sha, size = known[f.path]
             if sha != f.sha256 or size != f.size:
                 raise IntegrityError(f"{root}/{f.path}", expected=f.sha256, actual=sha, hint=CHANGED_HINT)
         return {rel: src for rel, src in kept}
+
+
+def remember_hash(store: ContentStore, src: Path, before: os.stat_result, sha256: str) -> bool:
+    """Record ``sha256`` in the stat cache for ``src`` if it still has the stat ``before`` (taken before
+    its bytes were read elsewhere, e.g. through a hardlink in the bundle). False if it changed."""
+    try:
+        now = src.stat()
+    except OSError:
+        return False
+    if _stat_key(src, now) != _stat_key(src, before):
+        return False
+    store.record_alias(STAT_ALIAS, _stat_key(src, before), sha256)
+    return True
+
+
+def forget_hash(store: ContentStore, src: Path) -> None:
+    """Drop the stat cache entry of ``src`` (its bytes are not what the cache said: edited in place with
+    the size and mtime kept, or rotted), so the next build hashes it again."""
+    try:
+        store.drop_alias(STAT_ALIAS, _stat_key(src, src.stat()))
+    except OSError:
+        pass
 
 
 def _cached(items: list[tuple[str, Path]], store: ContentStore
