@@ -166,3 +166,83 @@ def test_bad_key_fails_before_downloading(tmp_path: Path, hub, hub_env, tiny: Pa
     r = pack("build", str(m), "--key", f"{keys}.pub", "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and "not the .pub" in r.stderr
     assert hub.total_downloads() == 0
+
+
+def _tree(root: Path) -> dict[str, tuple[int, str]]:
+    import hashlib
+    return {p.relative_to(root).as_posix(): (p.lstat().st_mode, hashlib.sha256(p.read_bytes()).hexdigest()
+                                             if p.is_file() and not p.is_symlink() else "")
+            for p in sorted(root.rglob("*"))}
+
+
+def test_a_rotted_store_blob_is_refused_before_signing_and_fetched_again(tmp_path: Path, hub, hub_env,
+                                                                         tiny: Path, keys: Path) -> None:
+    hub.add_repo_from_dir("demo/tiny", tiny, also_branches=("master",))
+    m = write_manifest(tmp_path / "m.yaml", hub.url)
+    args = ("build", str(m), "--key", f"{keys}.key", "--out", str(tmp_path / "out"), "--no-progress")
+    assert pack(*args).returncode == 0
+    downloads = hub.total_downloads()
+    store = ContentStore(tmp_path / "store")
+    doc = json.loads((tmp_path / "out" / "tiny-1.0" / "MANIFEST.json").read_text())
+    sha = next(f["sha256"] for f in doc["models"][0]["files"] if f["path"] == "model.safetensors")
+    blob = store.blob(sha)
+    shutil.copytree(tmp_path / "out", tmp_path / "out-copy")  # the bundle shares the blob's inode: compare a copy
+    os.unlink(tmp_path / "out" / "tiny-1.0" / "models" / "tiny-hf" / "model.safetensors")
+    os.unlink(tmp_path / "out" / "tiny-1.0" / "models" / "tiny-ms" / "model.safetensors")
+    shutil.copyfile(tmp_path / "out-copy" / "tiny-1.0" / "models" / "tiny-hf" / "model.safetensors",
+                    tmp_path / "out" / "tiny-1.0" / "models" / "tiny-hf" / "model.safetensors")
+    shutil.copyfile(tmp_path / "out-copy" / "tiny-1.0" / "models" / "tiny-ms" / "model.safetensors",
+                    tmp_path / "out" / "tiny-1.0" / "models" / "tiny-ms" / "model.safetensors")
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 3] ^= 0x08  # bit rot in the store: same size, same name, other bytes
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    before = _tree(tmp_path / "out")
+    r = pack(*args)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert re_search(rf"models/tiny-(hf|ms)/model.safetensors \(from {blob}\): sha256 mismatch \(expected {sha}",
+                     r.stderr), r.stderr
+    assert f"removed the damaged blob {blob} from the content store" in r.stderr
+    assert _tree(tmp_path / "out") == before, "the previous bundle is untouched, nothing half-written"
+    assert not blob.exists()
+    r = pack(*args)  # a re-run fetches the damaged file again (only it) and signs a good bundle
+    assert r.returncode == 0, r.stderr
+    assert hub.total_downloads() == downloads + 1
+    r = pack("verify", str(tmp_path / "out" / "tiny-1.0"), "--pubkey", f"{keys}.pub")
+    assert r.returncode == 0, r.stderr
+    print("rotted store blob: refused before signing, blob dropped, re-run fetched 1 file and verified")
+
+
+def test_a_local_model_edited_in_place_behind_the_stat_cache_is_refused(tmp_path: Path, tiny: Path,
+                                                                       keys: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    m = tmp_path / "local.yaml"
+    m.write_text(f"bundle: {{name: loc, version: '1'}}\nmodels:\n  - {{name: m, source: local, path: {model}}}\n")
+    env = {"LLM_PACK_STORE": str(tmp_path / "store")}
+    args = ("build", str(m), "--key", f"{keys}.key", "--out", str(tmp_path / "out"), "--no-progress")
+    r = pack(*args, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "models placed: " in r.stdout and "hardlink" in r.stdout
+    weights = model / "model.safetensors"
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    with open(weights, "r+b") as f:  # in place: same inode, same size, and the mtime put back (rsync -t, cp -p)
+        f.write(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    before = _tree(tmp_path / "out")
+    r = pack(*args, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert f"models/m/model.safetensors (from {weights}): sha256 mismatch" in r.stderr, r.stderr
+    assert f"building again hashes {weights} anew" in r.stderr
+    assert _tree(tmp_path / "out") == before
+    r = pack(*args, env=env)  # the stale stat cache entry is gone: hashed again, signed as it is now
+    assert r.returncode == 0, r.stderr
+    r = pack("verify", str(tmp_path / "out" / "loc-1"), "--pubkey", f"{keys}.pub")
+    assert r.returncode == 0, r.stderr
+
+
+def re_search(pattern: str, text: str) -> bool:
+    import re
+    return re.search(pattern, text) is not None
