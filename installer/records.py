@@ -43,13 +43,14 @@ PYTHON_RE = re.compile(r"[0-9]{1,2}\.[0-9]{1,3}(\.[0-9]{1,3})?([a-z]{1,2}[0-9]{0
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 COMMIT_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-REVISION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/+-]{0,254}")
+REVISION_RE = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._/+-]{0,254}")
 SERVED_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}")
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 SONAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}")
 HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*")
-URL_RE = re.compile(r"https?://[A-Za-z0-9._~:/?#\[\]@!&'()*+,=-]{1,2000}")
+TOOL_RE = re.compile(r"[A-Za-z0-9._+ -]{0,64}")
+URL_RE = re.compile(r"(?!.*/\.\.(/|$|\?|#))https?://[A-Za-z0-9._~:/?#\[\]@!&'()*+,=-]{1,2000}")
 # a path inside the bundle or the environment: plain components only
 PATH_PART_RE = re.compile(r"[A-Za-z0-9_@+=,~-][A-Za-z0-9._@+=,~ -]{0,254}")
 # an absolute path on the target (api_key_file): plain characters only, no '..'
@@ -70,6 +71,7 @@ API_KEY_ENV = "VLLM_API_KEY"
 # systemd's specifier character, and '$', '`' and ';' are shell syntax that has no place in an argument
 # `pack build` writes: refusing them keeps every value inert wherever it is read.
 FORBIDDEN_IN_VALUES = ("%", "$", "`", ";")
+_CLIMB_RE = re.compile(r"(^|[=/:,])\.\.(/|$|,|:)")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_BUT_TAB_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 MAX_TEXT = 4096
@@ -106,6 +108,8 @@ def value_problem(value: str) -> str | None:
         if c in value:
             return (f"contains {c!r}, which is refused in arguments and environment values (systemd "
                     "specifiers and shell syntax never reach the service)")
+    if _CLIMB_RE.search(value):
+        return "climbs with '..' (give paths on the target as plain absolute paths)"
     return None
 
 
@@ -200,7 +204,7 @@ def service_problems(svc: Mapping) -> list[Problem]:
                 continue
             if arg.split("=", 1)[0] == "--api-key":
                 out.append((("vllm_args", i), "--api-key in vllm_args would put the key on the command line "
-                                              "and in the bundle; set api_key_file: (a file on the target)"))
+                                              "and in the bundle; use api_key_file: (a file on the target)"))
                 continue
             bad = value_problem(arg)
             if bad:
@@ -214,12 +218,33 @@ def service_problems(svc: Mapping) -> list[Problem]:
                 continue
             if k == API_KEY_ENV:
                 out.append((("env", k), f"{API_KEY_ENV} must not be set in env (it would be stored in "
-                                        "/etc/llm/*.env); set api_key_file: (a file on the target)"))
+                                        "/etc/llm/*.env); use api_key_file: (a file on the target)"))
                 continue
             if isinstance(v, (str, int, float)) and not (isinstance(v, float) and not math.isfinite(v)):
                 bad = value_problem(str(v))
                 if bad:
                     out.append((("env", k), f"value {str(v)!r} {bad}"))
+    return out
+
+
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "*", ""})
+
+
+def port_conflicts(listeners: Iterable[tuple[str | None, int]]) -> list[tuple[int, int]]:
+    """``(i, j)`` for each listener ``i`` whose port is already taken by an earlier listener ``j``.
+
+    ``listeners`` are ``(host, port)`` with the defaults filled in (None means the default host). Two
+    services clash on the same port when their hosts are equal or either listens on every address.
+    """
+    seen: list[tuple[str, int, int]] = []
+    out = []
+    for i, (host, port) in enumerate(listeners):
+        h = DEFAULT_HOST if host is None else host
+        for ph, pp, j in seen:
+            if pp == port and (ph == h or ph in WILDCARD_HOSTS or h in WILDCARD_HOSTS):
+                out.append((i, j))
+                break
+        seen.append((h, port, i))
     return out
 
 
@@ -435,7 +460,7 @@ class BundleInfo(_Record):
         return cls(name=r.str("name", NAME_RE, what="bundle name"),
                    version=r.str("version", VERSION_RE, what="bundle version"),
                    description=r.str("description", optional=True, text=True) or "",
-                   tool=r.str("tool", optional=True) or "")
+                   tool=r.str("tool", TOOL_RE, optional=True, what="tool name") or "")
 
 
 @dataclass(frozen=True)
@@ -619,8 +644,15 @@ class ModelRecord(_Record):
                    dir=d, files=files, size=size,
                    repo=r.str("repo", REPO_RE, optional=True, what="repository id (org/name)"),
                    revision=revision,
-                   endpoint=r.str("endpoint", URL_RE, optional=True, what="endpoint URL"),
+                   endpoint=_endpoint(r),
                    config=_freeze(config or {}))
+
+
+def _endpoint(r: _Reader) -> str | None:
+    v = r.str("endpoint", URL_RE, optional=True, what="endpoint URL")
+    if v is not None and _CLIMB_RE.search(v):
+        r.fail(("endpoint",), f"{v!r} is not a valid endpoint URL ('..' in the path)")
+    return v
 
 
 SERVICE_FIELDS = ("name", "model", "environment", "served_model_name", "host", "port", "gpus",
@@ -791,13 +823,9 @@ class Manifest(_Record):
         for i, e in enumerate(self.environments):
             if e.artifact not in listed:
                 r.fail(("environments", i, "artifact"), f"{e.artifact!r} is not listed in artifacts")
-        ports: dict[tuple[str, int], int] = {}
-        for i, s in enumerate(self.services):
-            key = (s.host, s.port)
-            if key in ports:
-                r.fail(("services", i, "port"), f"port {s.port} on {s.host} is already used by "
-                                                f"services[{ports[key]}]")
-            ports[key] = i
+        for i, j in port_conflicts((s.host, s.port) for s in self.services):
+            s = self.services[i]
+            r.fail(("services", i, "port"), f"port {s.port} on {s.host} is already used by services[{j}]")
 
     # -- writing
     def to_dict(self) -> dict:

@@ -10,18 +10,30 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from installer import records
 from installer.errors import ManifestError
 from packager.spec import BundleSpec, EnvSpec, Manifest, ModelSpec, PipSpec, ServiceSpec, TargetSpec
 
-NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-VERSION_RE = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
-CUDA_RE = r"^[0-9]+\.[0-9]+$"
+
+def _anchored(rx: re.Pattern) -> str:
+    """A pattern of installer/records.py (the target's rules) for the JSON Schema (matched with fullmatch)."""
+    return f"^{rx.pattern}$"
+
+
+NAME_RE = _anchored(records.NAME_RE)
+VERSION_RE = _anchored(records.VERSION_RE)
+CUDA_RE = _anchored(records.CUDA_RE)
+REVISION_RE = _anchored(records.REVISION_RE)
+MAX_NODES = 200_000  # YAML aliases can make a small file a huge tree ("billion laughs"): refuse past this
+MAX_DEPTH = 64
+log = logging.getLogger(__name__)
 
 
 def _str(desc: str, **kw: Any) -> dict:
@@ -61,13 +73,13 @@ ENV_SCHEMA = _obj({
 MODEL_SCHEMA = _obj({
     "name": _str("model name (directory name on the target)", pattern=NAME_RE),
     "source": {"type": "string", "enum": ["huggingface", "modelscope", "local"], "description": "where it comes from"},
-    "repo": _str("hub repository id, org/name", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"),
-    "revision": _str("branch, tag or commit (pinned to a commit at build time)"),
+    "repo": _str("hub repository id, org/name", pattern=_anchored(records.REPO_RE)),
+    "revision": _str("branch, tag or commit (pinned to a commit at build time)", pattern=REVISION_RE),
     "path": _str("directory on the build host (source: local)"),
     "allow_patterns": _strlist("only files matching these glob patterns"),
     "ignore_patterns": _strlist("skip files matching these glob patterns"),
     "endpoint": _str("hub endpoint or mirror URL (default: HF_ENDPOINT / MODELSCOPE_ENDPOINT)",
-                     pattern=r"^https?://"),
+                     pattern=_anchored(records.URL_RE)),
 }, ("name", "source"), "a model snapshot")
 
 SERVICE_SCHEMA = _obj({
@@ -75,7 +87,7 @@ SERVICE_SCHEMA = _obj({
     "model": _str("a models[].name"),
     "environment": _str("an environments[].name"),
     "served_model_name": _str("name clients use in the API (default: name)"),
-    "host": _str("address to listen on"),
+    "host": _str("address to listen on (default 127.0.0.1; another address needs api_key_file)"),
     "port": {"type": "integer", "minimum": 1, "maximum": 65535, "description": "TCP port"},
     "gpus": {"type": "array", "items": {"type": "integer", "minimum": 0}, "description": "GPU indices"},
     "tensor_parallel_size": {"type": "integer", "minimum": 1, "description": "vLLM --tensor-parallel-size"},
@@ -87,7 +99,7 @@ SERVICE_SCHEMA = _obj({
                                "description": "vLLM --gpu-memory-utilization"},
     "trust_remote_code": {"type": "boolean", "description": "vLLM --trust-remote-code"},
     "api_key_file": _str("file on the target holding the API key (never put the key in the manifest)",
-                         pattern=r"^/"),
+                         pattern=r"^/.*$"),
     "serve_by": {"type": "string", "enum": ["path", "repo_id"],
                  "description": "serve the model from its directory, or by repo id from an offline HF cache"},
     "vllm_args": _strlist("extra vLLM arguments"),
@@ -105,7 +117,7 @@ SCHEMA: dict = {
                         "description": _str("free text")}, ("name", "version")),
         "target": _obj({"platform": {"type": "string", "enum": ["linux-64", "linux-aarch64"],
                                      "description": "conda platform of the target servers"},
-                        "glibc": _str("oldest glibc on the target servers", pattern=r"^[0-9]+\.[0-9]+$")}),
+                        "glibc": _str("oldest glibc on the target servers", pattern=_anchored(records.GLIBC_RE))}),
         "environments": {"type": "array", "items": ENV_SCHEMA},
         "models": {"type": "array", "items": MODEL_SCHEMA},
         "services": {"type": "array", "items": SERVICE_SCHEMA},
@@ -126,13 +138,19 @@ class _Checker:
     def __init__(self, file: str) -> None:
         self.file = file
         self.problems: list[tuple[int, str]] = []
+        self.bad_paths: set[str] = set()  # fields that already have a problem (reported once)
+        self.nodes = 0
 
     def add(self, node: yaml.Node | None, path: str, msg: str) -> None:
         line = node.start_mark.line + 1 if node is not None else 0
         where = f"{self.file}:{line}:{node.start_mark.column + 1}" if node is not None else self.file
+        self.bad_paths.add(path)
         self.problems.append((line, f"{where}: {path or '<top>'}: {msg}"))
 
-    def check(self, node: yaml.Node, schema: dict, path: str) -> Any:
+    def check(self, node: yaml.Node, schema: dict, path: str, depth: int = 0) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_NODES or depth > MAX_DEPTH:
+            raise _TooBig(node, path)
         value = _plain(node)
         types = schema.get("type")
         if types is not None:
@@ -146,14 +164,18 @@ class _Checker:
                 self.add(node, path, f"expected {' or '.join(tlist)}, found {_describe(value)}{quote}")
                 return None
         if isinstance(value, dict) and isinstance(node, yaml.MappingNode):
-            return self._check_object(node, schema, path)
+            return self._check_object(node, schema, path, depth)
         if isinstance(value, list) and isinstance(node, yaml.SequenceNode):
             items = schema.get("items", {})
-            return [self.check(child, items, f"{path}[{i}]") for i, child in enumerate(node.value)]
+            return [self.check(child, items, f"{path}[{i}]", depth + 1) for i, child in enumerate(node.value)]
         if "enum" in schema and value not in schema["enum"]:
             hint = _did_you_mean(str(value), [str(e) for e in schema["enum"]])
             self.add(node, path, f"expected one of {', '.join(map(str, schema['enum']))}, found {value!r}{hint}")
-        if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
+        if isinstance(value, str) and (bad := records.control_char_problem(value)):
+            self.add(node, path, f"{value[:80]!r} {bad}")
+            return value
+        # fullmatch, not search: with search '^...$' accepts a trailing newline ("12.8\n")
+        if isinstance(value, str) and "pattern" in schema and not re.fullmatch(schema["pattern"], value):
             self.add(node, path, f"{value!r} is not a valid {schema.get('description', 'value')} "
                                  f"(must match {schema['pattern']})")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -163,7 +185,7 @@ class _Checker:
                 self.add(node, path, f"expected at most {schema['maximum']}, found {value}")
         return value
 
-    def _check_object(self, node: yaml.MappingNode, schema: dict, path: str) -> dict:
+    def _check_object(self, node: yaml.MappingNode, schema: dict, path: str, depth: int = 0) -> dict:
         props: dict = schema.get("properties", {})
         extra = schema.get("additionalProperties", True)
         out: dict = {}
@@ -173,20 +195,28 @@ class _Checker:
             if not isinstance(key, str):
                 self.add(knode, kpath, f"keys must be strings, found {_describe(key)}")
                 continue
+            if bad := records.control_char_problem(key):
+                self.add(knode, kpath, f"key {key[:80]!r} {bad}")
+                continue
             if key in out:
                 self.add(knode, kpath, "duplicate key (the later value would silently win)")
                 continue
             if key in props:
-                out[key] = self.check(vnode, props[key], kpath)
+                out[key] = self.check(vnode, props[key], kpath, depth + 1)
             elif extra is False:
                 self.add(knode, kpath, f"unknown key {key!r}{_did_you_mean(key, list(props))}; "
                                        f"allowed: {', '.join(props)}")
             else:
-                out[key] = self.check(vnode, extra if isinstance(extra, dict) else {}, kpath)
+                out[key] = self.check(vnode, extra if isinstance(extra, dict) else {}, kpath, depth + 1)
         for req in schema.get("required", []):
             if req not in out and not any(_plain(k) == req for k, _ in node.value):
                 self.add(node, f"{path}.{req}" if path else req, "required field is missing")
         return out
+
+
+class _TooBig(Exception):
+    def __init__(self, node: yaml.Node, path: str) -> None:
+        self.node, self.path = node, path
 
 
 def _plain(node: yaml.Node) -> Any:
@@ -253,7 +283,7 @@ def _cross_checks(chk: _Checker, root: yaml.Node, data: dict, base: Path) -> Non
                     add(["environments", i, key], f"{key!r} cannot be combined with 'prefix' (an existing "
                                                   "environment is packed as it is)")
             prefix = base / str(env["prefix"])
-            if not (prefix / "conda-meta").is_dir():
+            if f"environments[{i}].prefix" not in chk.bad_paths and not _is_dir(prefix / "conda-meta"):
                 add(["environments", i, "prefix"], f"{prefix} is not a conda environment (no conda-meta/)")
         if isinstance(env.get("cuda"), str):
             from installer import cuda as cuda_table
@@ -276,14 +306,15 @@ def _cross_checks(chk: _Checker, root: yaml.Node, data: dict, base: Path) -> Non
         elif src == "local":
             if not m.get("path"):
                 add(["models", i], "source local needs 'path' (a directory on the build host)")
-            elif not (base / str(m["path"])).is_dir():
+            elif f"models[{i}].path" not in chk.bad_paths and not _is_dir(base / str(m["path"])):
                 add(["models", i, "path"], f"{base / str(m['path'])} is not a directory")
             for key in ("repo", "revision", "endpoint"):
                 if m.get(key) is not None and key != "repo":
                     add(["models", i, key], f"{key!r} does not apply to source: local")
     model_names = {m.get("name") for m in models if m}
     env_names = {e.get("name") for e in envs if e}
-    ports: dict[tuple[str, int], int] = {}
+    listeners: list[tuple[str | None, int]] = []
+    where: list[int] = []
     for i, s in enumerate(services):
         s = s or {}
         if s.get("model") is not None and s["model"] not in model_names:
@@ -302,19 +333,51 @@ def _cross_checks(chk: _Checker, root: yaml.Node, data: dict, base: Path) -> Non
                                          f"pipeline_parallel_size = {tp * pp}")
         if isinstance(gpus, list) and len(set(gpus)) != len(gpus):
             add(["services", i, "gpus"], "a GPU index is listed twice")
-        port = s.get("port")
-        if isinstance(port, int):
-            key = (str(s.get("host", "0.0.0.0")), port)
-            if key in ports:
-                add(["services", i, "port"], f"port {port} is already used by services[{ports[key]}]")
-            ports[key] = i
-        if "--api-key" in (s.get("vllm_args") or []):
-            add(["services", i, "vllm_args"], "do not put the API key in the manifest; use api_key_file "
-                                              "(a file on the target)")
+        port = s.get("port", records.DEFAULT_PORT)  # the default port takes part in the check too
+        host = s.get("host")
+        if isinstance(port, int) and (host is None or isinstance(host, str)):
+            listeners.append((host, port))
+            where.append(i)
+        # the service rules the installer applies to MANIFEST.json (one implementation: installer/records.py)
+        for rel, msg in records.service_problems(s):
+            path = ["services", i, *rel]
+            if records.field_path(path) not in chk.bad_paths:
+                add(path, msg)
+    for a, b in records.port_conflicts(listeners):
+        s = services[where[a]] or {}
+        add(["services", where[a], "port"] if "port" in s else ["services", where[a]],
+            f"port {s.get('port', records.DEFAULT_PORT)}{'' if 'port' in s else ' (the default)'} is already "
+            f"used by services[{where[b]}]")
+
+
+def _is_dir(p: Path) -> bool:
+    try:
+        return p.is_dir()
+    except (OSError, ValueError):  # a NUL in the path, a name too long
+        return False
+
+
+def manifest_warnings(data: dict) -> list[str]:
+    """Advice for a valid manifest (printed by `pack validate` and `pack build`; the build goes on)."""
+    out = []
+    for i, s in enumerate(data.get("services") or []):
+        for rel, msg in records.service_warnings(s or {}):
+            out.append(f"{records.field_path(['services', i, *rel])}: {msg}")
+    return out
+
+
+def _yaml_problem(path: Path, e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if isinstance(e, yaml.constructor.ConstructorError):
+        return (f"{where}: {problem} (only plain YAML is accepted: strings, numbers, booleans, lists and "
+                "mappings; remove the !!tag)")
+    return f"{where}: not valid YAML: {problem}"
 
 
 def load_manifest(path: str | Path) -> Manifest:
-    """Parse and validate ``path``; raise ManifestError listing every problem."""
+    """Parse and validate ``path``; raise ManifestError listing every problem (never a traceback)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -324,26 +387,34 @@ def load_manifest(path: str | Path) -> Manifest:
         raise ManifestError(str(path), [f"cannot read: {e}"]) from e
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is None:
+            raise ManifestError(str(path), [f"{path}: the file is empty"])
+        chk = _Checker(str(path))
+        data = chk.check(root, SCHEMA, "")
+        if isinstance(data, dict):
+            _cross_checks(chk, root, data, path.parent)
+        if chk.problems:
+            raise ManifestError(str(path), [msg for _, msg in sorted(chk.problems, key=lambda p: p[0])])
+        doc = yaml.SafeLoader("").construct_document(root)  # from the nodes: no second parse
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ManifestError(str(path), [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from e
-    if root is None:
-        raise ManifestError(str(path), [f"{path}: the file is empty"])
-    chk = _Checker(str(path))
-    data = chk.check(root, SCHEMA, "")
-    if isinstance(data, dict):
-        _cross_checks(chk, root, data, path.parent)
-    if chk.problems:
-        raise ManifestError(str(path), [msg for _, msg in sorted(chk.problems, key=lambda p: p[0])])
-    return _to_spec(path, yaml.SafeLoader("").construct_document(root))  # from the nodes: no second parse
+        raise ManifestError(str(path), [_yaml_problem(path, e)]) from e
+    except _TooBig as e:
+        line = e.node.start_mark.line + 1
+        raise ManifestError(str(path), [f"{path}:{line}: {e.path or '<top>'}: the document is nested too deeply "
+                                        f"or expands to more than {MAX_NODES} values (YAML aliases?)"]) from None
+    except RecursionError:
+        raise ManifestError(str(path), [f"{path}: the document is nested too deeply"]) from None
+    warnings = manifest_warnings(data)
+    for w in warnings:
+        log.warning("warning: %s: %s", path, w)
+    return _to_spec(path, doc, tuple(warnings))
 
 
 def _tuple(v: Any) -> tuple:
     return tuple(v or ())
 
 
-def _to_spec(path: Path, d: dict) -> Manifest:
+def _to_spec(path: Path, d: dict, warnings: tuple[str, ...] = ()) -> Manifest:
     base = path.parent
     target = TargetSpec(**{k: str(v) for k, v in (d.get("target") or {}).items()})
     envs = []
@@ -373,7 +444,8 @@ def _to_spec(path: Path, d: dict) -> Manifest:
     b = d["bundle"]
     return Manifest(path=path, bundle=BundleSpec(name=b["name"], version=str(b["version"]),
                                                  description=b.get("description", "")),
-                    target=target, environments=tuple(envs), models=tuple(models), services=tuple(services))
+                    target=target, environments=tuple(envs), models=tuple(models), services=tuple(services),
+                    warnings=warnings)
 
 
 def schema_json() -> str:

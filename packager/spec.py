@@ -68,7 +68,7 @@ class ServiceSpec:
     model: str  # a models[].name
     environment: str | None = None  # an environments[].name (None: one already on the target)
     served_model_name: str | None = None  # defaults to name
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # loopback unless the manifest says otherwise (then api_key_file is advised)
     port: int = 8000
     gpus: tuple[int, ...] = ()
     tensor_parallel_size: int = 1
@@ -91,3 +91,4 @@ class Manifest:
     environments: tuple[EnvSpec, ...] = ()
     models: tuple[ModelSpec, ...] = ()
     services: tuple[ServiceSpec, ...] = ()
+    warnings: tuple[str, ...] = ()  # advice from validation (printed by pack validate/build)

@@ -39,7 +39,7 @@ def test_good_manifest_loads_with_defaults(tmp_path: Path) -> None:
     assert m.bundle.name == "demo" and m.bundle.version == "1.0"
     assert m.models[0].repo == "org/tiny" and m.models[0].revision == "main"
     s = m.services[0]
-    assert (s.host, s.port, s.tensor_parallel_size, s.serve_by) == ("0.0.0.0", 8000, 1, "path")
+    assert (s.host, s.port, s.tensor_parallel_size, s.serve_by) == ("127.0.0.1", 8000, 1, "path")
     assert m.environments == ()
 
 
