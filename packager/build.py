@@ -70,9 +70,7 @@ def cache_root() -> Path:
 def build(opts: BuildOptions, log=print) -> BuildResult:
     from packager.signing import load_private_key
     from packager.sources import get_source
-    from packager.sources.base import Progress, content_hash
-    from packager.sources.local import remember_hash
-    from packager.store import CORRUPT_HINT, ContentStore, place
+    from packager.store import ContentStore
 
     t0 = time.monotonic()
     timings: dict[str, float] = {}
@@ -114,6 +112,36 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
     #    it was written (hardlinks and reflinks from the store, the env cache, a local model) is read once,
     #    in one threaded pass, and must match before anything is signed
     t = time.monotonic()
+    try:
+        bundle, model_entries, env_entries, links = _assemble(opts, manifest, store, key, pinned, blobs,
+                                                              built_envs, log)
+    except OSError as e:
+        if e.filename is None:  # a failed write() names no file: say where the bundle was being written
+            e.filename = os.fspath(opts.out_dir)
+        raise
+    timings["assemble+verify"] = time.monotonic() - t
+    fingerprint = None
+    if key is not None:
+        from packager.signing import public_pem
+        fingerprint = fmt.key_fingerprint(public_pem(key))
+    log(f"models placed: {', '.join(f'{n} {k}' for k, n in sorted(links.items()))}" if links else "")
+    return BuildResult(bundle_dir=bundle.root, name=bundle.name, version=bundle.version,
+                       size=bundle.total_size(), artifacts=len(bundle.artifacts), signed_by=fingerprint,
+                       seconds=time.monotonic() - t0,
+                       models=[{"name": m["name"], "commit": m["commit"], "files": len(m["files"]),
+                                "size": m["size"]} for m in model_entries],
+                       environments=[{"name": e["name"], "cuda_runtime": e["cuda_runtime"],
+                                      "min_driver": e["min_driver"], "size": e["archive_size"]}
+                                     for e in env_entries],
+                       timings=timings)
+
+
+def _assemble(opts: BuildOptions, manifest: Manifest, store: ContentStore, key, pinned, blobs, built_envs, log):
+    """Step 4 of :func:`build`: place, hash what was not read, sign, switch. ``(bundle, models, envs, links)``."""
+    from packager.sources.base import Progress, content_hash
+    from packager.sources.local import remember_hash
+    from packager.store import CORRUPT_HINT, place
+
     with fmt.BundleWriter(opts.out_dir, manifest.bundle.name, manifest.bundle.version) as w:
         links: dict[str, int] = {}
         on_damage: dict[str, Callable[[], str]] = {}  # relpath -> clean-up so that a re-run works; says what
@@ -194,21 +222,7 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
         }
         signer = (lambda data: key.sign(data)) if key is not None else None
         bundle = w.commit(doc, sign=signer, verify_jobs=opts.jobs)
-    timings["assemble+verify"] = time.monotonic() - t
-    fingerprint = None
-    if key is not None:
-        from packager.signing import public_pem
-        fingerprint = fmt.key_fingerprint(public_pem(key))
-    log(f"models placed: {', '.join(f'{n} {k}' for k, n in sorted(links.items()))}" if links else "")
-    return BuildResult(bundle_dir=bundle.root, name=bundle.name, version=bundle.version,
-                       size=bundle.total_size(), artifacts=len(bundle.artifacts), signed_by=fingerprint,
-                       seconds=time.monotonic() - t0,
-                       models=[{"name": m["name"], "commit": m["commit"], "files": len(m["files"]),
-                                "size": m["size"]} for m in model_entries],
-                       environments=[{"name": e["name"], "cuda_runtime": e["cuda_runtime"],
-                                      "min_driver": e["min_driver"], "size": e["archive_size"]}
-                                     for e in env_entries],
-                       timings=timings)
+    return bundle, model_entries, env_entries, links
 
 
 def installer_archive(store: ContentStore, dest: Path, pkg: Path = INSTALLER_PKG, *, detail: bool = False):
@@ -224,9 +238,12 @@ def installer_archive(store: ContentStore, dest: Path, pkg: Path = INSTALLER_PKG
     sha = store.lookup_alias(INSTALLER_ALIAS, key)
     if sha is None:
         tmp = store.tmpdir() / f"installer-{os.getpid()}-{time.monotonic_ns()}.tar.gz"
-        wf = write_tar_gz(tmp, entries)
-        store.add_file(tmp, expected_sha256=wf.sha256, expected_size=wf.size, name=fmt.INSTALLER_ARCHIVE,
-                       move=True)
+        try:
+            wf = write_tar_gz(tmp, entries)
+            store.add_file(tmp, expected_sha256=wf.sha256, expected_size=wf.size, name=fmt.INSTALLER_ARCHIVE,
+                           move=True)
+        finally:
+            tmp.unlink(missing_ok=True)  # moved into the store, or half-written (disk full, Ctrl-C)
         store.record_alias(INSTALLER_ALIAS, key, wf.sha256)
         sha = wf.sha256
     how, _, copied = store.place_blob(sha, dest)

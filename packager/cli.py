@@ -7,8 +7,10 @@ one for any error).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -38,8 +40,43 @@ class _Group(click.Group):
             click.secho(f"error: {e}", fg="red", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.secho("interrupted: nothing was left half-written (re-run to resume downloads)", err=True)
+            click.secho("interrupted: nothing was left half-written (no bundle at the output path was changed); "
+                        "re-run to resume: verified downloads and hashes in the content store are reused",
+                        err=True)
             ctx.exit(130)
+        except OSError as e:  # disk full, permission denied, a path that is not there: not a bug, no traceback
+            if os.environ.get("LLM_PACK_DEBUG"):
+                raise
+            click.secho(f"error: {os_error_message(e)}", fg="red", err=True)
+            ctx.exit(OS_ERROR_EXIT)
+
+
+OS_ERROR_EXIT = 74  # EX_IOERR (sysexits.h)
+_OS_HINTS = {
+    errno.ENOSPC: "free space on the filesystem holding it (`df -h {where}`), or point --out/--store/"
+                  "LLM_PACK_WORK at a bigger one; nothing half-written was kept, re-run afterwards",
+    errno.EDQUOT: "your disk quota is used up there: free space or write elsewhere, then re-run",
+    errno.EACCES: "you may not write/read there: check its owner and mode (`ls -ld {where}`), or choose "
+                  "another path",
+    errno.EPERM: "the operation is not permitted there (immutable file, protected_hardlinks, a mount "
+                 "option?): check `lsattr -d {where}`, or choose another path",
+    errno.EROFS: "that filesystem is mounted read-only: choose a writable path (--out, --store)",
+    errno.ENOENT: "check the path (a directory on the way may be missing)",
+    errno.ENOTDIR: "a part of that path is a file, not a directory: choose another path or move the file away",
+    errno.EISDIR: "that path is a directory where a file was expected: choose another path",
+    errno.EEXIST: "something is already there: move it away or choose another path",
+    errno.EMFILE: "too many open files: raise the limit (`ulimit -n`) or use fewer --jobs",
+    errno.EIO: "the device reported an I/O error: check the disk (`dmesg`), then re-run",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line with what failed, where, and how to fix it (for an OSError that reached the CLI)."""
+    where = " -> ".join(os.fspath(f) for f in (e.filename, e.filename2) if f is not None)
+    what = e.strerror or str(e)
+    text = f"{what}: {where}" if where else what
+    hint = _OS_HINTS.get(e.errno or 0, "check the path and the filesystem, then re-run")
+    return f"{text}\n  hint: {hint.format(where=shlex.quote(os.fspath(e.filename)) if e.filename else '.')}"
 
 
 @click.group(cls=_Group, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})

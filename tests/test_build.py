@@ -246,3 +246,66 @@ def test_a_local_model_edited_in_place_behind_the_stat_cache_is_refused(tmp_path
 def re_search(pattern: str, text: str) -> bool:
     import re
     return re.search(pattern, text) is not None
+
+
+# -- ordinary OS failures: one clear message, exit 74, nothing half-written (real causes, no mocks) -----------
+@pytest.fixture()
+def small_fs(tmp_path: Path):
+    """A 2 MiB tmpfs (a real full disk); ``ro=True`` variant via ``small_fs(ro=True)``."""
+    mounts: list[Path] = []
+
+    def make(size: str = "2m", ro: bool = False) -> Path:
+        d = tmp_path / f"fs{len(mounts)}"
+        d.mkdir()
+        opts = f"size={size}" + (",ro" if ro else "")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounts.append(d)
+        return d
+
+    yield make
+    for d in reversed(mounts):
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_disk_full_while_assembling_is_a_clear_error_and_the_previous_bundle_stays(
+        tmp_path: Path, hub, hub_env, tiny: Path, keys: Path, small_fs) -> None:
+    out = small_fs("2m")
+    hub.add_repo_from_dir("demo/tiny", tiny, also_branches=("master",))
+    m = tmp_path / "m.yaml"
+    m.write_text("bundle: {name: full, version: '1'}\nmodels:\n"
+                 f"  - {{name: tiny, source: huggingface, repo: demo/tiny, revision: main, endpoint: '{hub.url}'}}\n")
+    args = ("build", str(m), "--key", f"{keys}.key", "--out", str(out), "--no-progress")
+    r = pack(*args)
+    assert r.returncode == 0, r.stderr  # ~0.8 MB: fits
+    big = tmp_path / "big"
+    shutil.copytree(tiny, big)
+    (big / "extra.safetensors").write_bytes(os.urandom(3 << 20))  # does not fit in what is left
+    hub.add_repo_from_dir("demo/tiny", big, also_branches=("master",))
+    before = _tree(out)
+    r = pack(*args)
+    assert r.returncode == 74, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    assert "error: No space left on device: " in r.stderr and f"df -h {out}" in r.stderr, r.stderr
+    assert _tree(out) == before, "the previous bundle is untouched and no staging directory is left"
+    print(f"ENOSPC: exit 74, {len(before)} paths in --out unchanged")
+
+
+def test_out_is_a_file_and_a_read_only_key_dir_are_clear_errors(tmp_path: Path, tiny: Path, keys: Path,
+                                                                small_fs) -> None:
+    (tmp_path / "out").write_text("not a directory\n")
+    m = tmp_path / "m.yaml"
+    m.write_text(f"bundle: {{name: x, version: '1'}}\nmodels:\n  - {{name: m, source: local, path: {tiny}}}\n")
+    r = pack("build", str(m), "--out", str(tmp_path / "out"), "--no-progress",
+             env={"LLM_PACK_STORE": str(tmp_path / "store")})
+    assert r.returncode == 74 and "Traceback" not in r.stderr, r.stderr
+    assert f"error: File exists: {tmp_path / 'out'}" in r.stderr and "move it away" in r.stderr, r.stderr
+    assert (tmp_path / "out").read_text() == "not a directory\n"
+    ro = small_fs("1m", ro=True)
+    r = pack("keygen", "--out", str(ro / "build"))
+    assert r.returncode == 74 and "Traceback" not in r.stderr, r.stderr
+    assert "error: Read-only file system: " in r.stderr and "mounted read-only" in r.stderr, r.stderr
+    assert os.listdir(ro) == []
+    r = pack("verify", str(tmp_path / "nowhere"), "--insecure")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "not a bundle directory" in r.stderr
