@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dry-run", action="store_true", help="say what would happen, change nothing")
     p = sub.add_parser("status", help="installed versions and instances: version, port, health")
     _common(p)
+    p = sub.add_parser("clean", help="remove what a refused or interrupted install kept in its staging tree")
+    _common(p)
     return ap
 
 
@@ -216,6 +218,8 @@ def _run(args: argparse.Namespace, say) -> dict:
         return lifecycle.rollback(
             root, args.name, dry_run=args.dry_run, lock_timeout=args.lock_timeout, say=say
         )
+    if args.command == "clean":
+        return lifecycle.clean(root, lock_timeout=args.lock_timeout, say=say)
     if args.command == "uninstall":
         return lifecycle.uninstall(
             root, args.name, dry_run=args.dry_run, lock_timeout=args.lock_timeout, say=say

@@ -58,6 +58,7 @@ Other actions (they also work after the bundle's disk is gone, via /usr/local/sb
   --rollback             return to the previous version          [--name BUNDLE] [--dry-run]
   --uninstall            remove everything the installer created [--name BUNDLE] [--dry-run]
   --status               installed versions and instances: version, port, health  [--json]
+  --clean                remove what a refused or interrupted install kept (ROOT/var/lib/llm/staging)
   --json                 machine-readable result on stdout (messages go to stderr)
   -h, --help             this text
 
@@ -451,6 +452,7 @@ main() {
         --rollback) action=rollback ;;
         --uninstall) action=uninstall ;;
         --status) action=status ;;
+        --clean) action=clean ;;
         --root) [ $# -ge 2 ] || die "--root needs a DIR" "" 2; ROOT=$2; shift ;;
         --workdir) [ $# -ge 2 ] || die "--workdir needs a DIR" "" 2; workdir=$2; shift ;;
         --bundle) [ $# -ge 2 ] || die "--bundle needs a DIR" "" 2; bundle=$2; shift ;;
@@ -555,6 +557,10 @@ main() {
 
     # 3. the Python installer does the rest
     #    (it checks MANIFEST.json.sig again itself, with the same keys: nothing on its command line says "verified")
+    if [ "$action" != install ] && [ "$action" != check ]; then # nothing installed yet: the bundle's installer
+        run_python "$py" "$WORK/installer" "$action" --root "$ROOT" ${pass[@]+"${pass[@]}"} || rc=$?
+        exit "$rc"
+    fi
     if [ "$action" = install ]; then pass+=(--bootstrap "$WORK"); fi
     for key in ${PUBKEYS[@]+"${PUBKEYS[@]}"}; do pass+=(--pubkey "$key"); done
     if [ "$INSECURE" = 1 ]; then pass+=(--insecure); fi
