@@ -303,7 +303,10 @@ def _model_entry(p, files: list[dict], blob_map: dict[str, Path]) -> dict:
             config = {k: raw.get(k, text_cfg.get(k)) for k in CONFIG_KEYS if k in raw or k in text_cfg}
         except (OSError, ValueError):
             config = {}
-    return {"name": p.name, "source": p.source, "repo": p.repo, "revision": p.revision, "commit": p.commit,
+    # a local model has no repository: its build-host directory is not the target's business (and is not
+    # a repo id that `serve_by: repo_id` could use)
+    repo = None if p.source == "local" else p.repo
+    return {"name": p.name, "source": p.source, "repo": repo, "revision": p.revision, "commit": p.commit,
             "endpoint": p.endpoint, "dir": fmt.model_dir(p.name), "files": files,
             "size": sum(f["size"] for f in files), "config": config}
 
