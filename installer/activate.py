@@ -1,8 +1,17 @@
-"""Install a verified bundle: preflight, plan, place everything beside what is serving, then switch.
+"""Install a verified bundle: preflight, stage and verify everything, place it, commit, then switch.
 
-The state file is the commit point: a version becomes active only when everything it needs is in place and
-its units are written; the previous version stays installed for rollback (:mod:`installer.lifecycle`). A
-failed activation restores the units of the version that was active.
+1. Stage: every environment, model file, HF view and bootstrap copy is prepared and verified under
+   ``/var/lib/llm/staging`` (:mod:`installer.placement`); nothing under ``/opt/llm`` or ``/etc`` changes.
+   A refusal here (a bad hash, disk full, Ctrl-C, the medium gone) leaves both as they were.
+2. Place: the staged directories are renamed into ``/opt/llm`` and this version's unit configuration is
+   written to ``/etc/llm/versions/<id>/`` (journaled: undone at once on failure, or by the next run after a
+   crash). Everything is synced.
+3. Commit: the state file records the bundle and what it uses. It is not active yet.
+4. Switch: ONE rename of the symlink ``/etc/llm/lines/<name>`` -> ``../versions/<id>``. Every instance's
+   ``/etc/llm/<instance>.env`` and device drop-in are static links through it, so units and state agree at
+   every instant: before the rename the old version is configured, after it the new one (the state's
+   ``active`` follows the link: :meth:`Installer.reconcile`). On a live system the instances are restarted
+   and checked; a failed check switches back to the previous version (and says so).
 """
 
 from __future__ import annotations
@@ -10,26 +19,37 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from installer import fsutil
 from installer import state as st
 from installer.bundle import MANIFEST_NAME, SIGNATURE_NAME, Bundle
-from installer.errors import BundleError, InstallError, IntegrityError, PreflightError
+from installer.errors import BundleError, InstallError, IntegrityError, LlmPackError, PreflightError
 from installer.extract import DEFAULT_WORKERS
 from installer.layout import (
     BUNDLE_RECORDS,
-    HF_HUB,
+    HF_CACHES,
     INSTALL_DIR,
+    LINES,
+    RUNTIMES,
+    STAGING,
+    UNIT_VERSIONS,
+    WRAPPER,
     Say,
     Target,
     bundle_id,
     env_dir,
+    files_digest,
+    hf_hub,
     model_dir,
-    model_version,
+    wrapper_text,
 )
-from installer.placement import Installer, model_intact, write_atomic
+from installer.placement import Installer, model_intact, remove_path
+
+LEGACY_HF_HUB = f"{INSTALL_DIR}/hf-cache/hub"  # the shared HF cache of installers before per-bundle views
 
 
 @dataclass
@@ -74,16 +94,46 @@ def install(bundle: Bundle, opts: InstallOptions, say: Say = print) -> dict:
     with st.Lock(t.root, opts.lock_timeout):
         try:
             inst = Installer(t.root, say)
+            inst.recover()
             for d in new_dirs:
                 if d not in inst.state["dirs"]:
                     inst.state["dirs"].append(d)
-            return _install_locked(inst, bundle, bid, opts, say)
+            try:
+                return _install_locked(inst, bundle, bid, opts, say)
+            except OSError as e:
+                raise _os_error(inst, e) from e
         finally:
             if not st.state_path(t.root).exists():  # refused before changing anything: leave no trace
                 (t.root / st.STATE_DIR / st.LOCK_FILE).unlink(missing_ok=True)
                 for d in sorted(new_dirs, key=len, reverse=True):
                     with contextlib.suppress(OSError):
                         t.host(d).rmdir()
+
+
+def _os_error(inst: Installer, e: OSError) -> InstallError:
+    """Disk full, permission denied, the bundle's medium gone...: what, where, how to fix."""
+    import errno as _errno
+
+    where = e.filename or "?"
+    what = {
+        _errno.ENOSPC: "the disk is full",
+        _errno.EDQUOT: "the disk quota is exhausted",
+        _errno.EACCES: "permission denied",
+        _errno.EPERM: "operation not permitted",
+        _errno.EROFS: "the filesystem is read-only",
+        _errno.ENOENT: "a file disappeared (was the bundle's medium removed?)",
+        _errno.EIO: "an I/O error (a failing or removed medium?)",
+    }.get(e.errno or 0, e.strerror or type(e).__name__)
+    fix = {
+        _errno.ENOSPC: "free space there (or on the filesystem of /var/lib/llm) and run the install again",
+        _errno.EDQUOT: "free space there and run the install again",
+        _errno.ENOENT: "reconnect the bundle's medium (or copy the bundle again) and run the install again",
+        _errno.EIO: "check the medium (dmesg), copy the bundle again if needed, and run the install again",
+    }.get(e.errno or 0, "fix that and run the install again (as root)")
+    err = InstallError(f"install failed: {what} ({where}: {e.strerror or e})", hint=fix)
+    if getattr(inst, "refused", False):
+        _explain_failure(inst, err)
+    return err
 
 
 def _missing_dirs(t: Target, target: str) -> list[str]:
@@ -107,7 +157,7 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
         "root": str(inst.t.root),
         "changed": False,
     }
-    if active == bid and intact(inst, bid, m):
+    if active == bid and intact(inst, bid, m) and inst.t.host(f"{UNIT_VERSIONS}/{bid}").is_dir():
         say(f"{name} {bundle.version} is already installed and active: nothing changed")
         summary["result"] = "unchanged"
         return summary
@@ -144,145 +194,306 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
         summary["plan"] = plan.steps
         return summary
 
-    # 1. everything the new version needs, beside what is serving now
+    # 1. stage and verify everything in /var/lib/llm/staging (nothing under /opt/llm or /etc changes yet)
     inst.clean_partials()
-    rec = inst.state["bundles"].setdefault(bid, {})
-    rec.update(
-        {
-            "name": name,
-            "version": bundle.version,
-            "manifest_sha256": bundle.manifest_sha256,
-            "status": rec.get("status", "installing"),
-            "signed_by": opts.signed_by,
-            "installed_at": rec.get("installed_at") or _now(),
-            "envs": {},
-            "models": {},
-        }
-    )
-    rec_dir = f"{BUNDLE_RECORDS}/{bid}"
-    host_rec = inst.mkdir(rec_dir)
-    write_atomic(host_rec / MANIFEST_NAME, bundle.manifest_bytes)
-    sig = bundle.root / SIGNATURE_NAME
-    if sig.is_file():
-        write_atomic(host_rec / SIGNATURE_NAME, sig.read_bytes())
-    inst.own(rec_dir, "tree", bid)
-    inst.save()
-    for env in m.get("environments") or []:
-        rec["envs"][env["name"]] = inst.install_env(bundle, env, bid, opts.workers)
-        inst.save()
-    for svc in m.get("services") or []:  # environments installed before (a model-only bundle uses them)
-        en = svc.get("environment")
-        if en and en not in rec["envs"]:
-            path, meta = _installed_env(inst, en)
-            rec["envs"][en] = path
-            rec.setdefault("env_meta", {})[en] = meta
-            inst.use(path, bid)
-    hub_dirs: dict[str, str] = {}
-    by_repo = {s["model"] for s in m.get("services") or [] if s.get("serve_by") == "repo_id"}
-    for model in m.get("models") or []:
-        mdir = inst.install_model(bundle, model, bid, opts.workers)
-        rec["models"][model["name"]] = mdir
-        if model["name"] in by_repo:
-            hub_dirs[model["name"]] = inst.hf_view(model, mdir, bid)
-        inst.save()
-    if opts.bootstrap is not None:
-        inst.keep_bootstrap(bundle, Path(opts.bootstrap), bid)
-        inst.save()
-    rec["services"] = [s["name"] for s in m.get("services") or []]
-    rec["hf_views"] = hub_dirs
+    rec: dict = {
+        "name": name,
+        "version": bundle.version,
+        "manifest_sha256": bundle.manifest_sha256,
+        "status": "installed",
+        "signed_by": opts.signed_by,
+        "installed_at": (inst.state["bundles"].get(bid) or {}).get("installed_at") or _now(),
+        "envs": {},
+        "models": {},
+    }
+    new: list[str] = []  # targets under /opt/llm to rename into place
+    try:
+        for env in m.get("environments") or []:
+            tgt = env_dir(env)
+            rec["envs"][env["name"]] = tgt
+            if inst.env_placed(tgt, env):
+                say(f"environment {env['name']}: already installed at {tgt} (reused)")
+            else:
+                inst.stage_env(bundle, env, opts.workers)
+                new.append(tgt)
+        for svc in m.get("services") or []:  # environments installed before (a model-only bundle uses them)
+            en = svc.get("environment")
+            if en and en not in rec["envs"]:
+                path, meta = _installed_env(inst, en)
+                rec["envs"][en] = path
+                rec.setdefault("env_meta", {})[en] = meta
+        by_repo = {s["model"] for s in m.get("services") or [] if s.get("serve_by") == "repo_id"}
+        digests = {}
+        hf_views: dict[str, str] = {}
+        for model in m.get("models") or []:
+            tgt = model_dir(model)
+            rec["models"][model["name"]] = tgt
+            digests[tgt] = files_digest(list(model.get("files") or []))
+            if inst.model_placed(tgt, model):
+                say(f"model {model['name']}: already installed at {tgt} (reused)")
+            else:
+                inst.stage_model(bundle, model, opts.workers)
+                new.append(tgt)
+            if model["name"] in by_repo:
+                hf_views[model["name"]] = inst.stage_hf_view(model, tgt, bid)
+        if hf_views:
+            new.append(f"{HF_CACHES}/{bid}")
+            rec["hf_hub"] = hf_hub(bid)
+        rec["hf_views"] = hf_views
+        boot = inst.stage_bootstrap(bundle, Path(opts.bootstrap)) if opts.bootstrap is not None else []
+        new += [tgt for _, tgt in boot if not inst.in_use(tgt)]
+        rec["services"] = [s["name"] for s in m.get("services") or []]
+        inst.t.host(STAGING).mkdir(parents=True, exist_ok=True)
+        fsutil.sync_fs(inst.t.host(STAGING))
 
-    # 2. switch: units, refs, then the state file (the commit point)
-    prev_line = dict(line)
-    activate_version(inst, name, bid, m, rec, say)
-    line = inst.state["lines"][name]
-    if active and active != bid:
-        line["previous"] = active
-    rec["status"] = "installed"
-    inst.save()
+        # 2. everything is verified: rename it into /opt/llm and write this version's units (journaled)
+        token = inst.begin(bid)
+        for model in m.get("models") or []:
+            if model_dir(model) in new:
+                inst.finish_staged_model(model)
+        for tgt in new:
+            inst.promote(tgt)
+        host_rec = f"{BUNDLE_RECORDS}/{bid}"
+        inst.place_file(f"{host_rec}/{MANIFEST_NAME}", bundle.manifest_bytes)
+        sig = bundle.root / SIGNATURE_NAME
+        if sig.is_file():
+            inst.place_file(f"{host_rec}/{SIGNATURE_NAME}", sig.read_bytes())
+        rec["unit_files"] = prepare_units(inst, name, bid, m, rec, say)
+        if boot and len(boot) == 2:
+            inst.place_file(WRAPPER, wrapper_text(), mode=0o755)
+        for base in {INSTALL_DIR, "/etc"}:
+            if inst.t.host(base).is_dir():
+                fsutil.sync_fs(inst.t.host(base))
+
+        # 3. the commit: the bundle and every object it uses are recorded (the switch comes next)
+        for tgt in rec["envs"].values():
+            inst.own(tgt, "tree", bid) if tgt in new else inst.use(tgt, bid)
+        for tgt in rec["models"].values():
+            inst.own(tgt, "tree", bid, digest=digests[tgt])
+        if hf_views:
+            inst.own(f"{HF_CACHES}/{bid}", "tree", bid)
+        inst.own(host_rec, "tree", bid)
+        inst.own(f"{UNIT_VERSIONS}/{bid}", "tree", bid)
+        for _, tgt in boot:
+            inst.own(tgt, "tree", bid)
+        rec["txn"] = token
+        inst.state["bundles"][bid] = rec
+        inst.commit()
+    except BaseException as e:
+        inst.undo()
+        inst.refused = True
+        _explain_failure(inst, e)
+        raise
+
+    # 4. the switch: one symlink, then the state follows it
+    if boot:
+        b = inst.state["bootstrap"]
+        for base, tgt in boot:
+            fsutil.replace_symlink(inst.mkdir(base) / "current", Path(tgt).name)
+            inst.own(f"{base}/current", "file", "bootstrap")
+            b["runtime" if base == RUNTIMES else "installer"] = tgt
+        if m.get("runtime"):
+            b["python"] = m["runtime"].get("python")
+        if len(boot) == 2:
+            inst.own(WRAPPER, "file", "bootstrap")
+            b["wrapper"] = WRAPPER
+    old_line = dict(line)
+    switch(inst, name, bid, say)
     summary["changed"] = True
     summary["result"] = "installed"
-    pruned = _prune(inst, name)
-    if pruned:
-        say(f"removed older version(s) no longer needed: {', '.join(pruned)}")
-        inst.save()
     say(
         f"{name} {bundle.version} is active"
         + (
-            f" (previous: {prev_line.get('active')}, `install.sh --rollback` returns to it)"
+            f" (previous: {old_line.get('active')}, `install.sh --rollback` returns to it)"
             if active and active != bid
             else ""
         )
     )
-    summary["services"] = _after_switch(inst, m, rec["services"], opts, say)
+    try:
+        summary["services"] = _after_switch(inst, m, rec["services"], opts, say)
+    except LlmPackError as e:
+        if not active or active == bid:
+            raise
+        _roll_back_failed(inst, name, bid, old_line, say)
+        raise InstallError(
+            f"{name} {bundle.version} failed its check after the switch ({e.message}); rolled back: "
+            f"{inst.state['bundles'][active]['version']} ({active}) is active again",
+            hint=e.hint or "see `journalctl -u llm@<name>` for why the new version did not come up",
+        ) from e
+    pruned = _prune(inst, name)
+    if pruned:
+        say(f"removed older version(s) no longer needed: {', '.join(pruned)}")
+        inst.save()
+    inst.remove_staging()
     return summary
 
 
-def activate_version(inst: Installer, name: str, bid: str, m: Mapping, rec: Mapping, say: Say) -> None:
-    """Write the units of ``bid`` and point the HF refs at it; on failure restore the active version's."""
+def _explain_failure(inst: Installer, e: BaseException) -> None:
+    """Add to the error that nothing changed, and where the verified files wait for a re-run."""
+    staging = inst.t.host(STAGING)
+    keep = staging.is_dir() and any(p.name != "backup" for p in staging.iterdir())
+    note = "nothing under /opt/llm or /etc was changed"
+    if keep:
+        note += (f"; what was verified is kept in {staging} for the next run "
+                 "(`llm-install --clean` removes it)")
+    if isinstance(e, LlmPackError):
+        e.hint = f"{e.hint}; {note}" if e.hint else note
+    elif isinstance(e, KeyboardInterrupt):
+        inst.say(f"interrupted: {note}")
+
+
+def prepare_units(inst: Installer, name: str, bid: str, m: Mapping, rec: Mapping, say: Say) -> list[str]:
+    """This version's unit configuration in ``/etc/llm/versions/<bid>/``, the shared template and
+    launcher, and the static links that reach the active version through ``/etc/llm/lines/<name>``.
+    Journaled (undone if the install is refused). Returns the shared files and links written."""
     from installer import systemd
 
+    files: list[str] = []
+    services = m.get("services") or []
+    inst.mkdir(LINES)
+    vdir = f"{UNIT_VERSIONS}/{bid}"
+    inst.mkdir(vdir)
+    if not services:
+        return files
+    conf = "/" + systemd.SYSUSERS_CONF.as_posix()
+    inst.mkdir(str(Path(conf).parent))
+    inst._backup_or_create(conf)
+    if systemd.ensure_user(inst.t.root):
+        inst.journal_user_created()
+        inst.state["user_created"] = True
+    if inst.t.host(conf).exists():
+        files.append(conf)
+    for rel, text, mode in _render_units(inst, m, rec, say):
+        inst.place_file(f"{vdir}/{rel}", text, mode)
+    template = "/" + (systemd.UNIT_DIR / systemd.TEMPLATE).as_posix()
+    launcher = "/" + systemd.LAUNCHER.as_posix()
+    inst.place_file(template, systemd.template_text())
+    inst.place_file(launcher, systemd.launcher_text(), mode=0o755)
+    files += [template, launcher, f"{LINES}/{name}"]
+    for svc in services:
+        n = systemd.check_instance_name(svc["name"])
+        for f, to in _instance_links(name, n):
+            inst.place_link(f, to)
+            files.append(f)
+    return files
+
+
+def _instance_links(line: str, n: str) -> list[tuple[str, str]]:
+    """(link, relative target): ``/etc/llm/<n>.env`` and the device drop-in, through the line's switch."""
+    from installer import systemd
+
+    return [
+        ("/" + systemd.env_file_path(Path(""), n).as_posix(), f"lines/{line}/{n}.env"),
+        (str(systemd.dropin_path(Path("/"), n)), f"../../../llm/lines/{line}/{n}.devices.conf"),
+    ]
+
+
+def _render_units(inst: Installer, m: Mapping, rec: Mapping, say: Say) -> list[tuple[str, str, int]]:
+    from installer import systemd
+
+    envs = {e["name"]: e for e in m.get("environments") or []}
+    modprobe = systemd.find_nvidia_modprobe(inst.t.root)
+    resolve = _resolver(inst, m, rec)
+    out = []
+    for svc in m.get("services") or []:
+        paths = resolve(svc)
+        env_meta = envs.get(svc["environment"]) or paths.env_meta
+        if env_meta is None:
+            raise InstallError(
+                f"service {svc['name']}: environment {svc['environment']!r} is neither in this "
+                "bundle nor installed",
+                hint="install a bundle with that environment first",
+            )
+        text = systemd.render_env_file(
+            svc,
+            env_meta,
+            env_prefix=paths.env_prefix,
+            model_path=paths.model_path,
+            hf_cache=paths.hf_cache,
+            bundle=m.get("bundle"),
+        )
+        out.append((f"{svc['name']}.env", text, 0o644))
+        out.append((f"{svc['name']}.devices.conf",
+                    systemd.render_devices_dropin(env_meta, nvidia_modprobe=modprobe), 0o644))
+        for problem in systemd.check_api_key_file(inst.t.root, svc.get("api_key_file")):
+            say(f"warning: service {svc['name']}: {problem}")
+    return out
+
+
+def switch(inst: Installer, name: str, bid: str, say: Say, *, previous: str | None = "keep") -> None:
+    """Make ``bid`` the active version of line ``name``: ONE rename of the link ``/etc/llm/lines/<name>``
+    (every instance's env file and drop-in go through it), then the state follows (a crash in between is
+    reconciled from the link when the state is next loaded), then instances the new version dropped go."""
+    from installer import systemd
+
+    rec = inst.state["bundles"][bid]
     line = inst.state["lines"].setdefault(
         name, {"active": None, "previous": None, "instances": [], "unit_files": []}
     )
-    old_active = line.get("active")
-    try:
-        dirs_before = _unit_dirs(inst, m)
-        if m.get("services"):
-            if systemd.ensure_user(inst.t.root) and not inst.state.get("user_created"):
-                inst.state["user_created"] = True
-            files = systemd.install_units(inst.t.root, m, _resolver(inst, m, rec))
-            conf = inst.t.root / systemd.SYSUSERS_CONF
-            files = [*files, conf] if conf.exists() else files
-            for f in files:
-                tgt = "/" + Path(f).relative_to(inst.t.root).as_posix()
-                if tgt not in line["unit_files"]:
-                    line["unit_files"].append(tgt)
-            for d in dirs_before:
-                if inst.t.host(d).exists() and d not in inst.state["dirs"]:
-                    inst.state["dirs"].append(d)
-        dropped = sorted(set(line.get("instances") or []) - set(rec.get("services") or []))
-        if dropped:
-            systemd.remove_units(inst.t.root, dropped)
-            say(f"instances no longer in this version removed: {', '.join(dropped)}")
-        for model in m.get("models") or []:
-            rdir = (rec.get("hf_views") or {}).get(model["name"])
-            if rdir:
-                inst.set_ref(rdir, model_version(model), name)
-        systemd.daemon_reload(inst.t.root)
-    except BaseException:
-        if old_active and old_active != bid:
-            say("activation failed: restoring the units of the version that was active")
-            try:
-                activate_version(
-                    inst,
-                    name,
-                    old_active,
-                    inst.stored_manifest(old_active),
-                    inst.state["bundles"][old_active],
-                    say,
-                )
-            except Exception as e:  # report the original error
-                say(f"warning: could not restore the previous units: {e}")
-        raise
+    old = line.get("active")
+    for n in rec.get("services") or []:  # instances of this version reach it through the line's link
+        for f, to in _instance_links(name, n):
+            h = inst.t.host(f)
+            if not (h.is_symlink() and os.readlink(h) == to):
+                h.parent.mkdir(parents=True, exist_ok=True)
+                fsutil.replace_symlink(h, to)
+    link = inst.mkdir(LINES) / name
+    fsutil.replace_symlink(link, f"../versions/{bid}")
+    old_instances = list(line.get("instances") or [])
+    if previous != "keep":
+        line["previous"] = previous
+    elif old and old != bid:
+        line["previous"] = old
     line["active"] = bid
     line["instances"] = list(rec.get("services") or [])
+    for f in rec.get("unit_files") or []:
+        if f not in line["unit_files"]:
+            line["unit_files"].append(f)
+    inst.save()
+    dropped = sorted(set(old_instances) - set(line["instances"]))
+    if dropped:
+        for n in dropped:
+            for f, _ in _instance_links(name, n):
+                remove_path(inst.t.host(f))
+                if f in line["unit_files"]:
+                    line["unit_files"].remove(f)
+        systemd.remove_units(inst.t.root, dropped)
+        inst.save()
+        say(f"instances no longer in this version removed: {', '.join(dropped)}")
+    if inst.t.live and systemd.systemd_running():
+        systemd.daemon_reload(inst.t.root)
 
 
-def _unit_dirs(inst: Installer, m: Mapping) -> list[str]:
-    """Directories the unit writer may create (recorded as ours if they did not exist before)."""
+def activate_version(inst: Installer, name: str, bid: str, m: Mapping, rec: Mapping, say: Say) -> None:
+    """Switch line ``name`` to the installed ``bid`` (its unit configuration is written first if an older
+    installer did not keep one)."""
+    if not inst.t.host(f"{UNIT_VERSIONS}/{bid}").is_dir() or not rec.get("unit_files"):
+        token = inst.begin(bid)
+        try:
+            files = prepare_units(inst, name, bid, m, rec, say)
+            inst.own(f"{UNIT_VERSIONS}/{bid}", "tree", bid)
+            inst.state["bundles"][bid]["unit_files"] = files
+            inst.state["bundles"][bid]["txn"] = token
+            inst.commit()
+        except BaseException:
+            inst.undo()
+            raise
+    switch(inst, name, bid, say)
+
+
+def _roll_back_failed(inst: Installer, name: str, bid: str, old_line: Mapping, say: Say) -> None:
+    """The new version did not come up: switch back to the one that was active and drop the new one."""
     from installer import systemd
 
-    cands = [systemd.UNIT_DIR, systemd.ENV_DIR, systemd.LAUNCHER.parent, systemd.SYSUSERS_CONF.parent]
-    cands += [
-        systemd.dropin_path(Path("/"), s["name"]).parent.relative_to("/") for s in m.get("services") or []
-    ]
-    out = []
-    for c in cands:
-        p = Path("/") / c
-        while str(p) != "/" and not inst.t.host(str(p)).exists():
-            out.append(str(p))
-            p = p.parent
-    return sorted(set(out), key=len)
+    old = old_line["active"]
+    say(f"{name}: the new version failed its check: rolling back to {inst.state['bundles'][old]['version']}")
+    switch(inst, name, old, say, previous=old_line.get("previous"))
+    restarted = systemd.restart_instances(inst.state["bundles"][old].get("services") or [], root=inst.t.root)
+    if restarted:
+        say(f"restarted on the previous version: {', '.join(restarted)}")
+    inst.release(bid)
+    del inst.state["bundles"][bid]
+    inst.save()
 
 
 def _resolver(inst: Installer, m: Mapping, rec: Mapping):
@@ -304,7 +515,7 @@ def _resolver(inst: Installer, m: Mapping, rec: Mapping):
             return InstancePaths(
                 Path(prefix),
                 str(model.get("repo") or model["name"]),
-                Path(HF_HUB),
+                Path(rec.get("hf_hub") or LEGACY_HF_HUB),
                 env_meta if env_name not in envs else None,
             )
         return InstancePaths(Path(prefix), mdir, None, env_meta if env_name not in envs else None)
@@ -398,10 +609,10 @@ def _plan(inst: Installer, bundle: Bundle, bid: str, active: str | None) -> Plan
     plan = Plan(bid)
     for env in m.get("environments") or []:
         tgt = env_dir(env)
-        plan.add("reuse" if inst.env_complete(tgt) else "unpack", f"environment {env['name']} -> {tgt}")
+        plan.add("reuse" if inst.env_placed(tgt, env) else "unpack", f"environment {env['name']} -> {tgt}")
     for model in m.get("models") or []:
         tgt = model_dir(model)
-        ok = inst.t.host(tgt).is_dir() and model_intact(inst.t.host(tgt), model.get("files") or [])
+        ok = inst.in_use(tgt) and model_intact(inst.t.host(tgt), model.get("files") or [])
         plan.add("reuse" if ok else "copy", f"model {model['name']} -> {tgt}")
     for s in m.get("services") or []:
         plan.add("unit", f"llm@{s['name']} (port {s.get('port')})")
@@ -428,17 +639,14 @@ def quick_check(bundle: Bundle) -> None:
 
 
 def intact(inst: Installer, bid: str, m: Mapping) -> bool:
+    """Recorded as installed, every environment and model in place as recorded (hashes, not sizes)."""
     rec = inst.state["bundles"].get(bid)
     if not rec or rec.get("status") != "installed":
         return False
     for env in m.get("environments") or []:
-        if not inst.env_complete(env_dir(env)):
+        if not inst.env_placed(env_dir(env), env):
             return False
-    for model in m.get("models") or []:
-        d = inst.t.host(model_dir(model))
-        if not d.is_dir() or not model_intact(d, model.get("files") or []):
-            return False
-    return True
+    return all(inst.model_placed(model_dir(model), model) for model in m.get("models") or [])
 
 
 def _owned_ports(inst: Installer) -> dict[int, str]:

@@ -4,11 +4,19 @@ Target paths (with ``--root DIR`` everything lands under DIR instead and nothing
 
     /opt/llm/envs/<env>/<content_hash[:16]>/     unpacked env, conda-unpack run there, .llm-installed.json
     /opt/llm/models/<model>/<commit>/             model files (real files)
-    /opt/llm/hf-cache/hub/models--org--name/      HF cache view: snapshots/<sha>/* -> real files, refs/main
+    /opt/llm/hf-cache/<bundle id>/hub/models--org--name/   HF cache view of one bundle version:
+                                                  snapshots/<sha>/* -> real files, refs/main (never shared)
     /opt/llm/runtime/<sha[:16]>/, current         the installer's Python (kept for rollback/uninstall/status)
     /opt/llm/installer/<sha[:16]>/, current       the installer package + install.sh
     /usr/local/sbin/llm-install                   wrapper: the installed install.sh without the bundle's disk
     /var/lib/llm/state.json, lock, bundles/<id>/  records (installer.state), a copy of each MANIFEST.json
+    /var/lib/llm/staging/                         everything of an install being prepared (same layout as
+                                                  /opt/llm), renamed into /opt/llm only once all is verified;
+                                                  kept after a failed run for the next one (`--clean`)
+    /etc/llm/versions/<id>/<instance>.env, .devices.conf   the unit configuration of one bundle version
+    /etc/llm/lines/<bundle name> -> ../versions/<id>        THE switch: one symlink per bundle line
+    /etc/llm/<instance>.env -> lines/<bundle name>/<instance>.env         (static links through the switch;
+    /etc/systemd/system/llm@<instance>.service.d/devices.conf -> ...       the same for the device drop-in)
 
 Every name taken from a manifest is checked here before it becomes part of a path.
 """
@@ -29,18 +37,22 @@ from installer.errors import BundleError
 INSTALL_DIR = "/opt/llm"
 ENVS = f"{INSTALL_DIR}/envs"
 MODELS = f"{INSTALL_DIR}/models"
-HF_HUB = f"{INSTALL_DIR}/hf-cache/hub"
+HF_CACHES = f"{INSTALL_DIR}/hf-cache"
 RUNTIMES = f"{INSTALL_DIR}/runtime"
 INSTALLERS = f"{INSTALL_DIR}/installer"
 WRAPPER = "/usr/local/sbin/llm-install"
 BUNDLE_RECORDS = f"/{st.STATE_DIR}/bundles"
+STAGING = f"/{st.STATE_DIR}/staging"
+JOURNAL = f"{STAGING}/journal.json"
+UNIT_VERSIONS = "/etc/llm/versions"
+LINES = "/etc/llm/lines"
 ENV_MARKER = ".llm-installed.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 Say = Callable[[str], None]
 
 
 def safe_name(value: str, what: str) -> str:
-    if not _NAME_RE.match(str(value)) or ".." in str(value):
+    if not _NAME_RE.fullmatch(str(value)) or ".." in str(value):
         raise BundleError(
             f"unsafe {what} {value!r} in {MANIFEST_NAME}",
             hint="the manifest was not produced by `pack build`; do not install this bundle",
@@ -74,12 +86,30 @@ def model_dir(model: Mapping) -> str:
     return f"{MODELS}/{safe_name(model['name'], 'model name')}/{model_version(model)}"
 
 
-def hf_repo_dir(repo: str) -> str:
+def hf_hub(bid: str) -> str:
+    """The HF cache (``HF_HUB_CACHE``) of one bundle version: nothing in it is shared with another bundle."""
+    return f"{HF_CACHES}/{safe_name(bid, 'bundle id')}/hub"
+
+
+def hf_repo_dir(bid: str, repo: str) -> str:
     org, _, name = str(repo).partition("/")
     if not name:
         org, name = "", org
     folder = "models--" + "--".join(p for p in (org, name) if p)
-    return f"{HF_HUB}/{safe_name(folder, 'repo id')}"
+    return f"{hf_hub(bid)}/{safe_name(folder, 'repo id')}"
+
+
+def staged(target: str) -> str:
+    """Where ``target`` (under /opt/llm) is prepared before it is renamed into place."""
+    if not (target + "/").startswith(INSTALL_DIR + "/"):
+        raise ValueError(f"{target} is not under {INSTALL_DIR}")
+    return STAGING + target[len(INSTALL_DIR):]
+
+
+def files_digest(files: list) -> str:
+    """One sha256 over a model's file list (path, size, sha256): what a placed model dir was verified as."""
+    rows = sorted((str(f["path"]), int(f["size"]), str(f["sha256"])) for f in files)
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 from installer import state as st
 from installer.activate import activate_version, intact
 from installer.errors import InstallError
-from installer.layout import BUNDLE_RECORDS, Say
+from installer.layout import BUNDLE_RECORDS, LINES, STAGING, UNIT_VERSIONS, Say
 from installer.placement import Installer, remove_path
 
 
@@ -23,6 +23,8 @@ def rollback(
     """Make the previous version of a bundle active again (the current one becomes 'previous')."""
     with st.Lock(Path(root), lock_timeout) if not dry_run else _nolock():
         inst = Installer(Path(root), say)
+        if not dry_run:
+            inst.recover()
         name, line = inst.line_of(name)
         prev, cur = line.get("previous"), line.get("active")
         if not prev or prev not in inst.state["bundles"]:
@@ -42,9 +44,7 @@ def rollback(
             say("dry run: nothing was changed")
             return {"bundle": name, "from": cur, "to": prev, "result": "dry-run"}
         rec = inst.state["bundles"][prev]
-        activate_version(inst, name, prev, m, rec, say)
-        inst.state["lines"][name]["previous"] = cur
-        inst.save()
+        activate_version(inst, name, prev, m, rec, say)  # one atomic switch; `cur` becomes previous
         from installer import systemd
 
         restarted = systemd.restart_instances(rec.get("services") or [], root=inst.t.root)
@@ -69,6 +69,8 @@ def uninstall(
         return {"result": "nothing-installed"}
     with st.Lock(root, lock_timeout) if not dry_run else _nolock():
         inst = Installer(root, say)
+        if not dry_run:
+            inst.recover()
         names = [inst.line_of(name)[0]] if name else sorted(inst.state["lines"])
         everything = set(names) == set(inst.state["lines"])
         if dry_run:
@@ -106,7 +108,10 @@ def uninstall(
                 systemd.remove_user(root)
             else:
                 (root / systemd.SYSUSERS_CONF).unlink(missing_ok=True)
-            for stale in (f"{BUNDLE_RECORDS}",):
+            for rec in inst.state["bundles"].values():  # committed but never switched to (a crash)
+                for f in rec.get("unit_files") or []:
+                    remove_path(inst.t.host(f))
+            for stale in (BUNDLE_RECORDS, STAGING, LINES, UNIT_VERSIONS):
                 remove_path(inst.t.host(stale))
             st.state_path(root).unlink(missing_ok=True)
             (root / st.STATE_DIR / st.LOCK_FILE).unlink(missing_ok=True)
@@ -114,6 +119,23 @@ def uninstall(
             systemd.daemon_reload(root) if inst.t.live and systemd.systemd_running() else None
             say("uninstalled: every file and directory the installer created is gone")
         return {"result": "uninstalled", "lines": names}
+
+
+def clean(root: Path, *, lock_timeout: float = 60.0, say: Say = print) -> dict:
+    """Remove the staging tree a refused or interrupted install kept (``llm-install --clean``); first undo
+    what an install killed before its commit left under /opt/llm and /etc."""
+    root = Path(root)
+    staging = root / STAGING.lstrip("/")
+    if not staging.exists():
+        say(f"nothing to clean ({staging} does not exist)")
+        return {"result": "nothing-to-clean"}
+    with st.Lock(root, lock_timeout):
+        inst = Installer(root, say)
+        inst.recover()
+        inst.clean_partials()
+        inst.remove_staging()
+        say(f"removed {staging}")
+        return {"result": "cleaned", "removed": str(staging)}
 
 
 def status(root: Path) -> dict:

@@ -1,43 +1,59 @@
 """Placing a bundle's parts on the target and remembering who owns them (:class:`Installer`).
 
-Every environment and model directory is built beside its final place (``.<name>.partial-XXXX``) and
-renamed when complete and verified, so an interrupted install leaves only partial directories, which the
-next run removes (:meth:`Installer.clean_partials`). Every directory and object the installer creates is
-recorded in the state with the bundles that use it; uninstall removes exactly those.
+All-or-nothing: every environment, model directory, HF cache view and bootstrap copy is prepared under the
+staging tree ``/var/lib/llm/staging`` (same layout as ``/opt/llm``, outside ``/opt/llm`` and ``/etc``) and
+verified there: model files are copied and hashed in one pass, environments extracted while their archive
+is hashed and conda-unpacked for their final path. Only when everything is staged and synced are the new
+directories renamed into ``/opt/llm`` (a journal, ``staging/journal.json``, lists each step so that a crash
+before the state commit is undone by the next run: :meth:`Installer.recover`). A refused install undoes the
+same steps at once and keeps the staging tree as a resumable cache (named in the error; ``--clean`` removes
+it): a re-run reuses what was verified. Directories that a committed version uses are never deleted: a
+damaged one is replaced by ``renameat2(RENAME_EXCHANGE)`` with a verified copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import posixpath
+import secrets
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from installer import fsutil
 from installer import state as st
-from installer.bundle import MANIFEST_NAME, Bundle, check_relpath
+from installer.bundle import MANIFEST_NAME, Bundle, check_relpath, sha256_file
 from installer.errors import InstallError
 from installer.extract import copy_verified, extract_archive
 from installer.layout import (
     BUNDLE_RECORDS,
     ENV_MARKER,
     ENVS,
+    INSTALL_DIR,
     INSTALLERS,
+    JOURNAL,
+    LINES,
     MODELS,
     RUNTIMES,
-    WRAPPER,
+    STAGING,
     Say,
     Target,
     env_dir,
+    files_digest,
     hf_repo_dir,
     model_dir,
     model_version,
-    wrapper_text,
+    staged,
 )
 from installer.sizes import human_size
+
+VERIFIED_LOG = ".llm-verified"  # in a staged model dir: "sha256 size path" per verified, synced file
 
 
 class Installer:
@@ -47,6 +63,8 @@ class Installer:
         self.t = Target(Path(root))
         self.say = say
         self.state = st.load_state(self.t.root)
+        self.txn: dict | None = None
+        self.reconcile()
 
     # ------------------------------------------------------------------ bookkeeping
     def save(self) -> None:
@@ -62,12 +80,15 @@ class Installer:
         for d in reversed(missing):
             d.mkdir(mode=0o755)
             rel = "/" + d.relative_to(self.t.root).as_posix()
+            if self.txn is not None:
+                self._journal("dir", rel)
             if rel not in self.state["dirs"]:
                 self.state["dirs"].append(rel)
         return self.t.host(target)
 
-    def own(self, target: str, kind: str, user: str) -> None:
+    def own(self, target: str, kind: str, user: str, **extra: object) -> None:
         obj = self.state["objects"].setdefault(target, {"kind": kind, "users": []})
+        obj.update(extra)
         if user not in obj["users"]:
             obj["users"].append(user)
 
@@ -98,21 +119,33 @@ class Installer:
             if not p.exists():
                 self.state["dirs"].remove(d)
 
+    def in_use(self, target: str) -> bool:
+        return bool((self.state["objects"].get(target) or {}).get("users"))
+
+    def reconcile(self) -> None:
+        """``lines[name].active`` follows the switch link ``/etc/llm/lines/<name>`` (a crash between the
+        switch and the state write leaves the link one step ahead; the link is what the units use)."""
+        for name, line in self.state["lines"].items():
+            link = self.t.host(f"{LINES}/{name}")
+            if not link.is_symlink():
+                continue
+            bid = Path(os.readlink(link)).name
+            rec = self.state["bundles"].get(bid)
+            if bid != line.get("active") and rec and rec.get("status") == "installed":
+                if line.get("active") and line.get("active") != bid:
+                    line["previous"] = line["active"]
+                line["active"] = bid
+                line["instances"] = list(rec.get("services") or [])
+
     def clean_partials(self) -> None:
-        """Remove what an interrupted install left: partial dirs, envs without their completion marker."""
-        for base in (ENVS, MODELS, RUNTIMES, INSTALLERS):
+        """Remove partial dirs an interrupted install left (never a complete directory)."""
+        for base in (ENVS, MODELS, RUNTIMES, INSTALLERS, staged(ENVS), staged(MODELS)):
             top = self.t.host(base)
             if not top.is_dir():
                 continue
             for d in list(top.glob(".*.partial-*")) + list(top.glob("*/.*.partial-*")):
                 self.say(f"removing {d.name} left by an interrupted install")
                 shutil.rmtree(d, ignore_errors=True)
-        envs = self.t.host(ENVS)
-        if envs.is_dir():
-            for d in envs.glob("*/*"):
-                if d.is_dir() and not d.name.startswith(".") and not (d / ENV_MARKER).exists():
-                    self.say(f"removing incomplete environment {d} (interrupted before it was finished)")
-                    shutil.rmtree(d, ignore_errors=True)
 
     def stored_manifest(self, bid: str) -> dict:
         p = self.t.host(f"{BUNDLE_RECORDS}/{bid}/{MANIFEST_NAME}")
@@ -142,22 +175,168 @@ class Installer:
             )
         return name, lines[name]
 
-    # ------------------------------------------------------------------ environments and models
+    # ------------------------------------------------------------------ the journal (undo log until commit)
+    def begin(self, bid: str) -> str:
+        """Start a transaction: until :meth:`commit`, every change outside the staging tree is journaled."""
+        self.txn = {"bid": bid, "token": secrets.token_hex(8), "steps": []}
+        self.t.host(STAGING).mkdir(parents=True, exist_ok=True)
+        self._write_journal()
+        return self.txn["token"]
+
+    def _journal(self, kind: str, *args: str) -> None:
+        assert self.txn is not None
+        self.txn["steps"].append([kind, *args])
+        self._write_journal()
+
+    def _write_journal(self) -> None:
+        fsutil.write_atomic(self.t.host(JOURNAL), json.dumps(self.txn, indent=1) + "\n")
+
+    def commit(self) -> None:
+        """The state (already carrying the bundle record with this transaction's token) is saved: done."""
+        self.save()
+        self.t.host(JOURNAL).unlink(missing_ok=True)
+        self.txn = None
+
+    def recover(self) -> None:
+        """Undo what a run killed before its state commit changed (read from its journal)."""
+        p = self.t.host(JOURNAL)
+        if not p.is_file():
+            return
+        try:
+            txn = json.loads(p.read_bytes())
+        except ValueError:
+            txn = None
+        rec = (self.state["bundles"].get((txn or {}).get("bid")) or {})
+        if txn and rec.get("txn") != txn.get("token"):
+            self.say(f"undoing what an interrupted install of {txn.get('bid')} changed before it committed")
+            self._undo(txn["steps"])
+            self.save() if st.state_path(self.t.root).exists() else None
+        p.unlink(missing_ok=True)
+
+    def undo(self) -> None:
+        """Refused before the commit: put /opt/llm and /etc back as they were (the staging tree stays)."""
+        if self.txn is None:
+            return
+        self._undo(self.txn["steps"])
+        self.t.host(JOURNAL).unlink(missing_ok=True)
+        self.txn = None
+
+    def _undo(self, steps: list) -> None:
+        for step in reversed(steps):
+            kind, args = step[0], step[1:]
+            with contextlib.suppress(OSError):
+                if kind == "move":  # staged -> final: move it back into the staging tree
+                    src, dst = self.t.host(args[0]), self.t.host(args[1])
+                    if (dst.exists() or dst.is_symlink()) and not src.exists() and args[1] not in self.state[
+                        "objects"
+                    ]:
+                        src.parent.mkdir(parents=True, exist_ok=True)
+                        os.rename(dst, src)
+                elif kind == "exchange":  # a damaged in-use dir was swapped with a verified one: swap back
+                    a, b = self.t.host(args[0]), self.t.host(args[1])
+                    if a.exists() and b.exists():
+                        fsutil.exchange(a, b)
+                elif kind == "create":  # a file or tree this run created outside the staging tree
+                    if args[0] not in self.state["objects"]:
+                        remove_path(self.t.host(args[0]))
+                elif kind == "replace":  # a file this run replaced: its old content was kept in staging
+                    backup, path = self.t.host(args[0]), self.t.host(args[1])
+                    if backup.exists() or backup.is_symlink():
+                        os.replace(backup, path)
+                elif kind == "dir":
+                    d = self.t.host(args[0])
+                    if d.is_dir() and not d.is_symlink() and not any(d.iterdir()):
+                        d.rmdir()
+                    if args[0] in self.state["dirs"] and not d.exists():
+                        self.state["dirs"].remove(args[0])
+                elif kind == "user":
+                    from installer import systemd
+
+                    systemd.remove_user(self.t.root)
+
+    def journal_user_created(self) -> None:
+        self._journal("user")
+
+    def place_file(self, target: str, data: str | bytes, mode: int = 0o644) -> None:
+        """Write a file outside the staging tree (units, links' targets...), undoable until the commit."""
+        host = self.t.host(target)
+        if host.is_file() and not host.is_symlink() and host.read_bytes() == (
+            data.encode() if isinstance(data, str) else data
+        ) and (host.stat().st_mode & 0o7777) == mode:
+            return
+        self._backup_or_create(target)
+        self.mkdir(str(Path(target).parent))
+        fsutil.write_atomic(host, data, mode=mode)
+
+    def place_link(self, target: str, points_to: str) -> None:
+        host = self.t.host(target)
+        if host.is_symlink() and os.readlink(host) == points_to:
+            return
+        self._backup_or_create(target)
+        self.mkdir(str(Path(target).parent))
+        fsutil.replace_symlink(host, points_to)
+
+    def _backup_or_create(self, target: str) -> None:
+        host = self.t.host(target)
+        if host.exists() or host.is_symlink():
+            backup = f"{STAGING}/backup/{secrets.token_hex(6)}-{host.name}"
+            hb = self.t.host(backup)
+            hb.parent.mkdir(parents=True, exist_ok=True)
+            if host.is_symlink():
+                os.symlink(os.readlink(host), hb)
+            else:
+                shutil.copy2(host, hb)
+            self._journal("replace", backup, target)
+        else:
+            self._journal("create", target)
+
+    # ------------------------------------------------------------------ placing (rename from staging)
+    def promote(self, target: str) -> None:
+        """Rename the staged ``target`` into place (a new path), or swap it with a damaged one in use."""
+        src, dst = self.t.host(staged(target)), self.t.host(target)
+        self.mkdir(str(Path(target).parent))
+        if dst.exists() or dst.is_symlink():
+            if not self.in_use(target):
+                raise InstallError(
+                    f"{target} exists but was not created by this installer",
+                    hint="move it away (the installer never deletes what it did not create) and run again",
+                )
+            self._journal("exchange", staged(target), target)
+            fsutil.exchange(src, dst)  # the damaged copy is now at the staged path, removed after commit
+            return
+        self._journal("move", staged(target), target)
+        try:
+            fsutil.rename(src, dst)
+        except OSError as e:
+            if e.errno != 18:  # EXDEV: staging and /opt/llm on different filesystems
+                raise
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+            self._journal("create", "/" + tmp.relative_to(self.t.root).as_posix())
+            shutil.copytree(src, tmp, symlinks=True, dirs_exist_ok=True)
+            fsutil.sync_fs(tmp)
+            fsutil.rename(tmp, dst)
+            shutil.rmtree(src)
+
+    # ------------------------------------------------------------------ environments
+    def env_placed(self, target: str, env: Mapping) -> bool:
+        """Installed and committed, and its marker names the same content."""
+        return self.in_use(target) and _marker_ok(self.t.host(target), env)
+
     def env_complete(self, target: str) -> bool:
         return (self.t.host(target) / ENV_MARKER).is_file()
 
-    def install_env(self, bundle: Bundle, env: Mapping, bid: str, workers: int) -> str:
+    def stage_env(self, bundle: Bundle, env: Mapping, workers: int) -> None:
+        """Extract (hashing the archive), conda-unpack for the final path, mark complete, in the staging tree."""
         target = env_dir(env)
-        final = self.t.host(target)
-        if self.env_complete(target):
-            self.use(target, bid)
-            self.say(f"environment {env['name']}: already installed at {target} (reused)")
-            return target
-        if final.exists():  # renamed but conda-unpack/marker never finished: redo it
+        final = self.t.host(staged(target))
+        if _marker_ok(final, env):
+            self.say(f"environment {env['name']}: verified and unpacked by an earlier run (reused)")
+            return
+        if final.exists():
             shutil.rmtree(final)
         art = bundle.artifact(str(env["artifact"]))
-        parent = self.mkdir(str(Path(target).parent))
-        partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=parent))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
         self.say(f"environment {env['name']}: verifying and unpacking {art.path} ({human_size(art.size)})")
         try:
             res = extract_archive(
@@ -168,157 +347,229 @@ class Installer:
                 display_name=art.path,
                 workers=workers,
             )
+            os.chmod(partial, 0o755)
+            self.say(
+                f"environment {env['name']}: {res.members} files in {res.seconds:.1f} s; running conda-unpack"
+            )
+            run_conda_unpack(partial, target)
+            marker = {
+                "environment": env["name"],
+                "content_hash": env["content_hash"],
+                "artifact_sha256": art.sha256,
+            }
+            fsutil.sync_fs(partial)
+            fsutil.write_atomic(partial / ENV_MARKER, json.dumps(marker, indent=1, sort_keys=True) + "\n")
+            fsutil.rename(partial, final)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-        os.chmod(partial, 0o755)
-        os.rename(partial, final)
-        self.own(target, "tree", bid)
-        self.save()  # from here on uninstall knows the directory, even if conda-unpack fails
-        self.say(
-            f"environment {env['name']}: {res.members} files in {res.seconds:.1f} s; running conda-unpack"
-        )
-        run_conda_unpack(final, target)
-        marker = {
-            "environment": env["name"],
-            "content_hash": env["content_hash"],
-            "artifact_sha256": art.sha256,
-            "installed_by": bid,
-        }
-        write_atomic(final / ENV_MARKER, json.dumps(marker, indent=1, sort_keys=True) + "\n")
-        return target
 
-    def install_model(self, bundle: Bundle, model: Mapping, bid: str, workers: int) -> str:
-        target = model_dir(model)
-        final = self.t.host(target)
+    # ------------------------------------------------------------------ models
+    def model_placed(self, target: str, model: Mapping) -> bool:
+        """Committed with the digest of this file list (or a re-hash confirms it), every file its size."""
+        obj = self.state["objects"].get(target) or {}
         files = list(model.get("files") or [])
-        if final.is_dir() and model_intact(final, files):
-            self.use(target, bid)
-            self.say(f"model {model['name']}: already installed at {target} (reused)")
-            return target
-        if final.exists():
-            shutil.rmtree(final)
-        src_dir = str(model.get("dir") or f"models/{model['name']}")
-        arts = [
-            (f, bundle.artifact(f"{src_dir}/{check_relpath(f['path'], what='model file')}")) for f in files
-        ]
-        total = sum(a.size for _, a in arts)
-        parent = self.mkdir(str(Path(target).parent))
-        partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=parent))
-        self.say(f"model {model['name']}: verifying and copying {len(arts)} files ({human_size(total)})")
-        try:
-            for f, _ in arts:
-                (partial / f["path"]).parent.mkdir(parents=True, exist_ok=True)
-            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                jobs = [
-                    pool.submit(
-                        copy_verified,
-                        bundle.path_of(a),
-                        partial / f["path"],
-                        expected_sha256=a.sha256,
-                        expected_size=a.size,
-                        display_name=a.path,
-                    )
-                    for f, a in sorted(arts, key=lambda fa: -fa[1].size)
-                ]
-                for j in jobs:
-                    j.result()
-            for d in [partial, *(p for p in partial.rglob("*") if p.is_dir())]:
-                os.chmod(d, 0o755)
-            os.rename(partial, final)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        self.own(target, "tree", bid)
-        return target
+        d = self.t.host(target)
+        if not obj.get("users") or not d.is_dir() or not _sizes_ok(d, files):
+            return False
+        digest = files_digest(files)
+        if obj.get("digest") == digest:
+            return True
+        if obj.get("digest") is None:  # recorded by an older installer: re-hash once, then remember
+            for f in files:
+                if sha256_file(d / f["path"])[0] != f["sha256"]:
+                    return False
+            obj["digest"] = digest
+            return True
+        return False
 
-    def hf_view(self, model: Mapping, mdir: str, bid: str) -> str:
-        """``models--org--name/snapshots/<sha>/<file>``: relative links to the real files. Returns the dir."""
+    def stage_model(self, bundle: Bundle, model: Mapping, workers: int) -> None:
+        """Copy and hash every file into the staging tree; the first bad file stops the others (fail fast).
+
+        Each verified file is synced and logged (``.llm-verified``): a re-run copies only the rest.
+        """
+        target = model_dir(model)
+        final = self.t.host(staged(target))
+        files = list(model.get("files") or [])
+        src_dir = str(model.get("dir") or f"models/{model['name']}")
+        arts = [(f, bundle.artifact(f"{src_dir}/{check_relpath(f['path'], what='model file')}")) for f in files]
+        final.mkdir(parents=True, exist_ok=True)
+        log = final / VERIFIED_LOG
+        done = _read_verified(log)
+        todo = [(f, a) for f, a in arts if not _verified_here(final, f, done)]
+        if not todo:
+            self.say(f"model {model['name']}: verified by an earlier run (reused)")
+            return
+        if len(todo) < len(arts):
+            self.say(f"model {model['name']}: {len(arts) - len(todo)} of {len(arts)} files verified by an "
+                     "earlier run (kept)")
+        total = sum(a.size for _, a in todo)
+        self.say(f"model {model['name']}: verifying and copying {len(todo)} files ({human_size(total)})")
+        for f, _ in todo:
+            (final / f["path"]).parent.mkdir(parents=True, exist_ok=True)
+        stop = threading.Event()
+        lock = threading.Lock()
+
+        def one(f: Mapping, a) -> None:
+            if stop.is_set():
+                return
+            dst = final / f["path"]
+            copy_verified(bundle.path_of(a), dst, expected_sha256=a.sha256, expected_size=a.size,
+                          display_name=a.path)
+            fsutil.fsync_file(dst)
+            with lock, open(log, "a", encoding="utf-8") as lf:
+                lf.write(f"{a.sha256} {a.size} {f['path']}\n")
+                lf.flush()
+                os.fsync(lf.fileno())
+            fsutil.crash_point(f"verified {dst}")
+
+        pool = ThreadPoolExecutor(max_workers=max(1, workers))
+        try:
+            jobs = [pool.submit(one, f, a) for f, a in sorted(todo, key=lambda fa: -fa[1].size)]
+            finished, _ = wait(jobs, return_when=FIRST_EXCEPTION)
+            for j in finished:
+                if j.exception() is not None:
+                    stop.set()
+                    raise j.exception()  # type: ignore[misc]
+        except BaseException:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        for d in [final, *(p for p in final.rglob("*") if p.is_dir())]:
+            os.chmod(d, 0o755)
+
+    def finish_staged_model(self, model: Mapping) -> None:
+        """Drop the verified-files log before the directory goes into place (vLLM gets only model files)."""
+        (self.t.host(staged(model_dir(model))) / VERIFIED_LOG).unlink(missing_ok=True)
+
+    def stage_hf_view(self, model: Mapping, mdir: str, bid: str) -> str:
+        """``models--org--name/snapshots/<sha>/<file>`` (relative links to the real files) and ``refs/main``,
+        in this bundle's own HF cache: nothing is shared with another bundle. Returns the repo dir."""
         repo = model.get("repo") or model["name"]
-        rdir = hf_repo_dir(repo)
-        snap = f"{rdir}/snapshots/{model_version(model)}"
-        host_snap = self.t.host(snap)
-        if not host_snap.is_dir():
-            self.mkdir(f"{rdir}/snapshots")
-            tmp = Path(tempfile.mkdtemp(prefix=f".{host_snap.name}.partial-", dir=host_snap.parent))
-            for f in model.get("files") or []:
-                link = tmp / f["path"]
-                link.parent.mkdir(parents=True, exist_ok=True)
-                real = self.t.host(f"{mdir}/{f['path']}")
-                rel = os.path.relpath(real, host_snap / Path(f["path"]).parent)
-                os.symlink(rel, link)
-            for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir() and not p.is_symlink())]:
-                os.chmod(d, 0o755)
-            os.rename(tmp, host_snap)
-            self.own(snap, "tree", bid)
-        else:
-            self.use(snap, bid)
+        rdir = hf_repo_dir(bid, repo)
+        ver = model_version(model)
+        snap = f"{rdir}/snapshots/{ver}"
+        host_snap = self.t.host(staged(snap))
+        if host_snap.exists():
+            shutil.rmtree(host_snap)
+        host_snap.mkdir(parents=True)
+        for f in model.get("files") or []:
+            link = host_snap / f["path"]
+            link.parent.mkdir(parents=True, exist_ok=True)
+            rel = posixpath.relpath(f"{mdir}/{f['path']}", posixpath.dirname(f"{snap}/{f['path']}"))
+            os.symlink(rel, link)
+        refs = self.t.host(staged(f"{rdir}/refs"))
+        refs.mkdir(parents=True, exist_ok=True)
+        (refs / "main").write_text(ver)
         return rdir
 
-    def set_ref(self, rdir: str, commit: str, line: str) -> None:
-        refs = self.mkdir(f"{rdir}/refs")
-        write_atomic(refs / "main", commit)
-        self.own(f"{rdir}/refs/main", "file", f"line:{line}")
-
     # ------------------------------------------------------------------ bootstrap copy
-    def keep_bootstrap(self, bundle: Bundle, bootstrap: Path, bid: str) -> None:
-        """Keep the verified runtime, installer and install.sh so rollback/uninstall/status work later."""
+    def stage_bootstrap(self, bundle: Bundle, bootstrap: Path) -> list[tuple[str, str]]:
+        """Stage the verified runtime, installer and install.sh (kept so rollback/uninstall/status work
+        without the bundle). install.sh is copied and hashed against its MANIFEST entry, like every other
+        artifact. Returns [(base, target)] of the copies that are not in place yet or are reused."""
         m = bundle.manifest
+        out = []
         runtime = m.get("runtime") or None
-        boot = self.state["bootstrap"]
         if runtime and (bootstrap / "runtime").is_dir():
-            sha = bundle.artifact(runtime["artifact"]).sha256[:16]
+            tgt = f"{RUNTIMES}/{bundle.artifact(runtime['artifact']).sha256[:16]}"
 
             def fill_runtime(d: Path) -> None:
                 shutil.copytree(bootstrap / "runtime", d, symlinks=True, dirs_exist_ok=True)
 
-            boot["runtime"] = self._keep_current(RUNTIMES, sha, bid, fill_runtime)
-            boot["python"] = runtime.get("python")
+            self._stage_dir(tgt, fill_runtime)
+            out.append((RUNTIMES, tgt))
         inst_art = (m.get("installer") or {}).get("artifact")
         if inst_art and (bootstrap / "installer").is_dir():
-            sha = bundle.artifact(inst_art).sha256[:16]
+            tgt = f"{INSTALLERS}/{bundle.artifact(inst_art).sha256[:16]}"
 
             def fill_installer(d: Path) -> None:
                 shutil.copytree(bootstrap / "installer" / "installer", d / "installer", symlinks=True,
                                 ignore=shutil.ignore_patterns("__pycache__"))
-                sh = bundle.path_of("install.sh")
-                if sh.is_file():
-                    shutil.copy2(sh, d / "install.sh")
-                    os.chmod(d / "install.sh", 0o755)
+                try:
+                    sh = bundle.artifact("install.sh")
+                except Exception as e:
+                    raise InstallError(f"{bundle.root}: install.sh is not listed in {MANIFEST_NAME}",
+                                       hint="the bundle was not produced by `pack build`") from e
+                copy_verified(bundle.path_of(sh), d / "install.sh", expected_sha256=sh.sha256,
+                              expected_size=sh.size, display_name=sh.path, mode=0o755)
 
-            boot["installer"] = self._keep_current(INSTALLERS, sha, bid, fill_installer)
-        if boot.get("runtime") and boot.get("installer"):
-            self.mkdir(str(Path(WRAPPER).parent))
-            write_atomic(self.t.host(WRAPPER), wrapper_text(), mode=0o755)
-            self.own(WRAPPER, "file", "bootstrap")
-            boot["wrapper"] = WRAPPER
+            self._stage_dir(tgt, fill_installer)
+            out.append((INSTALLERS, tgt))
+        return out
 
-    def _keep_current(self, base: str, version: str, bid: str, fill: Callable[[Path], None]) -> str:
-        """``base/version`` (filled by ``fill`` in a partial dir, then renamed) and ``base/current`` -> it."""
-        tgt = f"{base}/{version}"
-        if not self.t.host(tgt).is_dir():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=self.mkdir(base)))
-            try:
-                fill(tmp)
-                os.chmod(tmp, 0o755)
-                os.rename(tmp, self.t.host(tgt))
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            self.own(tgt, "tree", bid)
-        else:
-            self.use(tgt, bid)
-        _relink(self.t.host(f"{base}/current"), version)
-        self.own(f"{base}/current", "file", "bootstrap")
-        return tgt
+    def _stage_dir(self, tgt: str, fill: Callable[[Path], None]) -> None:
+        if self.in_use(tgt) and self.t.host(tgt).is_dir():
+            return
+        final = self.t.host(staged(tgt))
+        if final.is_dir():
+            shutil.rmtree(final)  # cheap to redo: copied from install.sh's private, verified dir
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        try:
+            fill(tmp)
+            os.chmod(tmp, 0o755)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def remove_staging(self) -> None:
+        p = self.t.host(STAGING)
+        if p.is_dir():
+            shutil.rmtree(p)
+
+
+def _marker_ok(d: Path, env: Mapping) -> bool:
+    try:
+        marker = json.loads((d / ENV_MARKER).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return marker.get("content_hash") == env.get("content_hash")
+
+
+def _sizes_ok(d: Path, files: list) -> bool:
+    for f in files:
+        p = d / f["path"]
+        try:
+            if p.is_symlink() or p.stat().st_size != int(f["size"]):
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _read_verified(log: Path) -> set[tuple[str, int, str]]:
+    out = set()
+    try:
+        text = log.read_text(encoding="utf-8")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and len(parts[0]) == 64 and parts[1].isdigit():
+            out.add((parts[0], int(parts[1]), parts[2]))
+    return out
+
+
+def _verified_here(d: Path, f: Mapping, done: set) -> bool:
+    """The log says this file was copied with this hash and synced, and it is still that size."""
+    if (str(f["sha256"]), int(f["size"]), str(f["path"])) not in done:
+        return False
+    p = d / f["path"]
+    try:
+        return not p.is_symlink() and p.stat().st_size == int(f["size"])
+    except OSError:
+        return False
 
 
 def run_conda_unpack(host_prefix: Path, target_prefix: str) -> None:
     """Run the env's ``conda-unpack`` with the env's own python so the prefix baked in is ``target_prefix``.
 
-    On a live server both are the same path and conda-pack's script runs as it is. In a staging tree
-    (``--root``) the files are under the root, but the env will run at ``target_prefix`` on the booted
-    image: the script's own records and replacement function are used with that prefix.
+    The env is unpacked in the staging tree and renamed to ``target_prefix`` afterwards (on a live server as
+    in a staging tree under ``--root``): the script's own records and replacement function are used with that
+    prefix.
     """
     script = host_prefix / "bin" / "conda-unpack"
     if not script.is_file():
@@ -350,37 +601,12 @@ def run_conda_unpack(host_prefix: Path, target_prefix: str) -> None:
 
 
 def model_intact(d: Path, files: list) -> bool:
-    """Every file present with its size (the hash was checked when it was copied here)."""
-    for f in files:
-        p = d / f["path"]
-        try:
-            if p.stat().st_size != int(f["size"]):
-                return False
-        except OSError:
-            return False
-    return True
-
-
-def _relink(link: Path, target: str) -> None:
-    tmp = link.with_name(f".{link.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
+    """Every file present with its size (a cheap look, for plans; reuse needs :meth:`Installer.model_placed`)."""
+    return d.is_dir() and _sizes_ok(d, files)
 
 
 def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fsutil.write_atomic(path, data, mode)
 
 
 def remove_path(p: Path) -> None:
@@ -388,3 +614,6 @@ def remove_path(p: Path) -> None:
         p.unlink()
     elif p.is_dir():
         shutil.rmtree(p)
+
+
+__all__ = ["INSTALL_DIR", "Installer", "model_intact", "remove_path", "run_conda_unpack", "write_atomic"]

@@ -2,15 +2,19 @@
 
 The state file is the commit point of every change: it is written to a temporary file in the same directory,
 fsynced and renamed over the old one, so a crash leaves either the old or the new record, never half of one.
+A bundle is recorded only once everything it needs is in place and synced (there is no "installing" record);
+which version of a line is active is the symlink ``/etc/llm/lines/<name>`` (the switch), and ``lines[name]
+.active`` follows it (:meth:`installer.placement.Installer.reconcile`).
 
 Shape (format_version 1)::
 
     {"format_version": 1,
      "lines":   {bundle name: {"active": id, "previous": id|null, "instances": [...], "unit_files": [...]}},
-     "bundles": {id: {"name", "version", "manifest_sha256", "status": "installing"|"installed",
+     "bundles": {id: {"name", "version", "manifest_sha256", "status": "installed", "txn",
                       "installed_at", "signed_by", "envs": {env: path}, "models": {model: path},
-                      "services": [...]}},
-     "objects": {path: {"kind": "tree"|"file", "users": [bundle ids]}},   # created by the installer
+                      "services": [...], "unit_files": [...]}},
+     "objects": {path: {"kind": "tree"|"file", "users": [bundle ids], "digest"?: files_digest}},
+
      "dirs":    [paths of directories the installer created],
      "user_created": bool,
      "bootstrap": {"runtime": path|null, "installer": path|null, "wrapper": path|null}}
@@ -25,7 +29,6 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -79,25 +82,11 @@ def load_state(root: Path) -> dict:
 
 def save_state(root: Path, state: dict) -> None:
     """Atomically replace the state file (temp file in the same dir, fsync, rename, fsync dir)."""
+    from installer import fsutil
+
     p = state_path(root)
-    p.parent.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(state, indent=1, sort_keys=True) + "\n").encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsutil.write_atomic(p, data, mode=0o644)
 
 
 class Lock:

@@ -165,7 +165,8 @@ def test_dry_run_changes_nothing(root, bundles, keys):
 
 def test_hf_cache_view_and_model_only_bundle(root, bundles, keys):
     install(root, bundles["hf"], keys)
-    repo = root / "opt/llm/hf-cache/hub/models--acme--tiny"
+    bid = state(root)["lines"]["hfdemo"]["active"]
+    repo = root / f"opt/llm/hf-cache/{bid}/hub/models--acme--tiny"
     snap = repo / "snapshots" / ("a" * 40)
     assert (repo / "refs" / "main").read_text() == "a" * 40
     real = root / "opt/llm/models/hfm" / ("a" * 40) / "model.safetensors"
@@ -173,15 +174,14 @@ def test_hf_cache_view_and_model_only_bundle(root, bundles, keys):
     assert (snap / "model.safetensors").resolve() == real.resolve()
     assert (snap / "tokenizer" / "vocab.txt").read_bytes() == b"a\nb\n"
     e = env_file(root, "hfsvc")
-    assert e["LLM_MODEL"] == "acme/tiny" and e["HF_HUB_CACHE"] == "/opt/llm/hf-cache/hub"
+    assert e["LLM_MODEL"] == "acme/tiny" and e["HF_HUB_CACHE"] == f"/opt/llm/hf-cache/{bid}/hub"
     # a bundle without environment or runtime: its service runs on the env installed above
     install(root, bundles["models-only"], keys)
     e2 = env_file(root, "m2svc")
-    assert e2["LLM_ENV_PREFIX"] == e["LLM_ENV_PREFIX"] if "LLM_ENV_PREFIX" in e else True
     st = state(root)
     assert set(st["lines"]) == {"hfdemo", "extra"}
     env_path = st["bundles"][st["lines"]["hfdemo"]["active"]]["envs"]["t1"]
-    assert env_path in json.dumps(e2)
+    assert e2["LLM_PYTHON"].startswith(env_path + "/")
     # uninstalling the env's bundle alone keeps what the other bundle still uses
     run_installer("uninstall", "--root", root, "--name", "hfdemo")
     assert (root / env_path.lstrip("/") / "bin").is_dir()
@@ -189,27 +189,166 @@ def test_hf_cache_view_and_model_only_bundle(root, bundles, keys):
     assert not (root / "opt").exists() and not (root / "var").exists()
 
 
-def test_corrupt_model_file_refused_nothing_activated(root, bundles, keys, tmp_path):
-    install(root, bundles["v1"], keys)
-    snap = tree_snapshot(root)
+def test_two_bundles_serving_one_repo_id_have_their_own_hf_views(root, bundles, keys, tmp_path, t1_parts):
+    """Item 8: the HF cache view is per bundle; uninstalling one line leaves the other's view whole."""
+    other = make_bundle(
+        tmp_path / "out",
+        BundleSpec(
+            name="hfother",
+            version="1",
+            env=t1_parts,
+            models=[tiny_model("hfm2", commit="c" * 40)],  # the same repo id acme/tiny, another commit
+            services=[service("hfsvc2", model="hfm2", port=18434, serve_by="repo_id")],
+        ),
+        keys,
+    )
+    install(root, bundles["hf"], keys)
+    install(root, other, keys)
+    a, b = (state(root)["lines"][n]["active"] for n in ("hfdemo", "hfother"))
+    views = {n: root / f"opt/llm/hf-cache/{bid}/hub/models--acme--tiny" for n, bid in (("a", a), ("b", b))}
+    assert (views["a"] / "refs/main").read_text() == "a" * 40
+    assert (views["b"] / "refs/main").read_text() == "c" * 40
+    keep = tree_snapshot(views["b"])
+    run_installer("uninstall", "--root", root, "--name", "hfdemo")
+    assert not views["a"].exists()
+    assert tree_snapshot(views["b"]) == keep
+    for f in ("config.json", "model.safetensors", "tokenizer/vocab.txt"):  # every link still resolves
+        assert (views["b"] / "snapshots" / ("c" * 40) / f).resolve().is_file()
+    assert env_file(root, "hfsvc2")["HF_HUB_CACHE"] == f"/opt/llm/hf-cache/{b}/hub"
+
+
+def _flip(bundle: Path, rel: str, dest: Path, offset: int = 100) -> Path:
+    """A copy of ``bundle`` with one byte of ``rel`` flipped (same size: only the hash can tell)."""
     import shutil
 
-    bad = tmp_path / "bad"
-    shutil.copytree(bundles["v2"], bad / bundles["v2"].name)
-    w = bad / bundles["v2"].name / "models/tiny/model.safetensors"
+    out = dest / bundle.name
+    shutil.copytree(bundle, out)
+    w = out / rel
     data = bytearray(w.read_bytes())
-    data[100] ^= 1
+    data[offset] ^= 1
+    w.unlink()  # the copy may be a hard link into the fixture
     w.write_bytes(bytes(data))
-    r = install(root, bad / bundles["v2"].name, keys, check=False)
-    assert r.returncode != 0 and "models/tiny/model.safetensors: sha256 mismatch" in r.stderr
-    assert state(root)["lines"]["demo"]["active"].startswith("demo-1.0.0-")
-    assert env_file(root)["LLM_MODEL"] == "/opt/llm/models/tiny/" + "1" * 40
-    # the bundle record of the failed attempt is the only thing added; no model dir, no partial left
-    assert not (root / "opt/llm/models/tiny" / ("2" * 40)).exists()
-    assert not list((root / "opt/llm/models/tiny").glob(".*partial*"))
-    assert {k for k in tree_snapshot(root) if k not in snap} <= {
-        k for k in tree_snapshot(root) if k.startswith("var/lib/llm/bundles/demo-1.1.0-")
-    } | {"var/lib/llm/bundles"}
+    return out
+
+
+def _placed(root: Path) -> dict:
+    """What the all-or-nothing promise covers: /opt/llm, /etc, and the state file."""
+    snap = {k: v for k, v in tree_snapshot(root).items() if k.split("/")[0] in ("opt", "etc")}
+    sp = root / STATE_DIR / "state.json"
+    snap["<state>"] = sp.read_text() if sp.exists() else None
+    return snap
+
+
+def clean(root: Path) -> subprocess.CompletedProcess:
+    code = "import sys; from pathlib import Path; from installer import lifecycle; lifecycle.clean(Path(sys.argv[1]))"
+    from tests.installer_fixtures import INSTALLER_PKG, run_command
+
+    return run_command([sys.executable, "-c", code, root], check=True, timeout=120, cwd=INSTALLER_PKG.parent)
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-install", "upgrade"])
+def test_corrupt_model_file_refused_nothing_changed_then_resumed(root, bundles, keys, tmp_path, first):
+    """Item 5: a model file failing its hash leaves /opt/llm, /etc and the state exactly as they were
+    (the environment was already unpacked and verified: it waits in the staging tree, named in the error);
+    the re-run with a good bundle copies only what was not verified yet."""
+    if not first:
+        install(root, bundles["v1"], keys)
+    snap = _placed(root)
+    bad = _flip(bundles["v2"], "models/tiny/model.safetensors", tmp_path / "bad")
+    r = install(root, bad, keys, check=False)
+    assert r.returncode == 1 and "models/tiny/model.safetensors: sha256 mismatch" in r.stderr, r.stderr
+    assert "nothing under /opt/llm or /etc was changed" in r.stderr
+    staging = root / "var/lib/llm/staging"
+    assert f"kept in {staging}" in r.stderr and "--clean" in r.stderr
+    assert _placed(root) == snap
+    assert not list(staging.rglob("*partial*")), "no half-copied file is kept"
+    if first:
+        assert not (root / STATE_DIR / "state.json").exists(), "no state record of a refused install"
+    log = staging / "models/tiny" / ("2" * 40) / ".llm-verified"
+    kept = log.read_text().splitlines() if log.exists() else []
+    assert all("model.safetensors" not in ln for ln in kept)
+    r = install(root, bundles["v2"], keys)
+    assert "environment t1" in r.stdout
+    assert ("verified and unpacked by an earlier run (reused)" in r.stdout) == first, r.stdout
+    if kept:
+        assert f"model tiny: {len(kept)} of 3 files verified by an earlier run (kept)" in r.stdout
+    assert f"model tiny: verifying and copying {3 - len(kept)} files" in r.stdout
+    assert state(root)["lines"]["demo"]["active"].startswith("demo-1.1.0-")
+    assert not staging.exists(), "a successful install leaves no staging tree"
+
+
+def test_clean_removes_the_staging_tree(root, bundles, keys, tmp_path):
+    bad = _flip(bundles["v1"], "models/tiny/config.json", tmp_path / "bad", offset=3)
+    snap = _placed(root)
+    r = install(root, bad, keys, check=False)
+    assert r.returncode == 1 and "models/tiny/config.json: sha256 mismatch" in r.stderr
+    assert (root / "var/lib/llm/staging").is_dir()
+    clean(root)
+    assert not (root / "var/lib/llm/staging").exists() and _placed(root) == snap
+
+
+def test_install_sh_is_verified_before_it_is_kept(root, bundles, keys, tmp_path):
+    """Item 2: the install.sh kept for llm-install (run as root later) is copied, then hashed against its
+    MANIFEST entry like every other artifact."""
+    import shutil
+
+    boot = tmp_path / "boot"
+    (boot / "installer").mkdir(parents=True)
+    shutil.copytree(Path(__file__).resolve().parents[1] / "installer", boot / "installer" / "installer",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (boot / "runtime").mkdir()  # install.sh's unpacked runtime (its content does not matter here)
+    (boot / "runtime" / "marker").write_text("runtime\n")
+    bad = _flip(bundles["v1"], "install.sh", tmp_path / "bad", offset=40)
+    snap = _placed(root)
+    r = install(root, bad, keys, "--bootstrap", boot, check=False)
+    assert r.returncode == 1 and "install.sh: sha256 mismatch" in r.stderr, r.stderr
+    assert _placed(root) == snap
+    install(root, bundles["v1"], keys, "--bootstrap", boot)
+    kept = root / "opt/llm/installer/current/install.sh"
+    assert kept.read_bytes() == (bundles["v1"] / "install.sh").read_bytes()
+    assert os.access(kept, os.X_OK)
+    assert (root / "usr/local/sbin/llm-install").is_file()
+
+
+def test_damaged_model_in_use_is_replaced_never_deleted_first(root, bundles, keys, tmp_path):
+    """Items 7 and 9: a model dir the active version uses is never rmtree'd; a damaged one (a file
+    truncated, as after a power cut) is not reused by size or record: a verified copy is swapped in with
+    one renameat2(RENAME_EXCHANGE)."""
+    install(root, bundles["v1"], keys)
+    mdir = root / "opt/llm/models/tiny" / ("1" * 40)
+    w = mdir / "model.safetensors"
+    good = w.read_bytes()
+    fd = os.open(mdir, os.O_RDONLY)  # a process using the directory (like vLLM) keeps its handle
+    try:
+        with open(w, "r+b") as f:
+            f.truncate(100)
+        r = install(root, bundles["v1"], keys)
+        assert "nothing changed" not in r.stdout
+        assert w.read_bytes() == good
+        assert os.stat(mdir).st_ino != os.fstat(fd).st_ino, "a new directory was swapped in"
+    finally:
+        os.close(fd)
+    # an older state without hash records: a same-size corruption is found by a re-hash, not reused
+    st_ = state(root)
+    st_["objects"]["/opt/llm/models/tiny/" + "1" * 40].pop("digest")
+    (root / STATE_DIR / "state.json").write_text(json.dumps(st_))
+    data = bytearray(good)
+    data[7] ^= 1
+    w.unlink()
+    w.write_bytes(bytes(data))
+    r = install(root, bundles["v1"], keys)
+    assert "model tiny: verifying and copying 3 files" in r.stdout
+    assert w.read_bytes() == good
+
+
+def test_a_directory_the_installer_did_not_create_is_not_touched(root, bundles, keys):
+    mine = root / "opt/llm/models/tiny" / ("1" * 40)
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine\n")
+    snap = _placed(root)
+    r = install(root, bundles["v1"], keys, check=False)
+    assert r.returncode == 1 and f"/opt/llm/models/tiny/{'1' * 40} exists but was not created" in r.stderr
+    assert _placed(root) == snap
 
 
 def test_second_installer_waits_then_refuses(root, bundles, keys):
