@@ -197,8 +197,14 @@ def write_manifest(path: Path, *, channel: Path, model: dict, version: str = "1.
 
 def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print,
                 split_size: str = "300M", keep_container: bool = False,
-                while_serving: Callable[[JourneyResult, int], None] | None = None) -> JourneyResult:
-    """Run the journey; ``while_serving(result, container_leader_pid)`` is called while llm@tiny answers."""
+                while_serving: Callable[[JourneyResult, int], None] | None = None,
+                full: bool = True) -> JourneyResult:
+    """Run the journey; ``while_serving(result, container_leader_pid)`` is called while llm@tiny answers.
+
+    ``full=False`` (the default of `./build.sh demo`, for a quick first completion) stops after the first
+    completion: no 1.0.1 build, no kill -9 of the engine, no upgrade and rollback (then only stop and
+    uninstall). The tests always run the full journey.
+    """
     from packager.demo_model import make_tiny_model
     from tests.conda.channel import ensure_test_channel
     from tests.nspawn import Container, ensure_rootfs
@@ -268,16 +274,18 @@ def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print
         raise AssertionError(f"expected several volumes, got {res.volumes}")
 
     # a newer version of the same bundle (environment and model unchanged: reused at build and install)
-    t = time.monotonic()
-    write_manifest(work / "demo-next.yaml", channel=channel, model=model, version="1.0.1")
-    if via_hub:
-        model_next = {"source": "local", "path": str(model_dir)}  # the hub is gone; same bytes
-        write_manifest(work / "demo-next.yaml", channel=channel, model=model_next, version="1.0.1")
     usb2 = work / "usb2"
     shutil.rmtree(usb2, ignore_errors=True)
-    pack_cmd(["build", str(work / "demo-next.yaml"), "--key", str(keys / "build.key"), "--out", str(usb2),
-              "--no-progress"], env, log)
-    stage("pack build 1.0.1 (reuse)", t)
+    usb2.mkdir()
+    if full:
+        t = time.monotonic()
+        write_manifest(work / "demo-next.yaml", channel=channel, model=model, version="1.0.1")
+        if via_hub:
+            model_next = {"source": "local", "path": str(model_dir)}  # the hub is gone; same bytes
+            write_manifest(work / "demo-next.yaml", channel=channel, model=model_next, version="1.0.1")
+        pack_cmd(["build", str(work / "demo-next.yaml"), "--key", str(keys / "build.key"), "--out", str(usb2),
+                  "--no-progress"], env, log)
+        stage("pack build 1.0.1 (reuse)", t)
 
     # -- target ----------------------------------------------------------------------------------
     t = time.monotonic()
@@ -332,37 +340,8 @@ def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print
                                                          "Name or service not known",
                                                          "Temporary failure in name resolution",
                                                          "Failed to get the IP address"))]
-        # kill -9 vLLM's engine process, as an OOM kill would: the API server then exits 0, and only
-        # Restart=always brings the service back
-        t = time.monotonic()
-        engine = c.run(["pgrep", "-f", "EngineCore"], check=False).stdout.split()
-        if not engine:
-            raise AssertionError("no vLLM EngineCore process found:\n" + c.run(["ps", "axf"]).stdout[-3000:])
-        c.run(["kill", "-9", engine[0]])
-        deadline = time.monotonic() + 120
-        while int(c.show(f"llm@{SERVICE}", "NRestarts") or 0) < 1 and time.monotonic() < deadline:
-            time.sleep(1)
-        res.restarts_after_kill = int(c.show(f"llm@{SERVICE}", "NRestarts") or 0)
-        _wait_healthy(c, timeout=300)
-        stage("kill -9 engine -> healthy", t, note=f"NRestarts={res.restarts_after_kill}")
-
-        # upgrade to 1.0.1 (restarts the running instance), then roll back to 1.0.0
-        t = time.monotonic()
-        r = c.run(["bash", "/media/usb2/tiny-demo-1.0.1/install.sh"], timeout=900, check=False)
-        log(r.stdout[-3000:] + r.stderr[-2000:])
-        if r.returncode != 0:
-            raise AssertionError(f"upgrade failed:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}")
-        res.upgrade_output = r.stdout + r.stderr
-        res.versions.append(_active_version(c))
-        stage("upgrade to 1.0.1", t, note="restarts llm@tiny, waits for /health + one completion")
-        t = time.monotonic()
-        r = c.run(["llm-install", "--rollback"], timeout=600, check=False)
-        log(r.stdout[-2000:] + r.stderr[-2000:])
-        res.versions.append(_active_version(c))
-        stage("rollback", t)
-        _wait_healthy(c, timeout=300)
-        res.after_rollback = json.loads(c.run(["curl", "-sf", f"http://127.0.0.1:{PORT}/v1/models"]).stdout)
-
+        if full:
+            _kill_upgrade_rollback(c, res, stage, log)
         t = time.monotonic()
         c.systemctl("stop", f"llm@{SERVICE}")
         stage("stop", t)
@@ -373,6 +352,40 @@ def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print
         res.leftover = sorted(p for p in after - before
                               if not p.startswith(SYSTEM_NOISE) and not _same_as_image(c, p))
     return res
+
+
+def _kill_upgrade_rollback(c, res: JourneyResult, stage, log: Callable[[str], None]) -> None:
+    """The part of the journey after the first completion (``full=True``)."""
+    # kill -9 vLLM's engine process, as an OOM kill would: the API server then exits 0, and only
+    # Restart=always brings the service back
+    t = time.monotonic()
+    engine = c.run(["pgrep", "-f", "EngineCore"], check=False).stdout.split()
+    if not engine:
+        raise AssertionError("no vLLM EngineCore process found:\n" + c.run(["ps", "axf"]).stdout[-3000:])
+    c.run(["kill", "-9", engine[0]])
+    deadline = time.monotonic() + 120
+    while int(c.show(f"llm@{SERVICE}", "NRestarts") or 0) < 1 and time.monotonic() < deadline:
+        time.sleep(1)
+    res.restarts_after_kill = int(c.show(f"llm@{SERVICE}", "NRestarts") or 0)
+    _wait_healthy(c, timeout=300)
+    stage("kill -9 engine -> healthy", t, note=f"NRestarts={res.restarts_after_kill}")
+
+    # upgrade to 1.0.1 (restarts the running instance), then roll back to 1.0.0
+    t = time.monotonic()
+    r = c.run(["bash", "/media/usb2/tiny-demo-1.0.1/install.sh"], timeout=900, check=False)
+    log(r.stdout[-3000:] + r.stderr[-2000:])
+    if r.returncode != 0:
+        raise AssertionError(f"upgrade failed:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}")
+    res.upgrade_output = r.stdout + r.stderr
+    res.versions.append(_active_version(c))
+    stage("upgrade to 1.0.1", t, note="restarts llm@tiny, waits for /health + one completion")
+    t = time.monotonic()
+    r = c.run(["llm-install", "--rollback"], timeout=600, check=False)
+    log(r.stdout[-2000:] + r.stderr[-2000:])
+    res.versions.append(_active_version(c))
+    stage("rollback", t)
+    _wait_healthy(c, timeout=300)
+    res.after_rollback = json.loads(c.run(["curl", "-sf", f"http://127.0.0.1:{PORT}/v1/models"]).stdout)
 
 
 def _same_as_image(c, path: str) -> bool:
