@@ -286,6 +286,8 @@ class _Reader:
 
     def child(self, key: str, *, optional: bool = False) -> _Reader | None:
         v = self.raw(key, optional=optional)
+        if v is None and not optional:
+            self.fail((key,), "must not be null")
         return None if v is None else _Reader(v, self.path + (key,), self.source)
 
     def raw(self, key: str, *, optional: bool = False) -> Any:

@@ -34,6 +34,8 @@ REVISION_RE = _anchored(records.REVISION_RE)
 MAX_NODES = 200_000  # YAML aliases can make a small file a huge tree ("billion laughs"): refuse past this
 MAX_DEPTH = 64
 log = logging.getLogger(__name__)
+_SCALAR_LOADER = yaml.SafeLoader("")  # only its constructors are used (reset before each use)
+_COMPOSER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when PyYAML has it (same nodes)
 
 
 def _str(desc: str, **kw: Any) -> dict:
@@ -125,7 +127,22 @@ SCHEMA: dict = {
 }
 
 def _construct_scalar(node: yaml.ScalarNode) -> Any:
-    return yaml.SafeLoader("").construct_object(node, deep=True)
+    return _construct(lambda loader: loader.construct_object(node, deep=True), node)
+
+
+def _construct(fn, node: yaml.Node) -> Any:
+    """PyYAML's safe constructors, with their own crashes (``!!timestamp`` of a non-date raises
+    AttributeError, ``!!int`` of a huge value ValueError) turned into a ConstructorError at the node."""
+    loader = _SCALAR_LOADER
+    loader.constructed_objects, loader.recursive_objects = {}, {}
+    try:
+        return fn(loader)
+    except yaml.YAMLError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as e:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"cannot read the {node.tag} value {getattr(node, 'value', '')!r:.80} ({e})",
+            node.start_mark) from e
 
 
 _PY_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list,
@@ -386,7 +403,7 @@ def load_manifest(path: str | Path) -> Manifest:
     except (OSError, UnicodeDecodeError) as e:
         raise ManifestError(str(path), [f"cannot read: {e}"]) from e
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_COMPOSER)
         if root is None:
             raise ManifestError(str(path), [f"{path}: the file is empty"])
         chk = _Checker(str(path))
@@ -395,7 +412,7 @@ def load_manifest(path: str | Path) -> Manifest:
             _cross_checks(chk, root, data, path.parent)
         if chk.problems:
             raise ManifestError(str(path), [msg for _, msg in sorted(chk.problems, key=lambda p: p[0])])
-        doc = yaml.SafeLoader("").construct_document(root)  # from the nodes: no second parse
+        doc = _construct(lambda loader: loader.construct_document(root), root)  # from the nodes: no 2nd parse
     except yaml.YAMLError as e:
         raise ManifestError(str(path), [_yaml_problem(path, e)]) from e
     except _TooBig as e:
