@@ -256,18 +256,26 @@ def _restart_after(c: Container, kill: str) -> tuple[int, float]:
     return after["pid"], time.monotonic() - t0
 
 
+RESTART_BUDGET_S = 60.0  # issue 9, R8: healthy again within 60 s, three times in a row
+
+
+def _restart_three_times(c: Container, kill: str) -> list[float]:
+    times = [_restart_after(c, kill)[1] for _ in range(3)]
+    print(f"R8 kill -9 {kill} x3 -> healthy again in " + ", ".join(f"{t:.1f}" for t in times) + " s")
+    assert all(t < RESTART_BUDGET_S for t in times), times
+    return times
+
+
 def test_restart_after_kill_9_of_main_process(target):
     c, _ = target
-    _, seconds = _restart_after(c, "main")
-    print(f"kill -9 main process -> healthy again in {seconds:.1f} s")
+    _restart_three_times(c, "main")
     assert "status=9/KILL" in c.journal("llm@tiny.service")
 
 
 def test_restart_after_kill_9_of_child_process(target):
     # vLLM's API server exits 0 when its engine process dies: Restart=on-failure would stay down.
     c, _ = target
-    _, seconds = _restart_after(c, "child")
-    print(f"kill -9 engine child -> healthy again in {seconds:.1f} s")
+    _restart_three_times(c, "child")
     assert "engine process died; exiting with status 0" in c.journal("llm@tiny.service")
 
 
