@@ -239,3 +239,112 @@ def test_prefix_form_without_package_cache_keeps_binary_placeholders(conda_chann
     assert (dest / "share" / "llmtest" / "prefix.txt").read_text() == f"prefix={dest}\n"
     assert run(dest / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_config_var('prefix'))") \
         == f"{dest}\n"
+
+
+# -- binary placeholders restored as a stream (bounded memory whatever the file's size) -----------------------
+def _restore_oracle(data: bytes, installed: bytes, placeholder: bytes) -> bytes:
+    """The one-shot regex rule the packer used to apply to a whole file in memory (the reference)."""
+    import re
+
+    extra = len(placeholder) - len(installed)
+    out, pos = bytearray(), 0
+    for m in re.finditer(re.escape(installed) + rb"([^\0]*?)\0", data):
+        if m.start() < pos:
+            continue
+        need = extra * m.group().count(installed)
+        if data[m.end():m.end() + need] != b"\0" * need:
+            raise ValueError("no NUL padding")
+        out += data[pos:m.start()] + m.group().replace(installed, placeholder)
+        pos = m.end() + need
+    return bytes(out + data[pos:])
+
+
+def test_streamed_restore_agrees_with_the_one_shot_rule_at_any_chunking():
+    import random
+
+    from packager.envpack import PlaceholderRestorer
+
+    rng = random.Random(9)
+    inst, ph = b"/build/env", b"/placeholder_placeholder_xx"
+    pad = b"\0" * (len(ph) - len(inst))
+    cases = refused = 0
+    for _ in range(2000):
+        parts = []
+        for _ in range(rng.randint(0, 6)):
+            k = rng.random()
+            if k < 0.4:
+                parts.append(bytes(rng.choice(b"ab\0/") for _ in range(rng.randint(0, 20))))
+            elif k < 0.8:
+                s = inst + bytes(rng.choice(b"xyz/") for _ in range(rng.randint(0, 8)))
+                s += inst if rng.random() < 0.3 else b""
+                parts.append(s + b"\0" + (pad * s.count(inst) if rng.random() < 0.85 else b"q"))
+            else:
+                parts.append(inst[:rng.randint(1, len(inst))])  # a prefix cut short (maybe at a chunk edge)
+        data = b"".join(parts)
+        try:
+            want = _restore_oracle(data, inst, ph)
+        except ValueError:
+            want = None
+        r = PlaceholderRestorer(inst, ph)
+        try:
+            got, i = bytearray(), 0
+            while i < len(data):
+                n = rng.randint(1, 7)
+                got += r.feed(data[i:i + n])
+                i += n
+            got = bytes(got + r.finish())
+        except ValueError:
+            got = None
+        cases += 1
+        refused += got is None
+        assert got == want, data
+        assert got is None or len(got) == len(data)
+    print(f"placeholder restore: {cases} cases at random chunkings agree with the one-shot rule "
+          f"({refused} refused by both)")
+    assert refused > 0 and cases - refused > 1000
+
+
+def test_a_binary_larger_than_the_chunk_is_restored_as_a_stream(conda_channel, wheel_dir, tmp_path):
+    """A 48 MiB binary with prefixes at a chunk boundary packs with bounded memory (it used to be read
+    whole, about 3x its size with the restore) and relocates like the small one."""
+    import json
+    import tracemalloc
+
+    from packager.envpack import CHUNK, load_env_files
+
+    spec = env_spec("bigbin", conda_channel, wheel_dir, pip=PipSpec(), conda=("llmtest-bin", "llmtest-text"),
+                    cuda=None)
+    built = build_env(spec, TARGET, tmp_path / "work", progress=False)
+    for meta in (built.prefix / "conda-meta").glob("*.json"):  # no package cache: placeholders from conda-meta
+        doc = json.loads(meta.read_text())
+        doc["link"]["source"] = str(tmp_path / "gone" / meta.stem)
+        meta.write_text(json.dumps(doc))
+    b = inspect_env(EnvSpec(name="bigbin", prefix=built.prefix), TARGET)
+    placeholder = load_env_files(b)[1]["bin/llmtest-prefix"].encode()
+    binary = b.prefix / "bin" / "llmtest-prefix"
+    installed = str(b.prefix).encode()
+    string = installed + b"/lib/extra\0" + b"\0" * (len(placeholder) - len(installed))
+    size0 = binary.stat().st_size
+    with open(binary, "ab") as f:  # after the ELF image: harmless to the program, and rewritten like its strings
+        f.write(os.urandom(CHUNK - size0 % CHUNK - 5))
+        f.write(string)  # straddles a chunk boundary
+        f.write(os.urandom(47 * CHUNK))
+        f.write(string)
+    size = binary.stat().st_size
+    tracemalloc.start()
+    try:
+        res = pack_env(b, tmp_path / "bigbin.tar.zst")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    print(f"48 MiB binary with placeholders packed: peak Python memory {peak / 2**20:.1f} MiB")
+    assert peak < 12 * 2**20, f"{peak / 2**20:.1f} MiB: the file was not streamed"
+    dest = tmp_path / "far" / "away" / "from" / "the" / "build" / "directory" / "bigbin"
+    unpack(res.path, dest)
+    packed_bin = (dest / "bin" / "llmtest-prefix").read_bytes()
+    assert len(packed_bin) == size and packed_bin.count(placeholder + b"/lib/extra\0") == 2
+    run(dest / "bin" / "python", dest / "bin" / "conda-unpack")
+    assert run(dest / "bin" / "llmtest-prefix") == f"prefix={dest}\n"
+    relocated = (dest / "bin" / "llmtest-prefix").read_bytes()
+    want = str(dest).encode() + b"/lib/extra\0"
+    assert len(relocated) == size and relocated.count(want) == 2
