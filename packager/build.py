@@ -306,7 +306,13 @@ def _model_entry(p, files: list[dict], blob_map: dict[str, Path]) -> dict:
     # a local model has no repository: its build-host directory is not the target's business (and is not
     # a repo id that `serve_by: repo_id` could use)
     repo = None if p.source == "local" else p.repo
-    return {"name": p.name, "source": p.source, "repo": repo, "revision": p.revision, "commit": p.commit,
+    from packager.sources.base import content_hash
+
+    extra: dict = {"pinned_by": p.pinned_by,
+                   "content_hash": content_hash((f["path"], f["sha256"]) for f in files)}
+    if p.hub_file_commits:
+        extra["hub_file_commits"] = list(p.hub_file_commits)
+    return {**extra, "name": p.name, "source": p.source, "repo": repo, "revision": p.revision, "commit": p.commit,
             "endpoint": p.endpoint, "dir": fmt.model_dir(p.name), "files": files,
             "size": sum(f["size"] for f in files), "config": config}
 

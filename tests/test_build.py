@@ -75,6 +75,12 @@ def test_build_verify_inspect_split(tmp_path: Path, hub, hub_env, tiny: Path, ke
     ms = next(x for x in info["models"] if x["name"] == "tiny-ms")
     assert ms["files"] == len(list(tiny.iterdir()))
     doc = json.loads((bundle / "MANIFEST.json").read_text())
+    # what pins each model, said precisely in MANIFEST.json: HF gives the commit; a ModelScope branch is
+    # pinned by content, with the commit ids ModelScope lists for its files beside it
+    hf_m, ms_m = doc["models"]
+    assert (hf_m["pinned_by"], hf_m["commit"]) == ("commit", commit)
+    assert ms_m["pinned_by"] == "content" and ms_m["commit"] == ms_m["content_hash"]
+    assert ms_m["hub_file_commits"] == [commit] and ms_m["revision"] == "master"
     assert doc["models"][0]["config"]["num_attention_heads"] == 4
     assert doc["services"][0]["serve_by"] == "repo_id"
     # model files are real files with the bytes of the source, never symlinks into a hub cache

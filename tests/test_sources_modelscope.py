@@ -78,6 +78,25 @@ def test_commit_sha_revision_is_pinned_as_is(hub: HubServer, store: ContentStore
     assert downloads and all(f"Revision={sha}" in r.path for r in downloads)
 
 
+def test_what_is_pinned_for_a_branch_and_the_commit_ids_the_hub_lists(hub: HubServer, store: ContentStore) -> None:
+    """ModelScope names no commit for a branch: pinned by content, and the per-file commit ids the real client
+    reads from the listing (the last commit that changed each file) are kept beside it."""
+    first = hub.add_repo(REPO, _files(), branch="master")
+    second = hub.add_repo(REPO, {**_files(), "README.md": b"# model, v2\n"}, branch="master")
+    src = get_source("modelscope")
+    pinned = src.resolve(_spec(hub))
+    assert hub.requests_matching(r"/api/v1/models/.*/repo/files\?.*Revision=master")
+    assert pinned.pinned_by == "content"
+    assert pinned.commit == content_hash((f.path, f.sha256) for f in pinned.files)
+    assert pinned.hub_file_commits == tuple(sorted({first, second}))  # README.md changed in the second only
+    by_commit = src.resolve(_spec(hub, revision=first))
+    assert by_commit.pinned_by == "commit" and by_commit.commit == first
+    assert by_commit.hub_file_commits == (first,)
+    assert {f.path: f.sha256 for f in by_commit.files}["README.md"] == hashlib.sha256(b"# model\n").hexdigest()
+    only = src.resolve(_spec(hub, allow_patterns=("README.md",)))
+    assert only.hub_file_commits == (second,)
+
+
 def test_patterns(hub: HubServer, store: ContentStore) -> None:
     hub.add_repo(REPO, _files(), branch="master")
     src = get_source("modelscope")

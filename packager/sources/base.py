@@ -47,6 +47,14 @@ class PinnedModel:
     commit: str  # pinned: 40-hex commit sha (HF/ModelScope), or a content hash (local dirs, see sources)
     endpoint: str | None
     files: tuple[RemoteFile, ...]  # sorted by path, after allow/ignore patterns
+    # commit ids the hub names for the files where it names no commit for the revision (ModelScope: the last
+    # commit that changed each file); recorded beside the content hash, not pinned by
+    hub_file_commits: tuple[str, ...] = ()
+
+    @property
+    def pinned_by(self) -> str:
+        """``"commit"`` if ``commit`` is the hub's commit id for the revision, else ``"content"``."""
+        return "commit" if COMMIT_RE.fullmatch(self.commit) and self.source != "local" else "content"
 
     @property
     def size(self) -> int:

@@ -1,13 +1,18 @@
 """ModelScope source, through the real ``modelscope`` client (1.40.x delegates to ``modelscope_hub``).
 
-resolve: ``HubApi.list_repo_files(repo, "model", revision=..., recursive=True)`` (GET
-``/api/v1/models/{id}/repo/files``) gives every file's path, size and sha256.
+resolve: the client's raw listing ``HubApi.legacy.list_repo_files(repo, "model", revision=...,
+recursive=True)`` (GET ``/api/v1/models/{id}/repo/files``; the client's normalised ``list_repo_files``
+drops the commit ids) gives every file's path, size, sha256 and ``Revision``: the commit id of the last
+commit that changed that file (the client's own cache keeps it as the file's "commit id").
 
-Pinning: the ModelScope API exposes no branch -> commit mapping that we can rely on, so a revision
-that is a 40-hex commit sha is pinned as is; for a branch or tag we record the revision name and
-``commit`` = sha256 over the sorted ``(path, sha256)`` list (the same content hash the local source
-uses). Every file is then checked against its listed sha256, so if the branch moves between resolve
-and fetch the build fails naming the file instead of mixing two versions.
+What is pinned, precisely: ModelScope names no commit for a branch or tag (``/revisions`` lists only names
+and dates, and the per-file commit ids are the last change of each file, not the branch head: a later commit
+that deleted a file appears nowhere). So a revision that is a 40-hex commit id is pinned as is
+(``pinned_by: commit``); a branch or tag is pinned by content (``pinned_by: content``): ``commit`` = sha256
+over the sorted ``(path, sha256)`` list (the same content hash the local source uses), and the commit ids
+ModelScope lists for those files are recorded beside it (``hub_file_commits``, for the audit trail). Every
+file is checked against its listed sha256, so if the branch moves between resolve and fetch the build fails
+naming the file instead of mixing two versions.
 
 fetch: ``HubApi.download_file(repo, "model", path, revision=..., local_dir=<store tmp>, file_size=...)``
 per missing file, ``jobs`` at a time, then our own size + sha256 check and a rename into the content
@@ -58,6 +63,7 @@ from packager.spec import ModelSpec
 from packager.store import ContentStore
 
 DEFAULT_ENDPOINT = "https://www.modelscope.cn"
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 TOKEN_VARS = ("MODELSCOPE_API_TOKEN",)
 CORRUPT_HINT = ("ModelScope served bytes that differ from what it lists; the bad download was discarded, "
                 "re-run to fetch it again (if it persists, the branch moved: build again to re-resolve)")
@@ -83,23 +89,34 @@ class ModelScopeSource:
         rev = spec.revision or "master"
         api = _api(endpoint, token)
         try:
-            infos = api.list_repo_files(spec.repo, "model", revision=rev, recursive=True)
+            infos = api.legacy.list_repo_files(repo_id=spec.repo, repo_type="model", revision=rev, recursive=True)
         except NotExistError as e:
             raise self._not_found(api, spec.repo, rev, endpoint, token) from e
         except Exception as e:
             raise map_error(e, repo=spec.repo, revision=rev, endpoint=endpoint, token=token) from e
-        blobs = [i for i in infos if getattr(i, "type", "blob") != "tree"]
+        blobs = [i for i in infos if isinstance(i, dict) and (i.get("Type") or i.get("type") or "blob") != "tree"]
         if not blobs:
             # some servers answer an unknown revision with an empty listing
             raise self._not_found(api, spec.repo, rev, endpoint, token)
         files = []
+        file_commits: dict[str, str] = {}
         for i in blobs:
-            path = check_relative_path(i.path, f"{spec.repo}@{rev}")
-            sha = (i.sha256 or "").lower()
-            if len(sha) != 64:
+            path = check_relative_path(str(i.get("Path") or i.get("path") or ""), f"{spec.repo}@{rev}")
+            sha = str(i.get("Sha256") or i.get("sha256") or "").lower()
+            if len(sha) != 64 or not SHA256_RE.fullmatch(sha):
                 raise SourceError(f"{endpoint} lists no sha256 for {spec.repo}/{path} at {rev}; "
                                   "cannot verify it", hint="is the endpoint a ModelScope compatible hub?")
-            files.append(RemoteFile(path, int(i.size), sha))
+            try:
+                size = int(i.get("Size") or i.get("size") or 0)
+            except (TypeError, ValueError):
+                size = -1
+            if size < 0:
+                raise SourceError(f"{endpoint} lists a bad size for {spec.repo}/{path} at {rev}: "
+                                  f"{i.get('Size')!r}", hint="is the endpoint a ModelScope compatible hub?")
+            files.append(RemoteFile(path, size, sha))
+            file_commit = str(i.get("Revision") or "").lower()
+            if COMMIT_RE.fullmatch(file_commit):
+                file_commits[path] = file_commit
         kept = sorted(filter_paths(files, spec.allow_patterns, spec.ignore_patterns, key=lambda f: f.path),
                       key=lambda f: f.path)
         if not kept:
@@ -109,7 +126,9 @@ class ModelScopeSource:
                 hint=f"the repo has: {', '.join(f.path for f in files[:12])}")
         commit = rev if COMMIT_RE.fullmatch(rev) else content_hash((f.path, f.sha256) for f in kept)
         return PinnedModel(name=spec.name, source=self.name, repo=spec.repo, revision=rev, commit=commit,
-                           endpoint=endpoint, files=tuple(kept))
+                           endpoint=endpoint, files=tuple(kept),
+                           hub_file_commits=tuple(sorted({file_commits[f.path] for f in kept
+                                                          if f.path in file_commits})))
 
     @staticmethod
     def _not_found(api: HubApi, repo: str, rev: str, endpoint: str, token: str | None) -> LlmPackError:

@@ -54,6 +54,21 @@ class Repo:
             return rev
         return None
 
+    def last_change(self, commit: str, path: str) -> tuple[str, int]:
+        """(commit, index) of the last commit up to ``commit`` (history = the order commits were added) that
+        changed ``path``: what ModelScope lists as a file's ``Revision`` ("commit id") and ``CommittedDate``."""
+        order = list(self.commits)
+        last = None
+        prev = None
+        for i, c in enumerate(order[:order.index(commit) + 1]):
+            f = self.commits[c].get(path)
+            now = f.sha256 if f is not None else None
+            if now is not None and now != prev:
+                last = (c, i)
+            prev = now
+        assert last is not None, (commit, path)
+        return last
+
 
 @dataclass
 class Fault:
@@ -423,8 +438,11 @@ class _Handler(BaseHTTPRequestHandler):
             for d in dirs:
                 entries.append({"Name": d.rsplit("/", 1)[-1], "Path": d, "Type": "tree", "Size": 0})
             for p, f in files.items():
+                # like ModelScope: a file's Revision is the commit that last changed it, not the branch head
+                changed, index = repo.last_change(commit, p)
                 entries.append({"Name": p.rsplit("/", 1)[-1], "Path": p, "Type": "blob", "Size": f.size,
-                                "Sha256": f.sha256, "Revision": commit, "IsLFS": f.lfs})
+                                "Sha256": f.sha256, "Revision": changed, "CommittedDate": 1_700_000_000 + index,
+                                "IsLFS": f.lfs})
             return self._json(200, {"Code": 200, "Success": True, "Data": {"Files": entries}}, head=head)
         path = self.query.get("FilePath", "")
         f = files.get(path)
