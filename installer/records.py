@@ -774,10 +774,13 @@ class Manifest(_Record):
         return cls.from_dict(obj, source=source)
 
     @classmethod
-    def from_dict(cls, obj: Any, *, source: str = MANIFEST_NAME) -> Manifest:
+    def from_dict(cls, obj: Any, *, source: str = MANIFEST_NAME, partial: bool = False) -> Manifest:
+        """Validate a parsed MANIFEST. ``partial``: a manifest assembled on the target (a bundle's manifest
+        plus environments of installed bundles): every field is checked, but not ``format_version`` nor
+        that each artifact named is listed in ``artifacts``."""
         if not isinstance(obj, dict):
             raise BundleError(f"{source}: expected a JSON object, found {_kind(obj)}")
-        version = obj.get("format_version")
+        version = obj.get("format_version", FORMAT_VERSION if partial else None)
         if version != FORMAT_VERSION or isinstance(version, bool):
             raise BundleError(f"{source}: bundle format version {version!r} is not supported "
                               f"(this tool reads version {FORMAT_VERSION})",
@@ -803,10 +806,10 @@ class Manifest(_Record):
             format_version=version,
             raw=obj,
         )
-        m._cross_check(r)
+        m._cross_check(r, partial=partial)
         return m
 
-    def _cross_check(self, r: _Reader) -> None:
+    def _cross_check(self, r: _Reader, *, partial: bool = False) -> None:
         for section in ("artifacts", "environments", "models", "services"):
             seen: dict[str, int] = {}
             key = "path" if section == "artifacts" else "name"
@@ -819,15 +822,18 @@ class Manifest(_Record):
         for i, a in enumerate(self.artifacts):
             if a.path in (MANIFEST_NAME, MANIFEST_NAME + ".sig"):
                 r.fail(("artifacts", i, "path"), f"{a.path!r} is reserved")
+        ports = port_conflicts((s.host, s.port) for s in self.services)
+        for i, j in ports:
+            s = self.services[i]
+            r.fail(("services", i, "port"), f"port {s.port} on {s.host} is already used by services[{j}]")
+        if partial:
+            return
         for key, ref in (("runtime", self.runtime), ("installer", self.installer)):
             if ref is not None and ref.artifact not in listed:
                 r.fail((key, "artifact"), f"{ref.artifact!r} is not listed in artifacts")
         for i, e in enumerate(self.environments):
             if e.artifact not in listed:
                 r.fail(("environments", i, "artifact"), f"{e.artifact!r} is not listed in artifacts")
-        for i, j in port_conflicts((s.host, s.port) for s in self.services):
-            s = self.services[i]
-            r.fail(("services", i, "port"), f"port {s.port} on {s.host} is already used by services[{j}]")
 
     # -- writing
     def to_dict(self) -> dict:
@@ -871,7 +877,7 @@ def _no_constant(name: str) -> Any:
 
 def as_manifest(m: Manifest | Mapping, *, source: str = MANIFEST_NAME) -> Manifest:
     """A :class:`Manifest` from a record or a parsed MANIFEST dict (validated)."""
-    return m if isinstance(m, Manifest) else Manifest.from_dict(dict(m), source=source)
+    return m if isinstance(m, Manifest) else Manifest.from_dict(dict(m), source=source, partial=True)
 
 
 def as_service(s: ServiceRecord | Mapping, *, path: tuple = ("services", 0)) -> ServiceRecord:

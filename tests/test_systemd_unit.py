@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from installer import health, systemd
-from installer.errors import InstallError, UsageError
-from tests.installer_fixtures import service
+from installer.errors import BundleError, InstallError, UsageError
+from tests.installer_fixtures import service, tree_snapshot
 
 # A TEST DOUBLE of vLLM's OpenAI-compatible API server (not vLLM!), used only to test unit mechanics.
 API_DOUBLE_SOURCE = r'''
@@ -149,12 +149,16 @@ if __name__ == "__main__":
 
 GPU_ENV = {
     "name": "vllm-cu128",
+    "artifact": "envs/vllm-cu128.tar.zst",
+    "content_hash": "1" * 64,
     "cuda": "12.8",
     "python": "3.12.11",
     "vllm": {"version": "0.11.0", "command": ["bin/python", "-m", "vllm.entrypoints.openai.api_server"]},
 }
 CPU_ENV = {
     "name": "vllm-cpu",
+    "artifact": "envs/vllm-cpu.tar.zst",
+    "content_hash": "2" * 64,
     "cuda": None,
     "python": "3.11.7",
     "vllm": {"version": "0.32.0", "command": ["bin/python", "-m", "vllm.entrypoints.openai.api_server"]},
@@ -264,14 +268,30 @@ def test_api_key_only_as_file_path():
 
 
 def test_values_are_quoted_for_systemd_and_read_back():
-    tricky = ['{"temperature": 0.5}', "a b", 'x"y', "back\\slash", "$HOME and `cmd`", ""]
+    tricky = ['{"temperature": 0.5}', "a b", 'x"y', "back\\slash", "it's", ""]
     svc = cpu_service(vllm_args=["--override-generation-config", *tricky])
     text = systemd.render_env_file(svc, CPU_ENV, env_prefix=Path("/e"), model_path="/m", hf_cache=None)
     env = systemd.parse_env_file(text)
     assert [env[f"LLM_ARG_{i}"] for i in range(2, 2 + len(tricky))] == tricky
-    assert 'LLM_ARG_6="\\$HOME and \\`cmd\\`"' in text
-    with pytest.raises(UsageError, match="line break"):
-        render(cpu_service(vllm_args=["a\nb"]), CPU_ENV)
+    assert 'LLM_ARG_4="x\\"y"' in text and 'LLM_ARG_5="back\\\\slash"' in text
+
+
+@pytest.mark.parametrize("arg,needle", [
+    ("a\nb", "contains a line break"),
+    ("a\rb", "contains a carriage return"),
+    ("a\x00b", "contains a NUL byte"),
+    ("%i", "contains '%'"),
+    ("$HOME", "contains '$'"),
+    ("`id`", "contains '`'"),
+    ("a;b", "contains ';'"),
+    ("--chat-template=../../etc/x", "climbs with '..'"),
+])
+def test_unsafe_argument_values_are_refused(arg, needle):
+    for svc in (cpu_service(vllm_args=["--enforce-eager", arg]), cpu_service(env={"X": arg})):
+        with pytest.raises(UsageError) as ei:
+            render(svc, CPU_ENV)
+        assert needle in str(ei.value)
+        assert ("vllm_args[1]" if svc["vllm_args"] != ["--enforce-eager"] else "env.X") in str(ei.value)
 
 
 @pytest.mark.parametrize("name", ["", "-x", "a/b", "a b", "x@y", "a" * 65, "../etc"])
@@ -656,3 +676,124 @@ def test_status_and_curl(tmp_path):
     assert '"model":"qwen3-32b"' in curl and "$(sudo cat /etc/llm/keys/qwen.key)" in curl
     assert "Authorization" not in health.curl_example(cpu_service())
     assert health.base_url("::", 8000) == "http://[::1]:8000"
+
+
+# --------------------------------------------------------------------------- API keys and the service user
+
+
+def with_systemd_version(root: Path, version: int) -> Path:
+    """Give a staging tree a (stand-in) libsystemd-shared of ``version``, as Debian installs it."""
+    lib = root / "usr/lib/x86_64-linux-gnu/systemd" / f"libsystemd-shared-{version}.so"
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    lib.write_bytes(b"")
+    return root
+
+
+def test_systemd_version_of_a_tree(tmp_path):
+    assert systemd.systemd_version(tmp_path) is None and not systemd.uses_credentials(tmp_path)
+    assert systemd.systemd_version(with_systemd_version(tmp_path / "old", 245)) == 245
+    assert not systemd.uses_credentials(tmp_path / "old")
+    assert systemd.uses_credentials(with_systemd_version(tmp_path / "new", 252))
+    live = subprocess.run(["systemctl", "--version"], capture_output=True, text=True).stdout.split()[1]
+    assert systemd.systemd_version(Path("/")) == int(live)
+
+
+def test_api_key_reaches_the_service_as_a_credential(tmp_path):
+    """systemd ≥ 248: LoadCredential= reads the key as root; the env file does not name the operator's file,
+    and the drop-in passes `systemd-analyze verify`."""
+    root = with_systemd_version(staging_root(tmp_path), 252)
+    written = systemd.install_units(root, manifest(), resolve)
+    dropin = root / "etc/systemd/system/llm@qwen3-32b.service.d/api-key.conf"
+    assert dropin in written and not (root / "etc/systemd/system/llm@tiny.service.d/api-key.conf").exists()
+    text = dropin.read_text()
+    assert "LoadCredential=api-key:/etc/llm/keys/qwen.key\n" in text
+    assert "Environment=LLM_API_KEY_FILE=%d/api-key\n" in text
+    assert "LLM_API_KEY_FILE" not in (root / "etc/llm/qwen3-32b.env").read_text()
+    r = analyze("verify", f"--root={root}", "llm@qwen3-32b.service")
+    assert r.returncode == 0 and (r.stdout + r.stderr).strip() == "", r.stdout + r.stderr
+    # the key dropped from the manifest: the drop-in goes; uninstall removes everything
+    m = manifest()
+    m["services"][0]["api_key_file"] = None
+    systemd.install_units(root, m, resolve)
+    assert not dropin.exists()
+    systemd.install_units(root, manifest(), resolve)
+    assert dropin in systemd.remove_units(root, ["qwen3-32b", "tiny"])
+    assert not dropin.parent.exists()
+
+
+def test_key_file_checks_with_credentials(tmp_path):
+    root = with_systemd_version(tmp_path / "root", 252)
+    key = root / "etc/llm/keys/k"
+    problems = systemd.check_api_key_file(root, "/etc/llm/keys/k")
+    assert problems == ["API key file /etc/llm/keys/k does not exist; the service cannot start until it does "
+                        "(install -D -m 0600 -o root -g root KEYFILE /etc/llm/keys/k)"]
+    key.parent.mkdir(parents=True)
+    key.write_text("sk\n")
+    key.chmod(0o600)
+    assert systemd.check_api_key_file(root, "/etc/llm/keys/k") == []  # root:root 0600, no group needed
+    key.chmod(0o604)
+    assert "readable by every user" in systemd.check_api_key_file(root, "/etc/llm/keys/k")[0]
+
+
+def test_key_file_without_credentials_needs_the_user_first(tmp_path):
+    """systemd < 248 and no user llm yet: the key cannot be readable by it, and the remedy says what to do."""
+    root = with_systemd_version(tmp_path / "root", 245)
+    (root / "etc").mkdir(parents=True, exist_ok=True)
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    key = root / "etc/llm/keys/k"
+    key.parent.mkdir(parents=True)
+    key.write_text("sk\n")
+    key.chmod(0o640)
+    problems = systemd.check_api_key_file(root, "/etc/llm/keys/k")
+    assert len(problems) == 1 and "the user does not exist yet" in problems[0]
+    assert "useradd --system --user-group" in problems[0] and "chown root:llm /etc/llm/keys/k" in problems[0]
+
+
+def _tree_with_llm(tmp_path: Path) -> tuple[Path, int, int]:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    uid, gid = os.getuid() + 4242, os.getgid() + 4343
+    (root / "etc/passwd").write_text(f"root:x:0:0:root:/root:/bin/bash\nllm:x:{uid}:{gid}::/nonexistent:/bin/false\n")
+    (root / "etc/group").write_text(f"root:x:0:\nllm:x:{gid}:\n")
+    return root, uid, gid
+
+
+def test_user_is_kept_while_files_reference_its_ids(tmp_path):
+    root, uid, gid = _tree_with_llm(tmp_path)
+    (root / "etc/sysusers.d").mkdir(parents=True)
+    (root / "etc/sysusers.d/llm.conf").write_text("u llm -\n")
+    key = root / "etc/llm/keys/k"
+    key.parent.mkdir(parents=True)
+    key.write_text("sk\n")
+    os.chown(key, 0, gid)
+    elsewhere = root / "srv/keys/other.key"
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_text("sk\n")
+    os.chown(elsewhere, uid, 0)
+    assert systemd.files_owned_by_service_ids(root) == [Path("/etc/llm/keys/k")]
+    assert systemd.files_owned_by_service_ids(root, ["/srv/keys/other.key"]) == [
+        Path("/etc/llm/keys/k"), Path("/srv/keys/other.key")]
+    remove, why = systemd.user_removal_decision(root, ["/srv/keys/other.key"])
+    assert not remove and why.startswith("kept user llm and group llm: 2 file(s) still owned by them")
+    before = tree_snapshot(root)
+    assert systemd.remove_user(root, referenced=["/srv/keys/other.key"]) is False
+    assert tree_snapshot(root) == before  # user, group, sysusers.d entry and the files are all kept
+    os.chown(key, 0, 0)
+    os.chown(elsewhere, 0, 0)
+    assert systemd.user_removal_decision(root, ["/srv/keys/other.key"]) == (
+        True, "no file is owned by user llm or group llm")
+
+
+@pytest.mark.parametrize("name", ["tiny\n", "tiny\nExecStartPre=+/bin/sh", "a%i", "a;b", "$(id)", "a\x00"])
+def test_instance_names_are_fullmatched(name):
+    with pytest.raises(UsageError):
+        systemd.unit_name(name)
+    with pytest.raises(UsageError):
+        render(cpu_service(name=name), CPU_ENV)
+
+
+def test_cuda_with_a_newline_never_reaches_the_gpu_dropin():
+    with pytest.raises(BundleError) as ei:
+        systemd.render_devices_dropin({**GPU_ENV, "cuda": "12.8\nExecStartPre=+/bin/sh -c id"},
+                                      nvidia_modprobe="/usr/bin/nvidia-modprobe")
+    assert "environments[0].cuda" in str(ei.value) and "line break" in str(ei.value)
