@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from installer.layout import (
 )
 from installer.placement import Installer, model_intact, remove_path
 
+CREATED_DIRS = f"/{st.STATE_DIR}/.created-dirs.json"
 LEGACY_HF_HUB = f"{INSTALL_DIR}/hf-cache/hub"  # the shared HF cache of installers before per-bundle views
 
 
@@ -91,8 +93,17 @@ def install(bundle: Bundle, opts: InstallOptions, say: Say = print) -> dict:
         return _install_locked(inst, bundle, bid, opts, say)
     t.root.mkdir(parents=True, exist_ok=True)
     new_dirs = _missing_dirs(t, "/" + st.STATE_DIR)
+    created = t.host(CREATED_DIRS)
     with st.Lock(t.root, opts.lock_timeout):
         try:
+            if not st.state_path(t.root).exists():
+                # which of /var/lib/llm's parents this installer made, remembered until the state records
+                # them (a run killed before its first commit made them: the next one must know)
+                try:
+                    new_dirs = sorted(set(new_dirs) | set(json.loads(created.read_bytes())), key=len)
+                except (OSError, ValueError):
+                    pass
+                fsutil.write_atomic(created, json.dumps(new_dirs) + "\n")
             inst = Installer(t.root, say)
             inst.recover()
             for d in new_dirs:
@@ -103,7 +114,10 @@ def install(bundle: Bundle, opts: InstallOptions, say: Say = print) -> dict:
             except OSError as e:
                 raise _os_error(inst, e) from e
         finally:
-            if not st.state_path(t.root).exists():  # refused before changing anything: leave no trace
+            if st.state_path(t.root).exists():
+                created.unlink(missing_ok=True)
+            elif not t.host(STAGING).exists():  # refused before changing anything: leave no trace
+                created.unlink(missing_ok=True)
                 (t.root / st.STATE_DIR / st.LOCK_FILE).unlink(missing_ok=True)
                 for d in sorted(new_dirs, key=len, reverse=True):
                     with contextlib.suppress(OSError):
@@ -159,6 +173,8 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
     }
     if active == bid and intact(inst, bid, m) and inst.t.host(f"{UNIT_VERSIONS}/{bid}").is_dir():
         say(f"{name} {bundle.version} is already installed and active: nothing changed")
+        if not opts.dry_run:
+            inst.remove_staging()  # left by a run killed after its switch
         summary["result"] = "unchanged"
         return summary
     if active and active != bid:

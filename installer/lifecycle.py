@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -135,7 +137,20 @@ def clean(root: Path, *, lock_timeout: float = 60.0, say: Say = print) -> dict:
         inst.clean_partials()
         inst.remove_staging()
         say(f"removed {staging}")
-        return {"result": "cleaned", "removed": str(staging)}
+    if not st.state_path(root).exists():  # nothing installed: the dirs the refused run made go too
+        from installer.activate import CREATED_DIRS
+
+        created = root / CREATED_DIRS.lstrip("/")
+        try:
+            dirs = json.loads(created.read_bytes())
+        except (OSError, ValueError):
+            dirs = []
+        created.unlink(missing_ok=True)
+        (root / st.STATE_DIR / st.LOCK_FILE).unlink(missing_ok=True)
+        for d in sorted(dirs, key=len, reverse=True):
+            with contextlib.suppress(OSError):
+                (root / str(d).lstrip("/")).rmdir()
+    return {"result": "cleaned", "removed": str(staging)}
 
 
 def status(root: Path) -> dict:

@@ -78,10 +78,10 @@ class Installer:
             missing.append(p)
             p = p.parent
         for d in reversed(missing):
-            d.mkdir(mode=0o755)
             rel = "/" + d.relative_to(self.t.root).as_posix()
             if self.txn is not None:
-                self._journal("dir", rel)
+                self._journal("dir", rel)  # before it exists: a crash right after mkdir is undone too
+            d.mkdir(mode=0o755)
             if rel not in self.state["dirs"]:
                 self.state["dirs"].append(rel)
         return self.t.host(target)
@@ -222,7 +222,8 @@ class Installer:
         self.txn = None
 
     def _undo(self, steps: list) -> None:
-        for step in reversed(steps):
+        dirs = sorted((s for s in steps if s[0] == "dir"), key=lambda s: -len(s[1]))
+        for step in [*reversed([s for s in steps if s[0] != "dir"]), *dirs]:
             kind, args = step[0], step[1:]
             with contextlib.suppress(OSError):
                 if kind == "move":  # staged -> final: move it back into the staging tree
@@ -577,7 +578,8 @@ def run_conda_unpack(host_prefix: Path, target_prefix: str) -> None:
     py = host_prefix / "bin" / "python"
     if not py.exists():
         raise InstallError(f"{host_prefix}: the environment has no bin/python to run conda-unpack with")
-    env = {"PATH": f"{host_prefix}/bin:/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
+    # no bytecode: it would be written into the env with the staging path in it (and differ between runs)
+    env = {"PATH": f"{host_prefix}/bin:/usr/bin:/bin", "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
     if str(host_prefix) == target_prefix:
         cmd = [str(py), str(script)]
     else:
