@@ -14,13 +14,16 @@ so the store is never polluted by (or made to trust) the operator's files.
 :func:`place_file` puts a file into a bundle without copying its bytes where it can: a hardlink
 (same filesystem), else a reflink (``FICLONE``, CoW filesystems), else a copy that re-hashes every
 byte against the expected sha256. Its source is a store blob (hub models) or the operator's own file
-(local models). Why hardlinking the operator's file is safe: the bundle file then shares its inode,
-so if the operator later edits that file *in place*, the bundle file changes too. That is never
-silent: ``pack verify`` and ``install.sh`` check every file's sha256 against the signed
-MANIFEST.json and name the file that no longer matches. (Writing in place, e.g. ``cp new old`` onto
-the existing file, changes both; a tool that writes a new file and renames it over the old one leaves
-the bundle untouched.) The build itself checks, right before placing them, that the local files still
-have the stat they were hashed with.
+(local models). A hardlink or reflink reads no byte, so the build reads every such file once more, in
+the bundle, before it signs (``installer.bundle.BundleWriter.hash_pending``): a blob that rotted in the
+store, or a local file edited in place behind the stat cache, is refused by name (a damaged blob is
+removed from the store, so the next build fetches it again). Why hardlinking the operator's file is
+safe: the bundle file then shares its inode, so if the operator later edits that file *in place*, the
+bundle file changes too. That is never silent: the build refuses a file whose stat changed between its
+hash and the signature, and after the build ``pack verify`` and ``install.sh`` check every file's sha256
+against the signed MANIFEST.json and name the file that no longer matches. (Writing in place, e.g.
+``cp new old`` onto the existing file, changes both; a tool that writes a new file and renames it over
+the old one leaves the bundle untouched.)
 """
 
 from __future__ import annotations

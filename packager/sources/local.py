@@ -1,7 +1,10 @@
 """Local directory source: a model the operator already has (a git-lfs clone, ``hf download --local-dir``).
 
 resolve walks ``spec.path``, applies allow/ignore patterns (HF semantics) and hashes every file in
-place, read only, in worker processes (in parallel). Nothing is copied into the content store.
+place, read only, on worker threads (in parallel). `pack build` resolves with ``defer_hash=True``: files
+the stat cache does not know are not hashed here but once, after they were hardlinked into the bundle
+(what is signed is what was read, in one pass); :func:`remember_hash` then fills the stat cache.
+Nothing is copied into the content store.
 ``commit`` is the sha256 over the sorted ``(path, sha256)`` list, ``repo`` the directory's absolute
 real path, ``revision`` None. A stat cache in the store's aliases (path, device, inode, size, mtime
 -> sha256) makes resolving an unchanged directory again cost no hashing.
