@@ -26,12 +26,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from installer import cuda as cudatable
-from installer.errors import PreflightError, UsageError
+from installer import records
+from installer.errors import BundleError, PreflightError, UsageError
 from installer.gpu import Gpu, GpuInfo, compute_capability_tuple, detect_gpus
+from installer.records import EnvironmentRecord, Manifest, ModelRecord, ServiceRecord
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 CHECKS = ("driver", "gpus", "tp-heads", "gpu-memory", "compute-capability", "glibc", "arch", "disk",
-          "ports", "systemd", "libraries")
+          "ports", "api-keys", "systemd", "libraries")
 GPU_CHECKS = ("driver", "gpus", "gpu-memory", "compute-capability")
 MIN_COMPUTE_CAPABILITY = (7, 5)          # vLLM's floor (Turing)
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9     # vLLM's default --gpu-memory-utilization
@@ -89,10 +91,12 @@ def parse_skip(values: Iterable[str]) -> set[str]:
     return names
 
 
-def run_preflight(manifest: Mapping, *, root: Path = Path("/"), skip: Iterable[str] = frozenset(),
+def run_preflight(manifest: Manifest | Mapping, *, root: Path = Path("/"), skip: Iterable[str] = frozenset(),
                   gpu_info: GpuInfo | None = None, owned_ports: Mapping[int, str] | None = None,
                   install_dir: Path | None = None) -> list[CheckResult]:
     """Run every check against ``root`` (``/`` = this server; another dir = a staging tree).
+
+    ``manifest`` is the bundle's :class:`~installer.records.Manifest`, or a MANIFEST dict (validated here).
 
     ``gpu_info`` defaults to :func:`installer.gpu.detect_gpus` (only called when something needs a GPU).
     ``owned_ports`` maps ports held by installed ``llm@`` instances to the instance name: a port taken by
@@ -115,27 +119,28 @@ def run_preflight(manifest: Mapping, *, root: Path = Path("/"), skip: Iterable[s
 
 
 class _Context:
-    def __init__(self, manifest: Mapping, root: Path, owned_ports: Mapping[int, str], install_dir: Path):
-        self.manifest = manifest
+    def __init__(self, manifest: Manifest | Mapping, root: Path, owned_ports: Mapping[int, str],
+                 install_dir: Path):
+        self.manifest: Manifest = records.as_manifest(manifest)
         self.root = root
         self.live = root.resolve() == Path("/")
         self.owned_ports = owned_ports
         self.install_dir = install_dir
-        self.envs = {e["name"]: e for e in manifest.get("environments") or []}
-        self.models = {m["name"]: m for m in manifest.get("models") or []}
-        self.services = list(manifest.get("services") or [])
+        self.envs: dict[str, EnvironmentRecord] = {e.name: e for e in self.manifest.environments}
+        self.models: dict[str, ModelRecord] = {m.name: m for m in self.manifest.models}
+        self.services: list[ServiceRecord] = list(self.manifest.services)
         self.gpu_info = GpuInfo()
 
-    def env_of(self, service: Mapping) -> Mapping | None:
-        return self.envs.get(service.get("environment"))
+    def env_of(self, service: ServiceRecord) -> EnvironmentRecord | None:
+        return self.envs.get(service.environment)
 
-    def is_gpu_service(self, service: Mapping) -> bool:
+    def is_gpu_service(self, service: ServiceRecord) -> bool:
         env = self.env_of(service)
-        return env is None or bool(env.get("cuda"))   # env installed earlier (model-only bundle): assume GPU
+        return env is None or not env.is_cpu   # env installed earlier (model-only bundle): assume GPU
 
     @property
-    def cuda_envs(self) -> list[Mapping]:
-        return [e for e in self.envs.values() if e.get("cuda")]
+    def cuda_envs(self) -> list[EnvironmentRecord]:
+        return [e for e in self.envs.values() if not e.is_cpu]
 
     @property
     def needs_gpu(self) -> bool:
@@ -159,27 +164,27 @@ def _cpu_skip(name: str, subject: str) -> CheckResult:
     return CheckResult(name, SKIP, "environment built for CPU (cuda: null): no GPU needed", subject=subject)
 
 
-def _tp_pp(service: Mapping) -> tuple[int, int]:
-    return int(service.get("tensor_parallel_size") or 1), int(service.get("pipeline_parallel_size") or 1)
+def _tp_pp(service: ServiceRecord) -> tuple[int, int]:
+    return service.tensor_parallel_size, service.pipeline_parallel_size
 
 
-def _service_gpus(service: Mapping, info: GpuInfo) -> tuple[list[Gpu], list[int]]:
+def _service_gpus(service: ServiceRecord, info: GpuInfo) -> tuple[list[Gpu], list[int]]:
     """(GPUs the service will use that exist, requested indices that do not exist)."""
     tp, pp = _tp_pp(service)
-    wanted = service.get("gpus")
+    wanted = service.gpus
     if wanted:
-        present = [g for i in wanted if (g := info.gpu(int(i))) is not None]
-        return present, [int(i) for i in wanted if info.gpu(int(i)) is None]
+        present = [g for i in wanted if (g := info.gpu(i)) is not None]
+        return present, [i for i in wanted if info.gpu(i) is None]
     return sorted(info.gpus, key=lambda g: g.index)[: tp * pp], []
 
 
 # --------------------------------------------------------------------------- driver
 
 
-def _required_driver(env: Mapping) -> tuple[str | None, str | None]:
+def _required_driver(env: EnvironmentRecord) -> tuple[str | None, str | None]:
     """(exact minimum, minor-version-compatibility floor) for an environment's CUDA."""
-    cuda = env.get("cuda_runtime") or env.get("cuda")
-    min_d, floor = env.get("min_driver"), env.get("driver_floor")
+    cuda = env.cuda_runtime or env.cuda
+    min_d, floor = env.min_driver, env.driver_floor
     if cuda and not min_d:
         try:
             min_d = cudatable.min_driver(str(cuda))
@@ -197,11 +202,11 @@ def check_driver(ctx: _Context) -> list[CheckResult]:
     out = []
     info = ctx.gpu_info
     for env in ctx.envs.values():
-        name = env["name"]
-        if not env.get("cuda"):
+        name = env.name
+        if env.is_cpu:
             out.append(_cpu_skip("driver", name))
             continue
-        cuda = str(env.get("cuda_runtime") or env["cuda"])
+        cuda = str(env.cuda_runtime or env.cuda)
         min_d, floor = _required_driver(env)
         want = min_d or floor
         get = f"install NVIDIA driver ≥ {want}" if want else f"install an NVIDIA driver for CUDA {cuda}"
@@ -261,13 +266,13 @@ def check_gpus(ctx: _Context) -> list[CheckResult]:
             return [CheckResult("gpus", FAIL, "no NVIDIA GPU detected", ctx.no_gpu_remedy(), "all")]
         return [CheckResult("gpus", PASS, f"{len(have)} GPU(s): {_gpu_list(info.gpus)}", subject="all")]
     for s in ctx.services:
-        name = s["name"]
+        name = s.name
         if not ctx.is_gpu_service(s):
             out.append(_cpu_skip("gpus", name))
             continue
         tp, pp = _tp_pp(s)
         need = tp * pp
-        wanted = [int(i) for i in s.get("gpus") or []]
+        wanted = list(s.gpus)
         formula = f"tensor_parallel_size {tp} × pipeline_parallel_size {pp} = {need}"
         if not info.gpus:
             why = f" ({'; '.join(info.notes)})" if info.notes and info.driver_version else ""
@@ -315,22 +320,22 @@ def _num_heads(config: Mapping) -> int | None:
 def check_tp_heads(ctx: _Context) -> list[CheckResult]:
     out = []
     for s in ctx.services:
-        name = s["name"]
+        name = s.name
         tp, _ = _tp_pp(s)
-        model = ctx.models.get(s.get("model"))
+        model = ctx.models.get(s.model)
         if model is None:
-            out.append(CheckResult("tp-heads", SKIP, f"model {s.get('model')!r} is not in this bundle",
+            out.append(CheckResult("tp-heads", SKIP, f"model {s.model!r} is not in this bundle",
                                    subject=name))
             continue
-        heads = _num_heads(model.get("config") or {})
+        heads = _num_heads(model.config)
         if heads is None:
             out.append(CheckResult("tp-heads", WARN if tp > 1 else PASS,
-                                   f"config.json of {model['name']} has no num_attention_heads; tp {tp}",
+                                   f"config.json of {model.name} has no num_attention_heads; tp {tp}",
                                    "check that the model's attention heads divide tensor_parallel_size"
                                    if tp > 1 else "", name))
         elif heads % tp:
             good = [d for d in range(1, min(heads, 16) + 1) if heads % d == 0]
-            out.append(CheckResult("tp-heads", FAIL, f"num_attention_heads {heads} of {model['name']} is not "
+            out.append(CheckResult("tp-heads", FAIL, f"num_attention_heads {heads} of {model.name} is not "
                                    f"divisible by tensor_parallel_size {tp}",
                                    f"use a tensor_parallel_size that divides {heads}: {good}", name))
         else:
@@ -339,10 +344,8 @@ def check_tp_heads(ctx: _Context) -> list[CheckResult]:
     return out
 
 
-def _model_bytes(model: Mapping) -> int:
-    if model.get("size") is not None:
-        return int(model["size"])
-    return sum(int(f.get("size") or 0) for f in model.get("files") or [])
+def _model_bytes(model: ModelRecord) -> int:
+    return model.size
 
 
 def check_gpu_memory(ctx: _Context) -> list[CheckResult]:
@@ -350,16 +353,16 @@ def check_gpu_memory(ctx: _Context) -> list[CheckResult]:
     info = ctx.gpu_info
     shares: dict[int, list[tuple[str, float]]] = {}
     for s in ctx.services:
-        name = s["name"]
+        name = s.name
         if not ctx.is_gpu_service(s):
             out.append(_cpu_skip("gpu-memory", name))
             continue
         if not info.gpus:
             out.append(CheckResult("gpu-memory", FAIL, "no NVIDIA GPU detected", ctx.no_gpu_remedy(), name))
             continue
-        model = ctx.models.get(s.get("model"))
+        model = ctx.models.get(s.model)
         if model is None:
-            out.append(CheckResult("gpu-memory", SKIP, f"model {s.get('model')!r} is not in this bundle: "
+            out.append(CheckResult("gpu-memory", SKIP, f"model {s.model!r} is not in this bundle: "
                                    "weights size unknown", subject=name))
             continue
         present, missing = _service_gpus(s, info)
@@ -368,7 +371,7 @@ def check_gpu_memory(ctx: _Context) -> list[CheckResult]:
                                    "fix services[].gpus first", name))
             continue
         tp, pp = _tp_pp(s)
-        util = float(s.get("gpu_memory_utilization") or DEFAULT_GPU_MEMORY_UTILIZATION)
+        util = float(s.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION)
         weights = _model_bytes(model)
         share = weights / (tp * pp) * WEIGHT_HEADROOM
         formula = (f"weights {_gib(weights)} / (tp {tp} × pp {pp}) × {WEIGHT_HEADROOM} = {_gib(share)} per GPU")
@@ -426,9 +429,9 @@ def check_compute_capability(ctx: _Context) -> list[CheckResult]:
         subjects.append(("all", list(info.gpus)))
     for s in ctx.services:
         if not ctx.is_gpu_service(s):
-            out.append(_cpu_skip("compute-capability", s["name"]))
+            out.append(_cpu_skip("compute-capability", s.name))
             continue
-        subjects.append((s["name"], _service_gpus(s, info)[0]))
+        subjects.append((s.name, _service_gpus(s, info)[0]))
     for name, gpus in subjects:
         if not info.gpus:
             out.append(CheckResult("compute-capability", FAIL, "no NVIDIA GPU detected", ctx.no_gpu_remedy(),
@@ -485,11 +488,11 @@ def glibc_version(root: Path = Path("/")) -> str | None:
 
 def check_glibc(ctx: _Context) -> list[CheckResult]:
     have = glibc_version(ctx.root)
-    target_floor = (ctx.manifest.get("target") or {}).get("glibc")
+    target_floor = ctx.manifest.target.glibc
     out = []
     for env in ctx.envs.values():
-        name = env["name"]
-        floor = env.get("glibc") or target_floor
+        name = env.name
+        floor = env.glibc or target_floor
         if not floor:
             out.append(CheckResult("glibc", SKIP, "no glibc floor recorded for this environment", subject=name))
         elif have is None:
@@ -510,13 +513,13 @@ def _machine() -> str:
 
 
 def check_arch(ctx: _Context) -> list[CheckResult]:
-    target = ctx.manifest.get("target") or {}
+    target = ctx.manifest.target
     wanted: dict[str, str] = {}
-    if target.get("arch") or target.get("platform"):
-        wanted["target"] = target.get("arch") or _ARCH_OF_PLATFORM.get(target["platform"], target["platform"])
+    if target.arch or target.platform:
+        wanted["target"] = target.arch or _ARCH_OF_PLATFORM.get(target.platform, target.platform)
     for env in ctx.envs.values():
-        if env.get("platform"):
-            wanted[env["name"]] = _ARCH_OF_PLATFORM.get(env["platform"], env["platform"])
+        if env.platform:
+            wanted[env.name] = _ARCH_OF_PLATFORM.get(env.platform, env.platform)
     have = _machine()
     if not wanted:
         return [CheckResult("arch", SKIP, f"bundle names no platform (this server: {have})", subject="target")]
@@ -544,15 +547,15 @@ def check_disk(ctx: _Context) -> list[CheckResult]:
     envs = models = 0
     present = []
     for env in ctx.envs.values():
-        target = ctx.install_dir / "envs" / env["name"] / str(env.get("content_hash") or "")[:16]
-        if env.get("content_hash") and target.is_dir():
-            present.append(env["name"])
+        target = ctx.install_dir / "envs" / env.name / env.content_hash[:16]
+        if target.is_dir():
+            present.append(env.name)
         else:
-            envs += int(env.get("unpacked_size") or 0)
+            envs += env.unpacked_size or 0
     for m in ctx.models.values():
-        target = ctx.install_dir / "models" / m["name"] / str(m.get("commit") or m.get("revision") or "")
-        if (m.get("commit") or m.get("revision")) and target.is_dir():
-            present.append(m["name"])
+        target = ctx.install_dir / "models" / m.name / m.commit
+        if target.is_dir():
+            present.append(m.name)
         else:
             models += _model_bytes(m)
     need = int((envs + models) * DISK_MARGIN)
@@ -585,13 +588,13 @@ def check_ports(ctx: _Context) -> list[CheckResult]:
         return []
     if not ctx.live:
         return [CheckResult("ports", SKIP, f"staging root {ctx.root}: ports are checked on the server that runs "
-                            "it", subject=s["name"]) for s in ctx.services]
+                            "it", subject=s.name) for s in ctx.services]
     out = []
     by_port: dict[int, list[str]] = {}
     for s in ctx.services:
-        by_port.setdefault(int(s["port"]), []).append(s["name"])
+        by_port.setdefault(s.port, []).append(s.name)
     for s in ctx.services:
-        name, port, host = s["name"], int(s["port"]), str(s.get("host") or "0.0.0.0")
+        name, port, host = s.name, s.port, s.host
         others = [n for n in by_port[port] if n != name]
         if others:
             out.append(CheckResult("ports", FAIL, f"port {port} also used by service(s) {others} of this bundle",
@@ -616,6 +619,42 @@ def check_ports(ctx: _Context) -> list[CheckResult]:
         else:
             out.append(CheckResult("ports", FAIL, f"cannot bind {host}:{port}: {err.strerror or err}",
                                    "use an address of this server (or 0.0.0.0) in services[].host", name))
+    return out
+
+
+def check_api_keys(ctx: _Context) -> list[CheckResult]:
+    """API key files must be in place and usable before anything starts; a service that listens beyond
+    loopback without one is a WARN (anyone who reaches the address can use the API)."""
+    from installer import systemd
+
+    out = []
+    credentials = systemd.uses_credentials(ctx.root)
+    how = ("systemd reads it as root (LoadCredential=)" if credentials
+           else f"the service user {systemd.USER} reads it (this systemd has no LoadCredential=)")
+    for s in ctx.services:
+        if s.api_key_file is None:
+            if not records.is_loopback(s.host):
+                out.append(CheckResult("api-keys", WARN, f"listens on {s.host}:{s.port} without api_key_file: "
+                                       "anyone who can reach this address can use the API",
+                                       "set api_key_file: in the manifest (a file on this server), or host: "
+                                       "127.0.0.1", s.name))
+            else:
+                out.append(CheckResult("api-keys", PASS, f"no API key; listens on loopback {s.host} only",
+                                       subject=s.name))
+            continue
+        problems = systemd.check_api_key_file(ctx.root, s.api_key_file, via_credential=credentials)
+        if not problems:
+            out.append(CheckResult("api-keys", PASS, f"{s.api_key_file} in place; {how}", subject=s.name))
+        elif not ctx.live:  # a staging tree: the key is put on the server that boots it
+            out.append(CheckResult("api-keys", WARN, f"staging root {ctx.root}: " + "; ".join(problems),
+                                   "put the key file in place on the server before starting the service "
+                                   f"({systemd.key_install_command(s.api_key_file, via_credential=credentials)})",
+                                   s.name))
+        else:
+            out.append(CheckResult("api-keys", FAIL, "; ".join(problems),
+                                   f"{systemd.key_install_command(s.api_key_file, via_credential=credentials)} "
+                                   "(a file with the key on its first line), then run the install again",
+                                   s.name))
     return out
 
 
@@ -700,8 +739,8 @@ _OPTIONAL_NEEDERS = ("/lib-dynload/_tkinter", "/lib-dynload/nis.", "/lib-dynload
                      "lib/libarcher", "lib/libsycl", "/numba/np/ufunc/omppool", "/numba/np/ufunc/tbbpool")
 
 
-def _core_needers(env: dict, lib: str) -> list[str]:
-    needers = (env.get("needed_by") or {}).get(lib)
+def _core_needers(env: EnvironmentRecord, lib: str) -> list[str]:
+    needers = env.needed_by.get(lib)
     if not needers:  # bundles without needed_by: treat every library as required
         return ["(unknown)"]
     return [f for f in needers if not any(o in f"/{f}" for o in _OPTIONAL_NEEDERS)]
@@ -715,8 +754,8 @@ def check_libraries(ctx: _Context) -> list[CheckResult]:
     packages = _library_packages()
     out = []
     for env in envs:
-        name = env["name"]
-        needed = list(env.get("needed_libraries") or [])
+        name = env.name
+        needed = list(env.needed_libraries)
         missing = [lib for lib in needed if lib not in provided]
         if not missing:
             out.append(CheckResult("libraries", PASS, f"all {len(needed)} needed system libraries found"
@@ -727,7 +766,7 @@ def check_libraries(ctx: _Context) -> list[CheckResult]:
             out.append(CheckResult(
                 "libraries", WARN,
                 "optional parts will not load, missing: " + "; ".join(
-                    f"{lib} (needed by {', '.join((env.get('needed_by') or {}).get(lib, [])[:2])})"
+                    f"{lib} (needed by {', '.join(env.needed_by.get(lib, ())[:2])})"
                     for lib in optional),
                 "ignore unless you use those parts; otherwise install the libraries", name))
             missing = [lib for lib in missing if lib not in optional]
@@ -754,7 +793,8 @@ def check_libraries(ctx: _Context) -> list[CheckResult]:
 _CHECK_FUNCS = {
     "driver": check_driver, "gpus": check_gpus, "tp-heads": check_tp_heads, "gpu-memory": check_gpu_memory,
     "compute-capability": check_compute_capability, "glibc": check_glibc, "arch": check_arch,
-    "disk": check_disk, "ports": check_ports, "systemd": check_systemd, "libraries": check_libraries,
+    "disk": check_disk, "ports": check_ports, "api-keys": check_api_keys, "systemd": check_systemd,
+    "libraries": check_libraries,
 }
 
 
@@ -806,13 +846,15 @@ def raise_on_failure(results: list[CheckResult]) -> None:
 # --------------------------------------------------------------------------- command line
 
 
-def _load_manifest(path: Path) -> dict:
+def _load_manifest(path: Path) -> Manifest:
     if path.is_dir():
         path = path / "MANIFEST.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read {path}: {e}", hint="pass a bundle directory or its MANIFEST.json") from e
+        data = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}",
+                         hint="pass a bundle directory or its MANIFEST.json") from e
+    return Manifest.from_json(data, source=str(path), partial=True)  # the server's needs; not the files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -829,11 +871,14 @@ def main(argv: list[str] | None = None) -> int:
         manifest = _load_manifest(args.manifest)
         gpu_info = None
         if args.gpu_info:
-            d = json.loads(args.gpu_info.read_text())
+            try:
+                d = json.loads(args.gpu_info.read_text())
+            except (OSError, ValueError) as e:
+                raise UsageError(f"cannot read --gpu-info {args.gpu_info}: {e}") from e
             gpu_info = GpuInfo(driver_version=d.get("driver_version"), cuda_version=d.get("cuda_version"),
                                gpus=tuple(Gpu(**g) for g in d.get("gpus", [])), source=d.get("source", "file"))
         results = run_preflight(manifest, root=args.root, skip=args.skip_check, gpu_info=gpu_info)
-    except UsageError as e:
+    except (UsageError, BundleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     sys.stdout.write(results_to_json(results) if args.json else render_table(results))

@@ -467,13 +467,13 @@ class BundleInfo(_Record):
 
 @dataclass(frozen=True)
 class TargetInfo(_Record):
-    platform: str = "linux-64"
+    platform: str | None = None
     arch: str | None = None
     glibc: str | None = None
 
     @classmethod
     def read(cls, r: _Reader) -> TargetInfo:
-        return cls(platform=r.str("platform", choices=PLATFORMS, optional=True) or "linux-64",
+        return cls(platform=r.str("platform", choices=PLATFORMS, optional=True),
                    arch=r.str("arch", choices=ARCHES, optional=True),
                    glibc=r.str("glibc", GLIBC_RE, optional=True, what="glibc version"))
 
@@ -753,7 +753,7 @@ class Manifest(_Record):
 
     # -- reading
     @classmethod
-    def from_json(cls, data: bytes | str, *, source: str = MANIFEST_NAME) -> Manifest:
+    def from_json(cls, data: bytes | str, *, source: str = MANIFEST_NAME, partial: bool = False) -> Manifest:
         """Parse and validate MANIFEST.json bytes; raises :class:`BundleError` (a ManifestFieldError for a bad
         field, naming its JSON path). Refuses what ``json`` would quietly accept: duplicate keys, NaN and
         Infinity, text that is not UTF-8."""
@@ -771,7 +771,7 @@ class Manifest(_Record):
             why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
             raise BundleError(f"{source}: not valid JSON ({why})",
                               hint="the manifest is corrupt; copy the bundle again") from e
-        return cls.from_dict(obj, source=source)
+        return cls.from_dict(obj, source=source, partial=partial)
 
     @classmethod
     def from_dict(cls, obj: Any, *, source: str = MANIFEST_NAME, partial: bool = False) -> Manifest:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from installer import preflight as pf
-from installer.errors import PreflightError, UsageError
+from installer.errors import BundleError, PreflightError, UsageError
 from installer.gpu import GpuInfo, parse_query_csv, parse_smi_header
 
 FIX = Path(__file__).parent / "fixtures"
@@ -98,8 +98,8 @@ def test_driver_missing_fails_with_remedy():
 
 def cpu_manifest() -> dict:
     m = manifest()
-    m["environments"][0].update(name="vllm-cpu", cuda=None, cuda_runtime=None, min_driver=None,
-                                driver_floor=None, needed_libraries=["libc.so.6"])
+    m["environments"][0].update(name="vllm-cpu", artifact="envs/vllm-cpu.tar.zst", cuda=None, cuda_runtime=None,
+                                min_driver=None, driver_floor=None, needed_libraries=["libc.so.6"])
     m["services"][0]["environment"] = "vllm-cpu"
     return m
 
@@ -142,7 +142,8 @@ def test_gpus_more_listed_than_used_warns_and_duplicates_fail():
     m["services"][0]["gpus"] = [0, 1]
     assert one(m, "gpus", gpu_info=with_gpus(h200(), 2)).status == pf.WARN
     m["services"][0].update(gpus=[1, 1], tensor_parallel_size=2)
-    assert one(m, "gpus", gpu_info=with_gpus(h200(), 2)).status == pf.FAIL
+    with pytest.raises(BundleError, match=r"services\[0\]\.gpus: a GPU index is listed twice"):
+        one(m, "gpus", gpu_info=with_gpus(h200(), 2))  # refused when the MANIFEST is read
 
 
 def test_gpus_none_detected():
@@ -316,7 +317,9 @@ def test_ports_duplicate_and_bad_host_and_staging(tmp_path):
     m = manifest("refuse-gpus")
     for s in m["services"]:
         s["port"] = 11500
-    assert {r.status for r in run(m, "ports")} == {pf.FAIL}
+    with pytest.raises(BundleError, match=r"services\[1\]\.port: port 11500 on 0\.0\.0\.0 is already used by "
+                                          r"services\[0\]"):
+        run(m, "ports")  # refused when the MANIFEST is read, before any check
     m = manifest()
     m["services"][0]["host"] = "192.0.2.1"        # TEST-NET-1: not an address of this machine
     assert one(m, "ports").status == pf.FAIL
@@ -426,7 +429,8 @@ def test_device_verdicts_reproduce_from_fixtures():
     for name in ("accept", "refuse-driver", "refuse-gpus"):
         recorded = json.loads((FIX / "preflight/device-run" / f"preflight-{name}.json").read_text())["checks"]
         ours = [r.to_dict() for r in pf.run_preflight(manifest(name), gpu_info=h200(),
-                                                      skip=["glibc", "disk", "ports", "systemd", "libraries"])]
+                                                      skip=["glibc", "disk", "ports", "api-keys", "systemd",
+                                                            "libraries"])]
         gpu_rows = [c for c in recorded if c["name"] in pf.GPU_CHECKS + ("tp-heads", "arch")]
         assert gpu_rows == [c for c in ours if c["status"] != pf.SKIP]
 
@@ -461,3 +465,55 @@ def test_cli(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert rc == 1 and out["ok"] is False
     assert pf.main([str(m), "--skip-check", "nope"]) == 2
+
+
+# --------------------------------------------------------------------------- api-keys
+
+
+def _root_with_systemd(tmp_path: Path, version: int) -> Path:
+    lib = tmp_path / "usr/lib/x86_64-linux-gnu/systemd" / f"libsystemd-shared-{version}.so"
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"")
+    return tmp_path
+
+
+def test_api_keys_open_listener_warns_loopback_passes():
+    m = manifest()
+    m["services"][0].update(host="0.0.0.0", api_key_file=None)
+    r = one(m, "api-keys")
+    assert r.status == pf.WARN and "listens on 0.0.0.0:11434 without api_key_file" in r.detail
+    m["services"][0]["host"] = "127.0.0.1"
+    assert one(m, "api-keys").status == pf.PASS
+
+
+def test_api_keys_missing_key_fails_live_and_warns_in_staging(tmp_path):
+    m = manifest()
+    m["services"][0]["api_key_file"] = f"{tmp_path}/nope/k.key"
+    r = one(m, "api-keys")
+    assert r.status == pf.FAIL and f"API key file {tmp_path}/nope/k.key does not exist" in r.detail
+    assert "then run the install again" in r.remedy
+    staged = one({**m, "services": [{**m["services"][0], "api_key_file": "/etc/llm/keys/k.key"}]}, "api-keys",
+                 root=_root_with_systemd(tmp_path / "stage", 252))
+    assert staged.status == pf.WARN
+    assert "install -D -m 0600 -o root -g root KEYFILE /etc/llm/keys/k.key" in staged.remedy
+
+
+def test_api_keys_root_only_key_passes_with_credentials(tmp_path):
+    root = _root_with_systemd(tmp_path, 252)
+    key = root / "etc/llm/keys/k.key"
+    key.parent.mkdir(parents=True)
+    key.write_text("sk-1\n")
+    key.chmod(0o600)
+    m = manifest()
+    m["services"][0]["api_key_file"] = "/etc/llm/keys/k.key"
+    r = one(m, "api-keys", root=root)
+    assert r.status == pf.PASS and "systemd reads it as root (LoadCredential=)" in r.detail
+
+
+def test_preflight_cli_refuses_a_bad_manifest_without_traceback(tmp_path, capsys):
+    data = manifest()
+    data["environments"][0]["cuda"] = "12.8\n"
+    (tmp_path / "MANIFEST.json").write_text(json.dumps(data))
+    assert pf.main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path}/MANIFEST.json: environments[0].cuda: '12.8\\n' contains a line break")
