@@ -519,7 +519,7 @@ class BundleWriter:
 
     def _switch(self) -> None:
         if _exchange(self.staging, self.final):  # one step: the final path never lacks a bundle
-            shutil.rmtree(self.staging, ignore_errors=True)  # now the previous bundle
+            _remove(self.staging)  # now the previous bundle
             return
         old = None
         if self.final.exists() or self.final.is_symlink():
@@ -527,15 +527,26 @@ class BundleWriter:
             os.replace(self.final, old)
         try:
             os.replace(self.staging, self.final)
-        except OSError:
+        except BaseException:  # OSError, or Ctrl-C between the two renames: put the previous one back
             if old is not None:
                 os.replace(old, self.final)
             raise
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    """Remove a directory tree, a file or a symlink (best effort)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except OSError:
+            pass
 
 
 def _stat_id(st: os.stat_result) -> tuple[int, ...]:
@@ -609,5 +620,5 @@ def clean_writer_leftovers(final: Path) -> Path | None:
             os.replace(path, final)
             recovered = final
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        _remove(path)
     return recovered
