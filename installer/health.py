@@ -16,6 +16,7 @@ from pathlib import Path
 
 from installer import systemd
 from installer.errors import InstallError
+from installer.records import ServiceRecord
 
 PROBE_PROMPT = "Say hello."
 
@@ -70,11 +71,13 @@ def wait_healthy(
     interval: float = 1.0,
     alive: Callable[[], bool] | None = None,
     unit: str | None = None,
+    why: Callable[[], str | None] | None = None,
 ) -> float:
     """Poll ``GET /health`` until it answers 200; returns the seconds waited.
 
     ``alive()`` is asked between polls (e.g. "is the unit still active?"); when it says False the wait ends
-    at once instead of running into the timeout. Raises :class:`InstallError` naming the last answer.
+    at once instead of running into the timeout, and ``why()`` (e.g. :func:`unit_failure_cause`) names the
+    real cause. Raises :class:`InstallError` naming the cause, or else the last answer.
     """
     start = time.monotonic()
     deadline = start + timeout
@@ -90,6 +93,9 @@ def wait_healthy(
         except (OSError, http.client.HTTPException) as e:
             last = f"{type(e).__name__}: {e}"
         if alive is not None and not alive():
+            cause = why() if why is not None else None
+            if cause:
+                raise InstallError(f"{where} stopped before it became healthy: {cause}", hint=hint)
             raise InstallError(f"{where} stopped before it became healthy (last: {last})", hint=hint)
         if time.monotonic() >= deadline:
             raise InstallError(f"{where} was not healthy after {timeout:.0f} s (last: {last})", hint=hint)
@@ -148,30 +154,75 @@ def probe_completion(
     }
 
 
-def check_instance(root: Path, service: Mapping, *, timeout: float = 900.0) -> dict:
+EX_CONFIG = 78  # llm-serve: the configuration is wrong (the unit does not restart on it)
+EXIT_CREDENTIALS = 243  # systemd: LoadCredential= could not read the file
+
+
+def explain_exit(
+    status: int | None, result: str | None, journal: Iterable[str], *, key_file: str | None = None
+) -> str | None:
+    """The real cause of a unit that stopped while starting, from its exit status and journal lines.
+
+    78 is the launcher's configuration error: its own ``llm-serve: ...`` line says what is wrong. 243 is
+    systemd failing to load the API key credential. None when the status says nothing useful.
+    """
+    lines = [ln.strip() for ln in journal if ln.strip()]
+    if status == EX_CONFIG:
+        said = [ln for ln in lines if "llm-serve: " in ln and "llm-serve: exec " not in ln]
+        detail = said[-1][said[-1].index("llm-serve: "):] if said else "see the journal"
+        return f"exited with status 78 (configuration error, not restarted): {detail}"
+    if status == EXIT_CREDENTIALS:
+        return (f"systemd could not load the API key file {key_file or '(api_key_file)'} (exit status 243, "
+                "CREDENTIALS): it must exist and be readable by root")
+    if status not in (None, 0):
+        tail = f"; last log line: {lines[-1]}" if lines else ""
+        return f"exited with status {status}" + (f" ({result})" if result and result != "success" else "") + tail
+    return None
+
+
+def unit_failure_cause(name: str, key_file: str | None = None) -> str | None:
+    """:func:`explain_exit` for a live instance (its ExecMainStatus and last journal lines)."""
+    props = systemd.unit_properties(name, ["ExecMainStatus", "Result"])
+    raw = props.get("ExecMainStatus", "")
+    status = int(raw) if raw.isdigit() else None
+    journal: list[str] = []
+    if status not in (None, 0):
+        import subprocess
+
+        try:
+            r = subprocess.run(["journalctl", "-u", systemd.unit_name(name), "-n", "30", "-o", "cat",
+                                "--no-pager"], capture_output=True, text=True, timeout=10, check=False)
+            journal = r.stdout.splitlines()
+        except (OSError, subprocess.SubprocessError):
+            journal = []
+    return explain_exit(status, props.get("Result"), journal, key_file=key_file)
+
+
+def check_instance(root: Path, service: ServiceRecord | Mapping, *, timeout: float = 900.0) -> dict:
     """The post-start check of one started instance: /health, then one real completion.
 
     Reads the API key from the service's key file under ``root`` (the installer runs as root), stops waiting
-    as soon as the unit gives up, and returns {"healthy_s", "completion", "curl"}.
+    as soon as the unit gives up (naming the real cause: the launcher's own message for exit 78), and
+    returns {"healthy_s", "completion", "curl"}.
     """
-    name = service["name"]
-    key = read_api_key(root, service.get("api_key_file"))
+    svc = systemd.as_service(service)
+    name = svc.name
+    key = read_api_key(root, svc.api_key_file)
 
     def alive() -> bool:
         return systemd.unit_property(name, "ActiveState") in ("active", "activating", "reloading", None)
 
     healthy_s = wait_healthy(
-        service.get("host"),
-        int(service["port"]),
+        svc.host,
+        svc.port,
         timeout=timeout,
         api_key=key,
         alive=alive,
         unit=systemd.unit_name(name),
+        why=lambda: unit_failure_cause(name, svc.api_key_file),
     )
-    completion = probe_completion(
-        service.get("host"), int(service["port"]), service.get("served_model_name") or name, key
-    )
-    return {"healthy_s": round(healthy_s, 3), "completion": completion, "curl": curl_example(service)}
+    completion = probe_completion(svc.host, svc.port, svc.api_name, key)
+    return {"healthy_s": round(healthy_s, 3), "completion": completion, "curl": curl_example(svc)}
 
 
 def list_models(
@@ -188,15 +239,23 @@ def read_api_key(root: Path, key_file: str | None) -> str | None:
     """The API key from its file on the target (first line, stripped), as the launcher reads it."""
     if not key_file:
         return None
-    text = (Path(root) / str(key_file).lstrip("/")).read_text(encoding="utf-8")
+    path = Path(root) / str(key_file).lstrip("/")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        how = systemd.key_install_command(str(key_file), via_credential=systemd.uses_credentials(root))
+        raise InstallError(f"cannot read the API key file {key_file}: {why}",
+                           hint=f"put the key on its first line: {how}") from e
     lines = text.splitlines()
     return lines[0].strip() if lines else None
 
 
-def curl_example(service: Mapping, *, max_tokens: int = 64) -> str:
+def curl_example(service: ServiceRecord | Mapping, *, max_tokens: int = 64) -> str:
     """The ``curl`` a user can run on the server to talk to ``service`` (a MANIFEST services[] entry)."""
-    url = base_url(service.get("host"), int(service["port"])) + "/v1/chat/completions"
-    model = service.get("served_model_name") or service["name"]
+    svc = systemd.as_service(service)
+    url = base_url(svc.host, svc.port) + "/v1/chat/completions"
+    model = svc.api_name
     body = json.dumps(
         {
             "model": model,
@@ -206,8 +265,8 @@ def curl_example(service: Mapping, *, max_tokens: int = 64) -> str:
         separators=(",", ":"),
     )
     parts = [f"curl -sS {shlex.quote(url)}", "-H 'Content-Type: application/json'"]
-    if service.get("api_key_file"):
-        parts.append(f'-H "Authorization: Bearer $(sudo cat {shlex.quote(str(service["api_key_file"]))})"')
+    if svc.api_key_file:  # a checked plain path (installer/records.py): nothing in it for the shell
+        parts.append(f'-H "Authorization: Bearer $(sudo cat {shlex.quote(svc.api_key_file)})"')
     parts.append(f"-d {shlex.quote(body)}")
     return " \\\n  ".join(parts)
 

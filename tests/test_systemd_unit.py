@@ -433,6 +433,36 @@ def test_wait_healthy_gives_up():
     assert time.monotonic() - t0 < 10
 
 
+def test_a_unit_that_exits_78_is_reported_with_the_launchers_reason(tmp_path):
+    """The real cause, not "ConnectionRefusedError": the launcher's exit-78 line from the journal."""
+    journal = ["llm-serve: cannot read the API key file /etc/llm/keys/k as user llm; make it owned by root:llm"]
+    cause = health.explain_exit(78, "exit-code", journal)
+    assert cause == ("exited with status 78 (configuration error, not restarted): llm-serve: cannot read the API "
+                     "key file /etc/llm/keys/k as user llm; make it owned by root:llm")
+    port = free_port()
+    with pytest.raises(InstallError) as e:
+        health.wait_healthy("127.0.0.1", port, timeout=60, alive=lambda: False, unit="llm@x.service",
+                            why=lambda: cause)
+    assert str(e.value).startswith(f"llm@x.service stopped before it became healthy: {cause}")
+    assert "ConnectionRefusedError" not in str(e.value)
+    assert "exit status 243" in health.explain_exit(243, "exit-code", [], key_file="/etc/llm/keys/k")
+    assert health.explain_exit(1, "exit-code", ["boom"]) == "exited with status 1 (exit-code); last log line: boom"
+    assert health.explain_exit(None, None, []) is None
+    # the same text the real launcher prints when it exits 78
+    env = {"PATH": os.environ["PATH"], "LLM_PYTHON": sys.executable, "LLM_MODEL": "/m",
+           "LLM_API_KEY_FILE": str(tmp_path / "missing.key")}
+    r = subprocess.run(["bash", str(systemd.UNITS_SRC / "llm-serve")], env=env, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 78
+    assert "cannot read the API key file" in health.explain_exit(r.returncode, "exit-code", r.stderr.splitlines())
+
+
+def test_missing_key_file_at_start_is_a_clear_error(tmp_path):
+    with pytest.raises(InstallError) as e:
+        health.read_api_key(tmp_path, "/etc/llm/keys/none.key")
+    assert str(e.value).startswith("cannot read the API key file /etc/llm/keys/none.key: No such file")
+
+
 @pytest.mark.parametrize("case", ["no-python", "bad-python", "no-model", "unreadable-key", "empty-key"])
 def test_launcher_config_errors_exit_78(tmp_path, case):
     env = {"PATH": os.environ["PATH"], "LLM_PYTHON": sys.executable, "LLM_MODEL": "/m"}
