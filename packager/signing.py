@@ -35,15 +35,24 @@ def keygen(prefix: str | Path, *, force: bool = False) -> tuple[Path, Path, str]
                              serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.PEM,
                                         serialization.PublicFormat.SubjectPublicKeyInfo)
-    tmp = key_path.with_name(f".{key_path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # both written to temp files first, then renamed: a full disk or Ctrl-C leaves no half key pair behind
+    tmp_key = key_path.with_name(f".{key_path.name}.tmp")
+    tmp_pub = pub_path.with_name(f".{pub_path.name}.tmp")
     try:
+        fd = os.open(tmp_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(priv)
-        os.replace(tmp, key_path)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(tmp_pub, "wb") as f:
+            f.write(pub)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_key, key_path)
+        os.replace(tmp_pub, pub_path)
     finally:
-        tmp.unlink(missing_ok=True)
-    pub_path.write_bytes(pub)
+        tmp_key.unlink(missing_ok=True)
+        tmp_pub.unlink(missing_ok=True)
     return key_path, pub_path, key_fingerprint(pub)
 
 

@@ -315,3 +315,19 @@ def test_out_is_a_file_and_a_read_only_key_dir_are_clear_errors(tmp_path: Path, 
     assert os.listdir(ro) == []
     r = pack("verify", str(tmp_path / "nowhere"), "--insecure")
     assert r.returncode == 1 and "Traceback" not in r.stderr and "not a bundle directory" in r.stderr
+
+
+def test_keygen_on_a_full_disk_leaves_no_half_key_pair(tmp_path: Path, small_fs) -> None:
+    fs = small_fs("64k")
+    with open(fs / "filler", "wb", buffering=0) as f:  # fill it up, as a real full disk is
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    os.truncate(fs / "filler", (fs / "filler").stat().st_size - 4096)  # room for the first key file only
+    before = sorted(os.listdir(fs))
+    r = pack("keygen", "--out", str(fs / "build"))
+    assert r.returncode == 74 and "Traceback" not in r.stderr, r.stderr
+    assert "error: No space left on device" in r.stderr and "df -h" in r.stderr, r.stderr
+    assert sorted(os.listdir(fs)) == before, "no build.key without build.pub, no temp file"
