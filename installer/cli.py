@@ -118,17 +118,9 @@ def load_bundle(args: argparse.Namespace) -> tuple[Bundle, str]:
     is given); only ``--insecure`` turns a failed check into a warning.
     """
     if args.manifest is not None:
-        verified = Bundle.load(args.manifest.parent) if args.manifest.name == MANIFEST_NAME else None
-        if verified is None:
+        if args.manifest.name != MANIFEST_NAME:
             raise UsageError(f"--manifest must name a file called {MANIFEST_NAME}")
-        on_disk = (
-            (args.bundle / MANIFEST_NAME).read_bytes() if (args.bundle / MANIFEST_NAME).exists() else None
-        )
-        if on_disk is not None and on_disk != verified.manifest_bytes:
-            raise SignatureError(
-                f"{args.bundle}/{MANIFEST_NAME} changed after it was verified",
-                hint="something is modifying the bundle while it is installed; copy it again",
-            )
+        verified = Bundle.load(args.manifest.parent)
     else:
         verified = Bundle.load(args.bundle)
     try:
@@ -138,9 +130,15 @@ def load_bundle(args: argparse.Namespace) -> tuple[Bundle, str]:
             raise
         print(f"warning: --insecure: installing without a valid signature ({e.message})", file=sys.stderr)
         signed_by = "insecure"
-    if args.manifest is not None:
-        return activate.with_bundle_root(verified, args.bundle), signed_by
-    return verified, signed_by
+    if args.manifest is None:
+        return verified, signed_by
+    mpath = args.bundle / MANIFEST_NAME
+    if mpath.exists() and mpath.read_bytes() != verified.manifest_bytes:
+        raise SignatureError(
+            f"{mpath} changed after it was verified",
+            hint="something is modifying the bundle while it is installed; copy it again",
+        )
+    return activate.with_bundle_root(verified, args.bundle), signed_by
 
 
 def _spoofed_handover(argv: list[str]) -> None:
