@@ -128,7 +128,7 @@ def _os_error(inst: Installer, e: OSError) -> InstallError:
     """Disk full, permission denied, the bundle's medium gone...: what, where, how to fix."""
     import errno as _errno
 
-    where = e.filename or "?"
+    doing = getattr(inst, "doing", None)
     what = {
         _errno.ENOSPC: "the disk is full",
         _errno.EDQUOT: "the disk quota is exhausted",
@@ -144,7 +144,10 @@ def _os_error(inst: Installer, e: OSError) -> InstallError:
         _errno.ENOENT: "reconnect the bundle's medium (or copy the bundle again) and run the install again",
         _errno.EIO: "check the medium (dmesg), copy the bundle again if needed, and run the install again",
     }.get(e.errno or 0, "fix that and run the install again (as root)")
-    err = InstallError(f"install failed: {what} ({where}: {e.strerror or e})", hint=fix)
+    where = f"{e.filename}: " if e.filename else ""
+    err = InstallError(
+        f"install failed{f' while {doing}' if doing else ''}: {what} ({where}{e.strerror or e})", hint=fix
+    )
     if getattr(inst, "refused", False):
         _explain_failure(inst, err)
     return err
@@ -347,7 +350,9 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
 def _explain_failure(inst: Installer, e: BaseException) -> None:
     """Add to the error that nothing changed, and where the verified files wait for a re-run."""
     staging = inst.t.host(STAGING)
-    keep = staging.is_dir() and any(p.name != "backup" for p in staging.iterdir())
+    keep = staging.is_dir() and any(
+        p.is_file() and "backup" not in p.relative_to(staging).parts for p in staging.rglob("*")
+    )
     note = "nothing under /opt/llm or /etc was changed"
     if keep:
         note += (f"; what was verified is kept in {staging} for the next run "
@@ -400,39 +405,49 @@ def _instance_links(line: str, n: str) -> list[tuple[str, str]]:
 
     return [
         ("/" + systemd.env_file_path(Path(""), n).as_posix(), f"lines/{line}/{n}.env"),
-        (str(systemd.dropin_path(Path("/"), n)), f"../../../llm/lines/{line}/{n}.devices.conf"),
+        (str(systemd.dropin_path(Path("/"), n)), f"../../../llm/lines/{line}/{n}.{systemd.DROPIN_NAME}"),
+        (str(systemd.key_dropin_path(Path("/"), n)), f"../../../llm/lines/{line}/{n}.{systemd.KEY_DROPIN_NAME}"),
     ]
 
 
 def _render_units(inst: Installer, m: Mapping, rec: Mapping, say: Say) -> list[tuple[str, str, int]]:
-    from installer import systemd
+    """(file name in the version dir, text, mode) of every instance: env file, device drop-in, API key
+    drop-in. Mirrors :func:`installer.systemd.install_units` (which writes to the live paths instead)."""
+    from installer import records, systemd
 
-    envs = {e["name"]: e for e in m.get("environments") or []}
+    man = records.as_manifest(m)
     modprobe = systemd.find_nvidia_modprobe(inst.t.root)
+    credentials = systemd.uses_credentials(inst.t.root)
     resolve = _resolver(inst, m, rec)
     out = []
-    for svc in m.get("services") or []:
-        paths = resolve(svc)
-        env_meta = envs.get(svc["environment"]) or paths.env_meta
+    for svc in man.services:
+        paths = systemd.InstancePaths(*resolve(svc.to_dict()))
+        env_meta = man.environment(svc.environment) or paths.env_meta
         if env_meta is None:
             raise InstallError(
-                f"service {svc['name']}: environment {svc['environment']!r} is neither in this "
+                f"service {svc.name}: environment {svc.environment!r} is neither in this "
                 "bundle nor installed",
                 hint="install a bundle with that environment first",
             )
+        env = systemd.as_env(env_meta)
+        via_credential = credentials and svc.api_key_file is not None
         text = systemd.render_env_file(
             svc,
-            env_meta,
+            env,
             env_prefix=paths.env_prefix,
             model_path=paths.model_path,
             hf_cache=paths.hf_cache,
-            bundle=m.get("bundle"),
+            bundle=man.bundle,
+            key_via_credential=via_credential,
         )
-        out.append((f"{svc['name']}.env", text, 0o644))
-        out.append((f"{svc['name']}.devices.conf",
-                    systemd.render_devices_dropin(env_meta, nvidia_modprobe=modprobe), 0o644))
-        for problem in systemd.check_api_key_file(inst.t.root, svc.get("api_key_file")):
-            say(f"warning: service {svc['name']}: {problem}")
+        out.append((f"{svc.name}.env", text, 0o644))
+        out.append((f"{svc.name}.{systemd.DROPIN_NAME}",
+                    systemd.render_devices_dropin(env, nvidia_modprobe=modprobe), 0o644))
+        key = (systemd.render_key_dropin(svc) if via_credential else
+               "# Written by the llm-pack installer: this version of the instance has no API key credential.\n")
+        out.append((f"{svc.name}.{systemd.KEY_DROPIN_NAME}", key, 0o644))
+        for problem in systemd.check_api_key_file(inst.t.root, svc.api_key_file, via_credential=credentials):
+            say(f"warning: service {svc.name}: {problem}")
     return out
 
 

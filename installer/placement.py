@@ -64,6 +64,7 @@ class Installer:
         self.say = say
         self.state = st.load_state(self.t.root)
         self.txn: dict | None = None
+        self.doing: str | None = None  # what the install is doing (named in an error from the OS)
         self.reconcile()
 
     # ------------------------------------------------------------------ bookkeeping
@@ -295,6 +296,7 @@ class Installer:
     def promote(self, target: str) -> None:
         """Rename the staged ``target`` into place (a new path), or swap it with a damaged one in use."""
         src, dst = self.t.host(staged(target)), self.t.host(target)
+        self.doing = f"placing {dst}"
         self.mkdir(str(Path(target).parent))
         if dst.exists() or dst.is_symlink():
             if not self.in_use(target):
@@ -339,6 +341,7 @@ class Installer:
         final.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
         self.say(f"environment {env['name']}: verifying and unpacking {art.path} ({human_size(art.size)})")
+        self.doing = f"unpacking {art.path} into {final.parent}"
         try:
             res = extract_archive(
                 bundle.path_of(art),
@@ -406,6 +409,7 @@ class Installer:
                      "earlier run (kept)")
         total = sum(a.size for _, a in todo)
         self.say(f"model {model['name']}: verifying and copying {len(todo)} files ({human_size(total)})")
+        self.doing = f"copying model {model['name']} into {final}"
         for f, _ in todo:
             (final / f["path"]).parent.mkdir(parents=True, exist_ok=True)
         stop = threading.Event()
