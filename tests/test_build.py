@@ -331,3 +331,36 @@ def test_keygen_on_a_full_disk_leaves_no_half_key_pair(tmp_path: Path, small_fs)
     assert r.returncode == 74 and "Traceback" not in r.stderr, r.stderr
     assert "error: No space left on device" in r.stderr and "df -h" in r.stderr, r.stderr
     assert sorted(os.listdir(fs)) == before, "no build.key without build.pub, no temp file"
+
+
+def test_a_local_model_edited_while_the_build_reads_it_is_refused(tmp_path: Path, tiny: Path, keys: Path) -> None:
+    """A real `pack build`: the operator writes into a local weight file while the build's one hashing pass
+    (after fetch, before signing) reads it through the bundle's hardlink -> refused by name, nothing written."""
+    import time
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    big = model / "big.safetensors"
+    with open(big, "wb") as f:
+        f.truncate(3 << 30)  # sparse: seconds of hashing, no disk
+    m = tmp_path / "local.yaml"
+    m.write_text(f"bundle: {{name: edit, version: '1'}}\nmodels:\n  - {{name: m, source: local, path: {model}}}\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "packager.cli", "build", str(m), "--key", f"{keys}.key",
+                             "--out", str(out), "--no-progress", "-j", "2"], cwd=ROOT, text=True,
+                            env={**os.environ, "LLM_PACK_STORE": str(tmp_path / "store")},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not any((d / "models" / "m" / "big.safetensors").exists() for d in out.glob(".edit-1.*.partial")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.005)
+    time.sleep(0.2)
+    assert proc.poll() is None, "the build finished before the edit"
+    with open(big, "r+b") as f:  # in place, through the operator's own path
+        f.seek(2 << 30)
+        f.write(b"edited")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert f"models/m/big.safetensors (from {big}): content mismatch (expected unchanged" in err, err
+    assert os.listdir(out) == [], "no bundle, no staging directory"
