@@ -168,6 +168,11 @@ class _Checker:
         self.nodes += 1
         if self.nodes > MAX_NODES or depth > MAX_DEPTH:
             raise _TooBig(node, path)
+        if node.tag not in _PLAIN_TAGS:
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            self.add(node, path, f"the YAML tag {tag} is not accepted: only plain values (strings, numbers, "
+                                 "booleans, null, lists, mappings); remove the tag")
+            return None
         value = _plain(node)
         types = schema.get("type")
         if types is not None:
@@ -229,6 +234,9 @@ class _Checker:
             if req not in out and not any(_plain(k) == req for k, _ in node.value):
                 self.add(node, f"{path}.{req}" if path else req, "required field is missing")
         return out
+
+
+_PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map"))
 
 
 class _TooBig(Exception):

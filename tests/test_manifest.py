@@ -139,3 +139,64 @@ def test_published_schema_accepts_shipped_manifests_with_jsonschema() -> None:
     schema = json.loads(schema_json())
     for f in sorted((ROOT / "manifests").glob("*.yaml")):
         jsonschema.validate(yaml.safe_load(f.read_text()), schema)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('bundle: {name: demo, version: "1.0"}\nmodels:\n  - name: tiny\n    source: huggingface\n'
+     '    repo: !!python/object/apply:os.system ["touch PWNED"]\n',
+     "m.yaml:5:11: models[0].repo: the YAML tag !!python/object/apply:os.system is not accepted"),
+    ("bundle: !!python/object:os.system {name: x}\n", "m.yaml:1:9: bundle: the YAML tag !!python/object:os.system"),
+    ("bundle: {name: demo, version: !!timestamp nope}\n", "m.yaml:1:31: bundle.version: the YAML tag !!timestamp"),
+    ("bundle: {name: demo\n", "m.yaml:2:1: not valid YAML"),
+    ("environments: &x [*x]\n", "m.yaml:1:15: environments[0]: expected object, found a list"),
+    ("bundle: &a {name: x, version: '1'}\nmodels: [*a, *a, *a, *a]\n" + "".join(
+        f"l{i}: &l{i} [{', '.join([f'*l{i - 1}' if i else '*a'] * 9)}]\n" for i in range(9)), "unknown key 'l0'"),
+    ("[" * 5000, "not valid YAML: exceeded maximum nesting depth"),
+])
+def test_pack_validate_end_to_end_refuses_without_traceback(tmp_path: Path, text: str, needle: str) -> None:
+    """The real `pack validate` on a real file: exit 2, file:line, no traceback, nothing executed."""
+    import subprocess
+    import sys
+
+    p = tmp_path / "m.yaml"
+    p.write_text(text)
+    r = subprocess.run([sys.executable, "-m", "packager.cli", "validate", str(p)], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=60, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and needle in r.stderr, r.stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["m.yaml"]  # nothing ran (no PWNED)
+
+
+def test_pack_validate_warns_about_an_open_listener(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    p = tmp_path / "m.yaml"
+    p.write_text(GOOD.replace("port: 8000}", "port: 8000, host: 0.0.0.0}"))
+    r = subprocess.run([sys.executable, "-m", "packager.cli", "validate", str(p)], capture_output=True, text=True,
+                       timeout=60, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and r.stdout.startswith(f"OK {p}")
+    assert (f"warning: {p}: services[0].host: listens on 0.0.0.0 without api_key_file" in r.stderr), r.stderr
+    assert load_manifest(p).warnings == ("services[0].host: listens on 0.0.0.0 without api_key_file: anyone who "
+                                         "can reach this address can use the API; set api_key_file: or host: "
+                                         "127.0.0.1",)
+
+
+@pytest.mark.parametrize("services,needle", [
+    ("[{name: a, model: tiny}, {name: b, model: tiny}]", "services[1]: port 8000 (the default) is already used by "
+                                                         "services[0]"),
+    ("[{name: a, model: tiny, host: 0.0.0.0, port: 9000}, {name: b, model: tiny, port: 9000}]",
+     "services[1].port: port 9000 is already used by services[0]"),
+    ("[{name: a, model: tiny, vllm_args: ['--api-key', 'sk']}]", "services[0].vllm_args[0]: --api-key in vllm_args"),
+    ("[{name: a, model: tiny, env: {VLLM_API_KEY: sk}}]", "services[0].env.VLLM_API_KEY: VLLM_API_KEY must not be"),
+    ("[{name: a, model: tiny, vllm_args: [\"a\\nb\"]}]", "services[0].vllm_args[0]: 'a\\nb' contains a line break"),
+    ("[{name: a, model: tiny, env: {X: '%i'}}]", "services[0].env.X: value '%i' contains '%'"),
+    ("[{name: a, model: tiny, api_key_file: /etc/../k}]", "services[0].api_key_file: '/etc/../k' must not contain"),
+    ("[{name: \"a\\n\", model: tiny}]", "services[0].name: 'a\\n' contains a line break"),
+])
+def test_service_rules_at_validate_time(tmp_path: Path, services: str, needle: str) -> None:
+    text = GOOD.replace("services:\n  - {name: tiny, model: tiny, port: 8000}\n", f"services: {services}\n")
+    assert text != GOOD
+    probs = _load_bad(tmp_path, text)
+    assert any(needle in p for p in probs), probs
+    assert all(p.startswith(f"{tmp_path / 'm.yaml'}:") for p in probs)
