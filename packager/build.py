@@ -11,6 +11,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -147,10 +148,14 @@ def _assemble(opts: BuildOptions, manifest: Manifest, store: ContentStore, key, 
         on_damage: dict[str, Callable[[], str]] = {}  # relpath -> clean-up so that a re-run works; says what
         install_sh = INSTALLER_PKG / "install.sh"
         w.add_bytes(fmt.INSTALL_SH, install_sh.read_bytes(), kind="bootstrap", mode=0o755)
-        sha, how, copied = installer_archive(store, w.path(fmt.INSTALLER_ARCHIVE), detail=True)
+        known = installer_archive_sha(store)  # a stored one is hardlinked (or copied and checked)
+        if known is not None:
+            on_damage[fmt.INSTALLER_ARCHIVE] = _discard_blob(store, known)
+        with _repair_on_damage(fmt.INSTALLER_ARCHIVE, on_damage):
+            sha, how, copied = installer_archive(store, w.path(fmt.INSTALLER_ARCHIVE), detail=True)
+        on_damage[fmt.INSTALLER_ARCHIVE] = _discard_blob(store, sha)
         w.record(fmt.INSTALLER_ARCHIVE, kind="installer", sha256=sha, hashed=copied is not None,
                  size=copied, source=store.blob(sha), hint=CORRUPT_HINT)
-        on_damage[fmt.INSTALLER_ARCHIVE] = _discard_blob(store, sha)
         runtime = None
         env_entries = []
         for i, (spec, built, packed) in enumerate(built_envs):
@@ -179,7 +184,8 @@ def _assemble(opts: BuildOptions, manifest: Manifest, store: ContentStore, key, 
                 else:
                     hint = CORRUPT_HINT
                     on_damage[rel] = _discard_blob(store, f.sha256)
-                how, csha, csize = place(src, w.path(rel), f.sha256 or None, hint=hint)
+                with _repair_on_damage(rel, on_damage):
+                    how, csha, csize = place(src, w.path(rel), f.sha256 or None, hint=hint)
                 links[how] = links.get(how, 0) + 1
                 w.record(rel, kind="model", sha256=csha or f.sha256 or None, size=csize or f.size,
                          hashed=csha is not None, source=src, hint=hint)
@@ -187,13 +193,8 @@ def _assemble(opts: BuildOptions, manifest: Manifest, store: ContentStore, key, 
         bar = Progress(f"{manifest.bundle.name} (hashing {w.pending_count()} files to sign)", pending,
                        opts.progress and pending > 0)
         try:
-            hashed = w.hash_pending(jobs=opts.jobs, on_bytes=bar.callback)
-        except IntegrityError as e:
-            fix = on_damage.get(getattr(e, "artifact", ""))
-            if fix is not None:
-                e.message += f"; {fix()}"
-                e.args = (e.message,)
-            raise
+            with _repair_on_damage(None, on_damage):
+                hashed = w.hash_pending(jobs=opts.jobs, on_bytes=bar.callback)
         finally:
             bar.close()
         for rel, (src, st) in local_stats.items():
@@ -221,8 +222,28 @@ def _assemble(opts: BuildOptions, manifest: Manifest, store: ContentStore, key, 
             "services": [_service_entry(s) for s in manifest.services],
         }
         signer = (lambda data: key.sign(data)) if key is not None else None
-        bundle = w.commit(doc, sign=signer, verify_jobs=opts.jobs)
+        with _repair_on_damage(None, on_damage):
+            bundle = w.commit(doc, sign=signer, verify_jobs=opts.jobs)
     return bundle, model_entries, env_entries, links
+
+
+@contextmanager
+def _repair_on_damage(rel: str | None, on_damage: dict[str, Callable[[], str]]):
+    """On an IntegrityError about artifact ``rel`` (or the one the error names), run its clean-up (drop the
+    damaged store blob, the stale stat cache entry...) so that building again works, and say so."""
+    try:
+        yield
+    except IntegrityError as e:
+        fix = on_damage.get(rel or getattr(e, "artifact", ""))
+        if fix is not None:
+            e.message += f"; {fix()}"
+            e.args = (e.message,)
+        raise
+
+
+def installer_archive_sha(store: ContentStore, pkg: Path = INSTALLER_PKG) -> str | None:
+    """The sha256 of the stored installer archive for the installer package as it is now (None: not built)."""
+    return store.lookup_alias(INSTALLER_ALIAS, inputs_key([("installer", pkg)]))
 
 
 def installer_archive(store: ContentStore, dest: Path, pkg: Path = INSTALLER_PKG, *, detail: bool = False):

@@ -364,3 +364,30 @@ def test_a_local_model_edited_while_the_build_reads_it_is_refused(tmp_path: Path
     assert proc.returncode == 1 and "Traceback" not in err, err
     assert f"models/m/big.safetensors (from {big}): content mismatch (expected unchanged" in err, err
     assert os.listdir(out) == [], "no bundle, no staging directory"
+
+
+def test_a_rotted_blob_copied_to_another_filesystem_is_refused_too(tmp_path: Path, hub, hub_env, tiny: Path,
+                                                                   keys: Path, small_fs) -> None:
+    out = small_fs("8m")  # not the store's filesystem: no hardlink, the blob is copied (and hashed on the way)
+    hub.add_repo_from_dir("demo/tiny", tiny)
+    m = tmp_path / "m.yaml"
+    m.write_text("bundle: {name: cp, version: '1'}\nmodels:\n"
+                 f"  - {{name: tiny, source: huggingface, repo: demo/tiny, revision: main, endpoint: '{hub.url}'}}\n")
+    args = ("build", str(m), "--key", f"{keys}.key", "--out", str(out), "--no-progress")
+    r = pack(*args)
+    assert r.returncode == 0 and "models placed: 5 copy" in r.stdout, r.stdout + r.stderr
+    doc = json.loads((out / "cp-1" / "MANIFEST.json").read_text())
+    sha = next(f["sha256"] for f in doc["models"][0]["files"] if f["path"] == "model.safetensors")
+    blob = ContentStore(tmp_path / "store").blob(sha)
+    data = bytearray(blob.read_bytes())
+    data[7] ^= 0x01
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    before = _tree(out)
+    r = pack(*args)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"{blob}: sha256 mismatch (expected {sha}" in r.stderr, r.stderr
+    assert f"removed the damaged blob {blob}" in r.stderr and not blob.exists()
+    assert _tree(out) == before
+    r = pack(*args)
+    assert r.returncode == 0, r.stderr
