@@ -40,9 +40,8 @@ class _Group(click.Group):
             click.secho(f"error: {e}", fg="red", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.secho("interrupted: nothing was left half-written (no bundle at the output path was changed); "
-                        "re-run to resume: verified downloads and hashes in the content store are reused",
-                        err=True)
+            click.secho("interrupted: nothing was left half-written (the output path holds a complete bundle or "
+                        "none); re-run to resume: verified downloads in the content store are reused", err=True)
             ctx.exit(130)
         except OSError as e:  # disk full, permission denied, a path that is not there: not a bug, no traceback
             if os.environ.get("LLM_PACK_DEBUG"):
