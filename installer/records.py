@@ -52,7 +52,8 @@ HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z
 TOOL_RE = re.compile(r"[A-Za-z0-9._+ -]{0,64}")
 URL_RE = re.compile(r"(?!.*/\.\.(/|$|\?|#))https?://[A-Za-z0-9._~:/?#\[\]@!&'()*+,=-]{1,2000}")
 # a path inside the bundle or the environment: plain components only
-PATH_PART_RE = re.compile(r"[A-Za-z0-9_@+=,~-][A-Za-z0-9._@+=,~ -]{0,254}")
+# (\w is Unicode: hub repositories have non-ASCII file names; '.' and '..' components are refused apart)
+PATH_PART_RE = re.compile(r"[\w.@+=,~()\[\]#&!-][\w.@+=,~()\[\]#&! -]{0,254}")
 # an absolute path on the target (api_key_file): plain characters only, no '..'
 ABS_PATH_RE = re.compile(r"(/[A-Za-z0-9_@+=,~-][A-Za-z0-9._@+=,~-]{0,254}){1,32}")
 
