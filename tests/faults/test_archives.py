@@ -6,7 +6,11 @@ by both, with the same reason, before anything is written (and nothing lands out
 legitimate case extracts to the same tree with both. The bash function is called from the real install.sh,
 sourced (its ``main`` runs only when it is executed). A real install.sh run on a signed bundle whose installer
 archive is hostile is in tests/test_install_sh.py (it uses this table).
+
+The R3 path cases at the end use a real signed bundle: an artifact that is a symlink (to identical bytes)
+or a FIFO is refused by type, and a bundle directory reached through a symlink installs what is signed.
 """
+# ruff: noqa: F811  (pytest fixtures imported from other modules are redefined as parameters)
 
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ import pytest
 import installer
 from installer.errors import UnsafeArchiveError
 from installer.extract import extract_archive
+from tests.conda.fixtures import built_env, conda_channel, env_work, wheel_dir  # noqa: F401
+from tests.installer_fixtures import keys, t1_parts  # noqa: F401
 
 INSTALL_SH = Path(installer.__file__).resolve().parent / "install.sh"
 MTIME = 1_700_000_000
@@ -192,3 +198,87 @@ def test_figure() -> None:
     print(f"R3 archives: {len(HOSTILE)} hostile tar cases x 2 checks (bash check_tar, Python extract), "
           f"{len(LEGIT)} legitimate cases extracted identically by both")
     assert len(HOSTILE) >= 20 and len(LEGIT) >= 2
+
+
+# --------------------------------------------------------------------------- R3 paths: links and FIFOs in a bundle
+
+ARTIFACTS = ["install.sh", "installer.tar.gz", "runtime/t1.tar.gz", "envs/t1.tar.zst", "models/tiny/model.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def r3_bundle(tmp_path_factory, t1_parts, keys) -> Path:
+    from tests.installer_fixtures import BundleSpec, make_bundle, service, tiny_model
+
+    return make_bundle(tmp_path_factory.mktemp("r3paths"),
+                       BundleSpec(version="1.0.0", env=t1_parts, models=[tiny_model()], services=[service()]), keys)
+
+
+def _farm(bundle: Path, dest: Path) -> Path:
+    for dirpath, _dirs, files in os.walk(bundle):
+        rel = Path(dirpath).relative_to(bundle)
+        (dest / rel).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            os.link(Path(dirpath, f), dest / rel / f)
+    return dest
+
+
+def _install_sh(bundle: Path, root: Path, pub: Path, work: Path) -> subprocess.CompletedProcess:
+    work.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["bash", str(INSTALL_SH), "--bundle", str(bundle), "--root", str(root), "--pubkey",
+                           str(pub), "--workdir", str(work)], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}, check=False)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+@pytest.mark.parametrize("rel", ARTIFACTS)
+def test_artifact_that_is_a_symlink_or_fifo_is_refused(kind, rel, r3_bundle, keys, tmp_path):
+    """An artifact replaced by a symlink to identical bytes (the hash would match) or by a FIFO (a reader
+    would hang): ``pack verify`` and install.sh refuse it by type, at once, and change nothing."""
+    from click.testing import CliRunner
+
+    from packager.cli import main as pack
+    from tests.installer_fixtures import tree_snapshot
+
+    b = _farm(r3_bundle, tmp_path / "b" / r3_bundle.name)
+    size = (b / rel).stat().st_size
+    (b / rel).unlink()
+    if kind == "symlink":
+        (b / rel).symlink_to(r3_bundle / rel)
+    else:
+        os.mkfifo(b / rel)
+    r = CliRunner().invoke(pack, ["verify", str(b), "--pubkey", str(keys.pub)])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert f"error: {rel}: type mismatch (expected regular file, got not a regular file)" in r.output
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    before = tree_snapshot(root)
+    r = _install_sh(b, root, keys.pub, tmp_path / "w")
+    if rel in ARTIFACTS[:3]:  # the bootstrap's own files: install.sh refuses them itself
+        want = [f"install.sh: error: {rel}: not a regular file in the bundle (missing, a symlink or a special file)"]
+    else:  # the Python installer's presence/type/size check, before anything is unpacked
+        want = [f"error: {rel}: file mismatch (expected a file of {size} bytes", f"error: {rel}: not a regular file",
+                f"error: {rel}: type mismatch"]
+    assert r.returncode != 0 and any(w in r.stderr for w in want), r.stderr
+    assert "Traceback" not in r.stderr
+    assert tree_snapshot(root) == before
+    assert not any((tmp_path / "w").iterdir())
+
+
+def test_bundle_directory_that_is_a_symlink_installs_what_is_signed(r3_bundle, keys, tmp_path):
+    """A bundle reached through a symlink (``/media/usb/current -> ...``) is resolved once: install.sh reads
+    every file from the resolved directory, so re-pointing the link mid-install cannot mix two bundles."""
+    from tests.installer_fixtures import tree_snapshot
+
+    link = tmp_path / "current"
+    link.symlink_to(r3_bundle)
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    r = _install_sh(link, root, keys.pub, tmp_path / "w")
+    assert r.returncode == 0 and "demo 1.0.0 is active" in r.stdout, r.stderr
+    direct = tmp_path / "root2"
+    (direct / "etc").mkdir(parents=True)
+    r = _install_sh(r3_bundle, direct, keys.pub, tmp_path / "w2")
+    assert r.returncode == 0, r.stderr
+
+    for part in ("opt/llm/models", "opt/llm/envs"):  # the same bytes, the same layout
+        assert tree_snapshot(root / part) == tree_snapshot(direct / part)
