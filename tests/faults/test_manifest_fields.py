@@ -19,7 +19,7 @@ from installer.bundle import Bundle, canonical_json
 from installer.errors import BundleError, ManifestError
 from installer.records import Manifest, ManifestFieldError, field_path
 from packager.manifest import load_manifest
-from tests.installer_fixtures import tree_snapshot
+from tests.installer_fixtures import keys, models_only_bundle, run_installer, tree_snapshot  # noqa: F401
 
 H = "a" * 64
 
@@ -148,21 +148,28 @@ def test_hostile_manifest_fields_are_refused_naming_the_field(tmp_path: Path) ->
     directory is unchanged."""
     tried = refused = 0
     misses = []
+    root = tmp_path / "bundle"
+    root.mkdir()
     for path in NAME_PATH_ARG_FIELDS:
         for label, make in HOSTILE:
             doc = valid_manifest()
             _set(doc, path, make(_get(doc, path)))
             data = canonical_json(doc)
+            (root / "MANIFEST.json").write_bytes(data)
+            before = tree_snapshot(tmp_path)
             tried += 1
-            try:
-                Manifest.from_json(data)
-            except ManifestFieldError as e:
-                if e.field == field_path(path) and field_path(path) in str(e):
-                    refused += 1
+            fields = []
+            for load in (lambda d=data: Manifest.from_json(d), lambda: Bundle.load(root)):
+                try:
+                    load()
+                except ManifestFieldError as e:
+                    fields.append(e.field if field_path(path) in str(e) else f"{e.field} ({e})")
                 else:
-                    misses.append(f"{field_path(path)} {label}: refused as {e.field}: {e}")
-                continue
-            misses.append(f"{field_path(path)} {label}: accepted")
+                    fields.append("accepted")
+            if fields == [field_path(path)] * 2 and tree_snapshot(tmp_path) == before:
+                refused += 1
+            else:
+                misses.append(f"{field_path(path)} {label}: {fields}")
     print(f"R3 hostile MANIFEST fields: {tried} cases tried, {refused} refused naming the field")
     assert not misses, "\n".join(misses)
     assert tried == refused == len(NAME_PATH_ARG_FIELDS) * len(HOSTILE)
@@ -288,3 +295,24 @@ def test_hostile_yaml_fields_are_refused_by_pack_validate(tmp_path: Path) -> Non
           "file:line and the field")
     assert not misses, "\n".join(misses)
     assert refused == tried == len(YAML_FIELDS) * len(HOSTILE) + len(YAML_TEXT_FIELDS) * 3
+
+
+def test_signed_bundle_with_a_hostile_field_installs_nothing(tmp_path: Path, keys) -> None:  # noqa: F811
+    """A MANIFEST re-signed by the trusted key (the signature holds) with a unit-file injection in a vLLM
+    argument: `python -m installer install` refuses naming the field, and the target is unchanged."""
+    b = models_only_bundle(tmp_path / "out", keys)
+    doc = json.loads((b / "MANIFEST.json").read_bytes())
+    doc["services"][0]["vllm_args"] = ["--enforce-eager\nExecStartPre=+/bin/sh -c 'touch /tmp/pwned'"]
+    data = canonical_json(doc)
+    (b / "MANIFEST.json").write_bytes(data)
+    (b / "MANIFEST.json.sig").write_bytes(keys.private.sign(data))
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/hostname").write_text("server\n")
+    before = tree_snapshot(root)
+    r = run_installer("install", "--bundle", b, "--root", root, "--pubkey", keys.pub, check=False, timeout=120)
+    print(f"signed hostile bundle: exit {r.returncode}: {r.stderr.strip()[:300]}")
+    assert r.returncode != 0
+    assert f"{b}/MANIFEST.json: services[0].vllm_args[0]: " in r.stderr and "contains a line break" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert tree_snapshot(root) == before
