@@ -176,8 +176,12 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
     }
     if active == bid and intact(inst, bid, m) and inst.t.host(f"{UNIT_VERSIONS}/{bid}").is_dir():
         say(f"{name} {bundle.version} is already installed and active: nothing changed")
-        if not opts.dry_run:
-            inst.remove_staging()  # left by a run killed after its switch
+        if not opts.dry_run:  # finish what a run killed after its switch left undone
+            if name in inst.reconciled:
+                switch(inst, name, bid, say)
+            if _prune(inst, name) or name in inst.reconciled:
+                inst.save()
+            inst.remove_staging()
         summary["result"] = "unchanged"
         return summary
     if active and active != bid:
@@ -470,7 +474,11 @@ def switch(inst: Installer, name: str, bid: str, say: Say, *, previous: str | No
                 fsutil.replace_symlink(h, to)
     link = inst.mkdir(LINES) / name
     fsutil.replace_symlink(link, f"../versions/{bid}")
-    old_instances = list(line.get("instances") or [])
+    links = inst.t.host("/" + systemd.ENV_DIR.as_posix())
+    old_instances = sorted(  # instances reaching this line through their env file link
+        p.name[: -len(".env")] for p in (links.glob("*.env") if links.is_dir() else [])
+        if p.is_symlink() and os.readlink(p).startswith(f"lines/{name}/")
+    )
     if previous != "keep":
         line["previous"] = previous
     elif old and old != bid:

@@ -65,6 +65,7 @@ class Installer:
         self.state = st.load_state(self.t.root)
         self.txn: dict | None = None
         self.doing: str | None = None  # what the install is doing (named in an error from the OS)
+        self.reconciled: list[str] = []  # lines whose state was one step behind their switch link
         self.reconcile()
 
     # ------------------------------------------------------------------ bookkeeping
@@ -137,6 +138,7 @@ class Installer:
                     line["previous"] = line["active"]
                 line["active"] = bid
                 line["instances"] = list(rec.get("services") or [])
+                self.reconciled.append(name)
 
     def clean_partials(self) -> None:
         """Remove partial dirs an interrupted install left (never a complete directory)."""
