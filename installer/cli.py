@@ -169,6 +169,8 @@ def os_error_message(e: OSError) -> str:
         errno.EROFS: "the file system is mounted read-only: remount it read-write or pick another --root",
         errno.ENOENT: "the path does not exist (a removed disk, or a file deleted during the install); "
         "mount or copy it again and run the same command again",
+        errno.EEXIST: "a file is in the way where a directory is needed: move it away, or pick another --root",
+        errno.ENOTDIR: "a file is in the way where a directory is needed: move it away, or pick another --root",
         errno.EIO: "the disk returned an I/O error (failing or removed medium): copy the bundle to a healthy "
         "disk and run the same command again",
     }

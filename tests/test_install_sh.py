@@ -243,3 +243,40 @@ def test_check_dry_run_and_model_only_bundle_on_the_installed_runtime(root, good
     sh(good / "install.sh", "--root", root, "--pubkey", keys.pub, check=True)
     r = sh(mo / "install.sh", "--root", root, "--pubkey", keys.pub, check=True)
     assert "using the installer runtime of an earlier install" in r.stderr and "extra 1 is active" in r.stdout
+
+
+def test_os_errors_are_one_message_without_a_traceback(tmp_path, keys):
+    """Disk full and a file in the way: what failed, where, how to fix it; exit 1; no traceback."""
+    import os
+
+    from tests.installer_fixtures import run_installer
+
+    b = make_bundle(
+        tmp_path / "o",
+        BundleSpec(name="osx", version="1", env=None, models=[tiny_model(weights=os.urandom(512 << 10))],
+                   services=[service(environment=None)]),
+        keys,
+    )
+    skip = "gpus,gpu-memory,compute-capability,driver,disk"
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("not a directory")
+    r = run_installer("install", "--bundle", b, "--root", in_the_way, "--pubkey", keys.pub, "--skip-check", skip,
+                      check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"error: File exists: {in_the_way}" in r.stderr and "a file is in the way" in r.stderr
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=False,
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        (small / "etc").mkdir()
+        r = run_installer("install", "--bundle", b, "--root", small, "--pubkey", keys.pub, "--skip-check", skip,
+                          check=False)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        # the installer names the step when it knows it; any other OSError gets the generic message
+        assert r.stderr.startswith("error: ") and "No space left on device" in r.stderr, r.stderr
+        assert "hint: free space" in r.stderr and str(small) in r.stderr
+        assert not (small / "opt").exists() or not any((small / "opt").rglob("*.safetensors"))
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
