@@ -49,6 +49,8 @@ ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 SONAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}")
 HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*")
+RUNTIME_ARTIFACT_RE = re.compile(r"runtime/[A-Za-z0-9][A-Za-z0-9._-]{0,63}\.tar\.gz")
+RUNTIME_PYTHON_RE = re.compile(r"bin/python3(\.[0-9]{1,2})?")
 TOOL_RE = re.compile(r"[A-Za-z0-9._+ -]{0,64}")
 URL_RE = re.compile(r"(?!.*/\.\.(/|$|\?|#))https?://[A-Za-z0-9._~:/?#\[\]@!&'()*+,=-]{1,2000}")
 # a path inside the bundle or the environment: plain components only
@@ -791,6 +793,11 @@ class Manifest(_Record):
                      for i, a in enumerate(r.list("artifacts")))
         runtime = r.child("runtime", optional=True)
         installer = r.child("installer", optional=True)
+        if runtime is not None:
+            runtime.str("artifact", RUNTIME_ARTIFACT_RE, what="runtime artifact (runtime/<env>.tar.gz)")
+            runtime.str("python", RUNTIME_PYTHON_RE, what="runtime python (bin/python3.N, as install.sh accepts)")
+        if installer is not None:
+            installer.str("artifact", choices=("installer.tar.gz",))
         target = r.child("target", optional=True)
         m = cls(
             bundle=BundleInfo.read(r.child("bundle")),
