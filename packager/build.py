@@ -1,8 +1,12 @@
 """`pack build`: manifest → resolve (pin) → fetch into the content store → assemble → verify → sign.
 
 Data only flows forward. Everything that can fail on user input (manifest, key, unknown repo or revision)
-fails before anything large is downloaded or built. The bundle appears at its final path only once it
-has been re-opened with the installer's reader, fully verified and signed.
+fails before anything large is downloaded or built. What is signed is what was read: every artifact's
+bytes are hashed once on their way into the bundle (a fresh archive or copy as it is written; a hardlink
+from the content store, the env cache or a local model directory by one threaded pass over the bundle
+before signing), never trusted from a name or a record. The bundle appears at its final path only once
+it has been re-opened with the installer's reader, checked and signed, in one atomic step
+(``renameat2(RENAME_EXCHANGE)``, see ``installer.bundle.BundleWriter``).
 """
 
 from __future__ import annotations
