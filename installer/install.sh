@@ -363,18 +363,30 @@ find_volume() { # NAME FIRST_VOLUME -> the directory of volume NAME
 }
 
 reassemble() { # FIRST_VOLUME OUT: check every volume against its VOLUME.sha256 while joining the pieces
-    local first=$1 out=$2 n i vol name line want got base num dest
+    local first=$1 out=$2 n i vol name line want got base num dest info=$WORK/SPLIT.json
     local -a names=()
     local -A split=()
-    n=$(json_top_scalar "$first/SPLIT.json" volumes)
+    # one read of SPLIT.json (the volume list it gives only says where to look: every byte joined is hashed)
+    if [ ! -f "$first/SPLIT.json" ] || [ -L "$first/SPLIT.json" ] || ! cp -- "$first/SPLIT.json" "$info"; then
+        die "$first/SPLIT.json: not a regular file" "copy the first volume again"
+    fi
+    n=$(json_top_scalar "$info" volumes)
     if ! [[ $n =~ ^[0-9]+$ ]] || [ "$n" -lt 1 ]; then
         die "$first/SPLIT.json: no volume count" "copy the first volume again"
     fi
-    mapfile -t names < <(json_top_list "$first/SPLIT.json" volume_names)
+    mapfile -t names < <(json_top_list "$info" volume_names)
     [ "${#names[@]}" = "$n" ] || die "$first/SPLIT.json: volume list does not match the count"
+    for name in "${names[@]}"; do
+        if ! [[ $name =~ ^[A-Za-z0-9][A-Za-z0-9._+-]*$ ]]; then
+            die "$first/SPLIT.json: unsafe volume name '$name'" "the volumes were not written by pack split"
+        fi
+    done
     while IFS= read -r line; do
-        [ -n "$line" ] && split[$line]=1
-    done < <(json_top_list "$first/SPLIT.json" split_files)
+        if [ -z "$line" ]; then continue; fi
+        safe_relpath "$line" || die "$first/SPLIT.json: unsafe split file name '$line'" \
+            "the volumes were not written by pack split"
+        split[$line]=1
+    done < <(json_top_list "$info" split_files)
     mkdir -p -- "$out"
     for ((i = 1; i <= n; i++)); do
         if [ "$i" = 1 ]; then

@@ -280,3 +280,27 @@ def test_os_errors_are_one_message_without_a_traceback(tmp_path, keys):
         assert not (small / "opt").exists() or not any((small / "opt").rglob("*.safetensors"))
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "want"),
+    [
+        ("volume_names", "../../elsewhere", "unsafe volume name '../../elsewhere'"),
+        ("volume_names", "sub/vol02", "unsafe volume name 'sub/vol02'"),
+        ("split_files", "../../etc/passwd", "unsafe split file name '../../etc/passwd'"),
+        ("split_files", "/etc/passwd", "unsafe split file name '/etc/passwd'"),
+    ],
+)
+def test_hostile_split_json_names_refused(field, value, want, root, good, keys, tmp_path):
+    from installer.bundle import canonical_json
+
+    vols = split_bundle(good, tmp_path / "usb", "6M")
+    info_path = vols[0] / "SPLIT.json"
+    info = json.loads(info_path.read_bytes())
+    info[field][-1 if field == "volume_names" else 0] = value
+    info_path.write_bytes(canonical_json(info))
+    before = tree_snapshot(root)
+    r = sh(vols[0] / "install.sh", "--root", root, "--pubkey", keys.pub, "--workdir", tmp_path / "w")
+    assert r.returncode == 1 and f"SPLIT.json: {want}" in r.stderr, r.stderr
+    assert tree_snapshot(root) == before
+    assert not list((tmp_path / "w").iterdir())
