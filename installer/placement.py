@@ -421,8 +421,12 @@ class Installer:
             if stop.is_set():
                 return
             dst = final / f["path"]
-            copy_verified(bundle.path_of(a), dst, expected_sha256=a.sha256, expected_size=a.size,
-                          display_name=a.path)
+            try:
+                copy_verified(bundle.path_of(a), dst, expected_sha256=a.sha256, expected_size=a.size,
+                              display_name=a.path)
+            except BaseException:
+                stop.set()  # in the worker itself: no other file starts after this one failed
+                raise
             fsutil.fsync_file(dst)
             with lock, open(log, "a", encoding="utf-8") as lf:
                 lf.write(f"{a.sha256} {a.size} {f['path']}\n")

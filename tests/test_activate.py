@@ -372,7 +372,7 @@ def test_install_killed_mid_extraction_keeps_previous_version(
         BundleSpec(version="1.5.0", env=big, models=[tiny_model(commit="5" * 40)], services=[service()]),
         keys,
     )
-    envs = root / "opt/llm/envs/t1"
+    envs = root / "var/lib/llm/staging/envs/t1"  # environments are unpacked in the staging tree
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -404,7 +404,7 @@ def test_install_killed_mid_extraction_keeps_previous_version(
     # the next run cleans up and finishes
     r = install(root, b, keys)
     assert "left by an interrupted install" in r.stdout
-    assert not list(envs.glob(".*.partial-*"))
+    assert not envs.exists()
     assert state(root)["lines"]["demo"]["active"].startswith("demo-1.5.0-")
 
 
@@ -423,3 +423,42 @@ def test_install_killed_mid_extraction_keeps_previous_version(
 )
 def test_version_order(a, b, cmp):
     assert compare_versions(a, b) == cmp and compare_versions(b, a) == -cmp
+
+
+def test_bad_shard_stops_the_copy_at_once(root, tmp_path, t1_parts, keys):
+    """Item 11: the first file failing its hash ends the copy; the files not started yet are never copied."""
+    shards = {f"model-{i:05d}-of-00006.safetensors": os.urandom((8 - i) << 20) for i in range(6)}
+    m = tiny_model(commit="6" * 40)
+    m.files.update(shards)
+    b = make_bundle(tmp_path / "out", BundleSpec(version="1.0.0", env=t1_parts, models=[m], services=[service()]),
+                    keys)
+    bad = _flip(b, "models/tiny/model-00000-of-00006.safetensors", tmp_path / "bad")  # the biggest: first
+    r = install(root, bad, keys, "--workers", "1", check=False)
+    assert r.returncode == 1 and "model-00000-of-00006.safetensors: sha256 mismatch" in r.stderr, r.stderr
+    staged = root / "var/lib/llm/staging/models/tiny" / ("6" * 40)
+    copied = [p.name for p in staged.rglob("*") if p.is_file()]
+    print(f"files copied before the refusal: {copied}")
+    assert copied == [], "nothing after the bad shard was copied"
+
+
+def test_failed_check_after_the_switch_rolls_back(root, bundles, keys):
+    """Item 6: what the installer does when the new version fails its post-start check (on a live server):
+    one switch back to the version that was active, the new one's files dropped, the previous kept."""
+    from installer.activate import _roll_back_failed
+    from installer.placement import Installer
+
+    install(root, bundles["v1"], keys)
+    old_line = dict(state(root)["lines"]["demo"])
+    install(root, bundles["v2"], keys)
+    new = state(root)["lines"]["demo"]["active"]
+    said: list[str] = []
+    inst = Installer(root, said.append)
+    _roll_back_failed(inst, "demo", new, old_line, said.append)
+    s = state(root)
+    assert s["lines"]["demo"]["active"] == old_line["active"] and s["lines"]["demo"]["previous"] is None
+    assert new not in s["bundles"]
+    assert os.readlink(root / "etc/llm/lines/demo") == f"../versions/{old_line['active']}"
+    assert env_file(root)["LLM_MODEL"] == "/opt/llm/models/tiny/" + "1" * 40
+    assert not (root / "opt/llm/models/tiny" / ("2" * 40)).exists()
+    assert not (root / "etc/llm/versions" / new).exists()
+    assert any("rolling back to 1.0.0" in t for t in said), said
