@@ -827,3 +827,43 @@ def test_cuda_with_a_newline_never_reaches_the_gpu_dropin():
         systemd.render_devices_dropin({**GPU_ENV, "cuda": "12.8\nExecStartPre=+/bin/sh -c id"},
                                       nvidia_modprobe="/usr/bin/nvidia-modprobe")
     assert "environments[0].cuda" in str(ei.value) and "line break" in str(ei.value)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_api_key_credential_in_a_real_systemd():
+    """In a booted Debian 12 (systemd 252, nspawn): the service gets the key from a root:root 0600 file through
+    LoadCredential= (user llm cannot read the file itself); with the file gone the unit fails with 243,
+    which the installer names."""
+    from tests.nspawn import Container, ensure_rootfs, fixtures
+
+    fixtures.require_nspawn()
+    m = {"bundle": {"name": "demo", "version": "1"}, "environments": [CPU_ENV],
+         "services": [cpu_service(api_key_file="/etc/llm/keys/tiny.key")]}
+    with Container(ensure_rootfs(), name="key-credential") as c:
+        root = c.host_root
+        assert systemd.uses_credentials(root)
+        c.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", "llm"])
+        systemd.install_units(root, m, lambda s: systemd.InstancePaths(Path("/opt/llm/envs/cpu/x"), "/m"))
+        c.write_file("/opt/llm/envs/cpu/x/bin/python", '#!/bin/bash\necho "$VLLM_API_KEY $LLM_API_KEY_FILE" > '
+                     '"$HOME/seen"\nexec sleep 300\n', 0o755)
+        c.run("install -D -m 0600 -o root -g root /dev/null /etc/llm/keys/tiny.key && "
+              "echo sk-test-123 > /etc/llm/keys/tiny.key")
+        assert c.run("runuser -u llm -- cat /etc/llm/keys/tiny.key", check=False).returncode != 0
+        c.systemctl("daemon-reload")
+        c.systemctl("start", "llm@tiny.service")
+        deadline = time.monotonic() + 30
+        while (r := c.run("cat /var/cache/llm/tiny/seen", check=False)).returncode and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert r.stdout.strip() == "sk-test-123 /run/credentials/llm@tiny.service/api-key"
+        c.systemctl("stop", "llm@tiny.service")
+        c.run("rm /etc/llm/keys/tiny.key")
+        c.systemctl("start", "llm@tiny.service", check=False)
+        deadline = time.monotonic() + 30
+        while c.show("llm@tiny.service", "ExecMainStatus") != "243" and time.monotonic() < deadline:
+            time.sleep(0.3)
+        status = int(c.show("llm@tiny.service", "ExecMainStatus"))
+        cause = health.explain_exit(status, c.show("llm@tiny.service", "Result"), [],
+                                    key_file="/etc/llm/keys/tiny.key")
+        print(f"missing key file: {cause}")
+        assert cause.startswith("systemd could not load the API key file /etc/llm/keys/tiny.key (exit status 243")
