@@ -14,6 +14,7 @@ damaged one is replaced by ``renameat2(RENAME_EXCHANGE)`` with a verified copy.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import posixpath
@@ -313,14 +314,17 @@ class Installer:
         try:
             fsutil.rename(src, dst)
         except OSError as e:
-            if e.errno != 18:  # EXDEV: staging and /opt/llm on different filesystems
+            if e.errno != errno.EXDEV:
                 raise
+            # staging and /opt/llm on different filesystems: copy beside the final place, then rename. The
+            # staged copy stays (the staging tree goes after the commit), so an undo just removes this one.
+            self._journal("create", target)
             tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
             self._journal("create", "/" + tmp.relative_to(self.t.root).as_posix())
             shutil.copytree(src, tmp, symlinks=True, dirs_exist_ok=True)
+            os.chmod(tmp, src.stat().st_mode & 0o7777)
             fsutil.sync_fs(tmp)
             fsutil.rename(tmp, dst)
-            shutil.rmtree(src)
 
     # ------------------------------------------------------------------ environments
     def env_placed(self, target: str, env: Mapping) -> bool:
@@ -617,10 +621,6 @@ def model_intact(d: Path, files: list) -> bool:
     return d.is_dir() and _sizes_ok(d, files)
 
 
-def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
-    fsutil.write_atomic(path, data, mode)
-
-
 def remove_path(p: Path) -> None:
     if p.is_symlink() or p.is_file():
         p.unlink()
@@ -628,4 +628,4 @@ def remove_path(p: Path) -> None:
         shutil.rmtree(p)
 
 
-__all__ = ["INSTALL_DIR", "Installer", "model_intact", "remove_path", "run_conda_unpack", "write_atomic"]
+__all__ = ["INSTALL_DIR", "Installer", "model_intact", "remove_path", "run_conda_unpack"]

@@ -207,3 +207,25 @@ def test_medium_gone_or_ctrl_c_mid_copy(tmp_path, big_bundle, keys, fault):
         assert "model tiny: verified by an earlier run (reused)" in r.stdout
     assert (final / "model.safetensors").stat().st_size == BIG
     print(f"R5 {fault}: refused cleanly, unchanged; re-run reused the env and {len(kept)} verified file(s)")
+
+
+def test_opt_llm_on_its_own_filesystem(tmp_path, big_bundle, keys):
+    """/opt/llm a separate mount (staging under /var/lib/llm cannot be renamed there): placed by a copy
+    beside the final path, then one rename; the environment still has its final prefix baked in."""
+    root = fresh_root(tmp_path / "root")
+    with tmpfs(root / "opt/llm", "1g"):
+        install(root, big_bundle, keys)
+        import json
+
+        st = json.loads((root / "var/lib/llm/state.json").read_text())
+        env = st["bundles"][st["lines"]["demo"]["active"]]["envs"]["t1"]
+        out = subprocess.run([root / env.lstrip("/") / "bin/llmtest-prefix"], capture_output=True, text=True,
+                             check=False).stdout
+        assert out == f"prefix={env}\n"
+        w = root / "opt/llm/models/tiny" / ("4" * 40) / "model.safetensors"
+        assert w.stat().st_size == BIG and not (root / "var/lib/llm/staging").exists()
+        assert not list((root / "opt/llm").rglob(".*partial*"))
+        run_command([sys.executable, "-m", "installer", "uninstall", "--root", root], check=True, timeout=120,
+                    cwd=INSTALLER_PKG.parent)
+        assert list((root / "opt/llm").iterdir()) == []
+    print("R5 separate /opt/llm filesystem: installed by copy+rename, uninstalled")
