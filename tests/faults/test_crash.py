@@ -190,3 +190,51 @@ def test_kill_9_at_random_points_then_rerun_converges(tmp_path, crash_bundles, k
           f"state right after the kill: {outcomes}")
     assert tried >= POINTS or tried == total
     assert converged == tried
+
+
+@pytest.mark.slow
+def test_switch_and_rollback_in_real_systemd(crash_bundles, keys, tmp_path):
+    """In a booted, network-less systemd: the installer's units reach the active version through the one
+    switch link (env file and drop-ins are symlinks, which systemd follows), an upgrade and a rollback each
+    flip every instance at once, and an instance the older version lacks is gone after the rollback."""
+    from tests.nspawn import Container
+    from tests.nspawn.fixtures import require_nspawn
+    from tests.nspawn.rootfs import ensure_rootfs
+
+    require_nspawn()
+    import zstandard  # the bundle's runtime brings it; here the host's copy stands in
+
+    hostpy = Path(sys.base_prefix)
+    env = {"LD_LIBRARY_PATH": "/opt/hostpy/lib", "PYTHONPATH": "/opt/src:/opt/zstd",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    binds = [(hostpy, "/opt/hostpy", True), (INSTALLER_PKG, "/opt/src/installer", True),
+             (Path(zstandard.__file__).parent, "/opt/zstd/zstandard", True),
+             (crash_bundles["v1"].parent, "/media/usb", True), (keys.pub.parent, "/keys", True)]
+
+    def installer(c, *args):
+        return c.run(["/opt/hostpy/bin/python3", "-m", "installer", *args], env=env, timeout=300).stdout
+
+    def version(c, inst: str) -> str:
+        from installer.systemd import parse_env_file
+
+        return parse_env_file(c.run(["cat", f"/etc/llm/{inst}.env"]).stdout)["LLM_BUNDLE_VERSION"]
+
+    with Container(ensure_rootfs(), binds=binds, name="llm-switch-test") as c:
+        pub = f"/keys/{keys.pub.name}"
+        installer(c, "install", "--bundle", f"/media/usb/{crash_bundles['v1'].name}", "--pubkey", pub)
+        assert version(c, "tiny") == "1.0.0"
+        drop = "/etc/systemd/system/llm@tiny.service.d/devices.conf"
+        assert drop in c.show("llm@tiny.service", "DropInPaths")
+        assert c.show("llm@tiny.service", "PrivateDevices") == "yes"
+        installer(c, "install", "--bundle", f"/media/usb/{crash_bundles['v2'].name}", "--pubkey", pub)
+        assert version(c, "tiny") == version(c, "hfsvc") == "2.0.0"
+        assert "/opt/llm/hf-cache/demo-2.0.0-" in c.run(["cat", "/etc/llm/hfsvc.env"]).stdout
+        assert c.show("llm@hfsvc.service", "LoadState") == "loaded"
+        out = installer(c, "rollback")
+        assert "2.0.0 -> 1.0.0" in out
+        assert version(c, "tiny") == "1.0.0"
+        assert c.run(["test", "-e", "/etc/llm/hfsvc.env"], check=False).returncode != 0
+        installer(c, "uninstall")
+        left = c.run(["bash", "-c", "ls /opt/llm /etc/llm/lines /var/lib/llm 2>&1; true"]).stdout
+        assert "No such file" in left and "demo" not in left, left
+    print("R4 real systemd: install, upgrade, rollback, uninstall through the switch link")
