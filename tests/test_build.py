@@ -391,3 +391,22 @@ def test_a_rotted_blob_copied_to_another_filesystem_is_refused_too(tmp_path: Pat
     assert _tree(out) == before
     r = pack(*args)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("source", ["huggingface", "modelscope"])
+def test_a_full_content_store_during_download_says_disk_not_network(tmp_path: Path, hub, hub_env, tiny: Path,
+                                                                    source: str, small_fs) -> None:
+    store = small_fs("2m")
+    big = tmp_path / "big"
+    shutil.copytree(tiny, big)
+    (big / "model-2.safetensors").write_bytes(os.urandom(3 << 20))  # more than the store's disk holds
+    hub.add_repo_from_dir("demo/big", big, also_branches=("master",))
+    m = tmp_path / "m.yaml"
+    rev = "main" if source == "huggingface" else "master"
+    m.write_text("bundle: {name: st, version: '1'}\nmodels:\n"
+                 f"  - {{name: b, source: {source}, repo: demo/big, revision: {rev}, endpoint: '{hub.url}'}}\n")
+    r = pack("build", str(m), "--out", str(tmp_path / "out"), "--no-progress", "--store", str(store))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert "cannot store demo/big/model-2.safetensors: the disk is full" in r.stderr, r.stderr
+    assert "--store / LLM_PACK_STORE" in r.stderr and "check the network" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []

@@ -9,6 +9,7 @@ only fetches what is missing), and token scrubbing for error messages.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -118,6 +119,30 @@ def check_relative_path(path: str, where: str) -> str:
     if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in path:
         raise SourceError(f"{where}: refusing unsafe file path {path!r}")
     return path
+
+
+# -- local disk errors while downloading -----------------------------------------------------------------
+_LOCAL_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                 errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+                 errno.EPERM: "operation not permitted", errno.EIO: "an I/O error"}
+
+
+def local_disk_error(e: BaseException, where: str) -> LlmPackError | None:
+    """A download that failed on this machine's disk (not the network): say so, and where. None otherwise.
+
+    Clients wrap such errors or not; the cause chain is searched for an OSError with a local errno.
+    """
+    seen = 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 8:
+        if isinstance(cur, OSError) and cur.errno in _LOCAL_ERRNOS:
+            path = cur.filename or "the content store"
+            return SourceError(f"cannot store {where}: {_LOCAL_ERRNOS[cur.errno]} ({cur.strerror}: {path})",
+                               hint="free space there or point --store / LLM_PACK_STORE at a bigger, writable "
+                                    "filesystem; completed files are kept, re-run to continue")
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return None
 
 
 # -- secrets ----------------------------------------------------------------------------------------------

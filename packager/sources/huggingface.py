@@ -55,6 +55,7 @@ from packager.sources.base import (
     check_relative_path,
     env_token,
     filter_paths,
+    local_disk_error,
     run_all,
     scrub,
 )
@@ -184,6 +185,9 @@ def map_error(e: BaseException, *, repo: str, revision: str, endpoint: str, toke
               path: str | None = None) -> LlmPackError:
     """Turn a huggingface_hub / httpx error into ours. The token never appears in the message."""
     where = f"{repo}/{path}" if path else repo
+    disk = local_disk_error(e, where)
+    if disk is not None:
+        return disk
     status = getattr(getattr(e, "response", None), "status_code", None)
     if isinstance(e, GatedRepoError) or (isinstance(e, HfHubHTTPError) and status in (401, 403)
                                          and not isinstance(e, RepositoryNotFoundError)):

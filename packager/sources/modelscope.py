@@ -56,6 +56,7 @@ from packager.sources.base import (
     content_hash,
     env_token,
     filter_paths,
+    local_disk_error,
     run_all,
     scrub,
 )
@@ -208,6 +209,9 @@ def map_error(e: BaseException, *, repo: str, revision: str, endpoint: str, toke
               path: str | None = None) -> LlmPackError:
     where = f"{repo}/{path}" if path else repo
     detail = scrub(_first_line(e), token)
+    disk = local_disk_error(e, where)
+    if disk is not None:
+        return disk
     if isinstance(e, (AuthenticationError, PermissionDeniedError)):
         hint = ("the token in MODELSCOPE_API_TOKEN has no access to this model" if token else
                 "the model is private or gated: set MODELSCOPE_API_TOKEN to a token with access to it")
