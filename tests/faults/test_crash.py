@@ -234,6 +234,17 @@ def test_switch_and_rollback_in_real_systemd(crash_bundles, keys, tmp_path):
         assert "2.0.0 -> 1.0.0" in out
         assert version(c, "tiny") == "1.0.0"
         assert c.run(["test", "-e", "/etc/llm/hfsvc.env"], check=False).returncode != 0
+        # a new version that does not come up (this test env has no vLLM): switched back at once, and said
+        r = c.run(["/opt/hostpy/bin/python3", "-m", "installer", "install", "--bundle",
+                   f"/media/usb/{crash_bundles['v2'].name}", "--pubkey", pub, "--start", "--health-timeout", "20"],
+                  env=env, timeout=300, check=False)
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert "failed its check after the switch" in r.stderr and "1.0.0" in r.stderr, r.stderr
+        assert "rolling back to 1.0.0" in r.stdout
+        assert version(c, "tiny") == "1.0.0"
+        assert c.run(["test", "-e", "/etc/llm/hfsvc.env"], check=False).returncode != 0
+        assert c.run(["test", "-e", "/opt/llm/models/hfm"], check=False).returncode != 0, "v2's files dropped"
+        print(f"health rollback said: {r.stderr.strip().splitlines()[0]}")
         installer(c, "uninstall")
         left = c.run(["bash", "-c", "ls /opt/llm /etc/llm/lines /var/lib/llm 2>&1; true"]).stdout
         assert "No such file" in left and "demo" not in left, left
