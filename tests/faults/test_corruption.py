@@ -230,8 +230,11 @@ def test_one_flipped_byte_anywhere_is_refused(medium, keys, tmp_path):
                 sh_refused += 1
             else:
                 changed = sorted(set(after.items()) ^ set(placed_of(untouched).items()))[:5]
-                failures.append(f"install.sh {case.name}: rc={r.returncode} want {want!r}; changed {changed}; "
-                                f"{r.stderr.strip()[-400:]}")
+                why = [w for w, bad in (("exit 0", r.returncode == 0), (f"no {want!r}", want not in r.stderr),
+                                        ("a traceback", "Traceback" in r.stderr), (f"changed {changed}", changed),
+                                        (f"{STAGING} kept but not named in the error", not kept_named),
+                                        ("work dir left", any(work.iterdir()))) if bad]
+                failures.append(f"install.sh {case.name}: {'; '.join(why)}: {r.stderr.strip()[-300:]}")
             if (root / STAGING).exists():  # the cache a refused install kept goes with --clean
                 c = clean(root, medium, keys.pub, work)
                 if c.returncode == 0 and tree_snapshot(root) == untouched:
