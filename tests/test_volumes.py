@@ -208,3 +208,22 @@ def test_plan_volumes_never_exceed_the_size():
     for name, size in sizes:
         assert sum(p.size for p in pieces if p.file == name) == size
     assert [p for p in pieces if p.file == "d"][0].size == 0
+
+
+def test_split_onto_a_full_disk_is_a_clear_error_and_leaves_nothing(bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from packager.cli import main as pack
+
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(usb)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        res = CliRunner().invoke(pack, ["split", str(bundle), "--size", "2M", "--out", str(usb)])
+        assert res.exit_code == 74, res.output
+        assert "error: No space left on device" in res.output and "Traceback" not in res.output
+        assert os.listdir(usb) == [], "no partial volume left on the disk"
+    finally:
+        subprocess.run(["umount", "-l", str(usb)], check=False)
