@@ -619,6 +619,9 @@ class ModelRecord(_Record):
     revision: str | None = None
     endpoint: str | None = None
     config: Mapping = field(default_factory=lambda: _FrozenDict())
+    pinned_by: str | None = None  # "commit" (the hub's commit id) or "content" (content_hash; ModelScope branches)
+    content_hash: str | None = None
+    hub_file_commits: tuple[str, ...] = ()
 
     @classmethod
     def read(cls, r: _Reader) -> ModelRecord:
@@ -650,7 +653,14 @@ class ModelRecord(_Record):
                    repo=r.str("repo", REPO_RE, optional=True, what="repository id (org/name)"),
                    revision=revision,
                    endpoint=_endpoint(r),
-                   config=_freeze(config or {}))
+                   config=_freeze(config or {}),
+                   pinned_by=r.str("pinned_by", optional=True, choices=("commit", "content")),
+                   content_hash=r.str("content_hash", HEX64_RE, optional=True, what="content hash (64 hex digits)"),
+                   hub_file_commits=r.str_list("hub_file_commits", HEX40_RE, what="commit id (40 hex digits)"))
+
+
+HEX40_RE = re.compile(r"[0-9a-f]{40}")
+HEX64_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def _endpoint(r: _Reader) -> str | None:
