@@ -141,6 +141,38 @@ def load_bundle(args: argparse.Namespace) -> tuple[Bundle, str]:
     return activate.with_bundle_root(verified, args.bundle), signed_by
 
 
+def check_bootstrap(d: Path, bundle: Bundle) -> Path:
+    """install.sh's private work directory (``--bootstrap``), whose unpacked runtime and installer are kept
+    on the target: accepted only as install.sh makes it (a directory of this user, closed to others, holding
+    the archives it unpacked as ``verified/<artifact>`` with the sha256 of the verified manifest)."""
+    import os
+    import stat
+
+    from installer.bundle import sha256_file
+
+    def refuse(why: str) -> UsageError:
+        return UsageError(f"--bootstrap {d}: {why}",
+                          hint="--bootstrap is install.sh's own hand-over; run `bash install.sh` (or leave it out)")
+
+    try:
+        st = d.lstat()
+    except OSError as e:
+        raise refuse(e.strerror or str(e)) from e
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise refuse("not a private directory of this user (mode 0700, as install.sh creates it)")
+    m = bundle.manifest
+    rels = [(m.get("installer") or {}).get("artifact"), (m.get("runtime") or {}).get("artifact")]
+    for rel in (r for r in rels if r):
+        art = bundle.artifact(rel)
+        p = d / "verified" / Path(*rel.split("/"))
+        if p.is_symlink() or not p.is_file():
+            raise refuse(f"{rel} is not there")
+        digest, size = sha256_file(p)
+        if digest != art.sha256 or size != art.size:
+            raise refuse(f"{rel} is not the one MANIFEST.json lists (sha256 {digest})")
+    return d
+
+
 def _spoofed_handover(argv: list[str]) -> None:
     """Older install.sh versions passed ``--signature-verified-by``; it is refused by name, never trusted."""
     for a in argv:
@@ -250,7 +282,7 @@ def _run(args: argparse.Namespace, say) -> dict:
         start=args.start,
         skip_checks=tuple(args.skip_check),
         lock_timeout=args.lock_timeout,
-        bootstrap=args.bootstrap,
+        bootstrap=check_bootstrap(args.bootstrap, bundle) if args.bootstrap is not None else None,
         health_timeout=args.health_timeout,
         workers=args.workers,
         json=args.json,

@@ -254,3 +254,29 @@ def test_older_version_replayed_over_newer_is_refused(bundles, keys, root, tmp_p
     r = install_sh("--bundle", bundles["1.0.0"], "--root", root, "--pubkey", keys.pub, "--allow-downgrade",
                    work=tmp_path / "w")
     assert r.returncode == 0 and "demo 1.0.0 is active" in r.stdout, r.stderr
+
+
+def test_bootstrap_handover_spoof_refused(bundles, keys, bare, root, tmp_path):
+    """``--bootstrap`` (whose unpacked runtime and installer are kept and later run by llm-install) is taken
+    only as install.sh makes it: private to this user, with the verified archives' exact bytes."""
+    py, pkg = bare
+    good = bundles["1.0.0"]
+    m = json.loads((good / MANIFEST_NAME).read_bytes())
+    rt = m["runtime"]["artifact"]
+    before = tree_snapshot(root)
+    fake = tmp_path / "fake"
+    (fake / "runtime/bin").mkdir(parents=True)
+    (fake / "runtime/bin/python3.11").write_text("#!/bin/sh\necho pwned\n")
+    (fake / "verified/runtime").mkdir(parents=True)
+    cases = [(0o755, "not a private directory of this user")]
+    shutil.copy(good / INSTALLER_ARCHIVE, fake / "verified" / INSTALLER_ARCHIVE)
+    cases.append((0o700, f"{rt} is not there"))
+    for mode, want in cases:
+        fake.chmod(mode)
+        r = by_hand(py, pkg, "install", "--bundle", good, "--root", root, "--pubkey", keys.pub, "--bootstrap", fake)
+        assert refused(r, f"--bootstrap {fake}: {want}"), r.stderr
+        assert tree_snapshot(root) == before
+    (fake / "verified" / rt).write_bytes(b"not the runtime")
+    r = by_hand(py, pkg, "install", "--bundle", good, "--root", root, "--pubkey", keys.pub, "--bootstrap", fake)
+    assert refused(r, f"--bootstrap {fake}: {rt} is not the one MANIFEST.json lists"), r.stderr
+    assert tree_snapshot(root) == before
