@@ -304,3 +304,13 @@ def test_hostile_split_json_names_refused(field, value, want, root, good, keys, 
     assert r.returncode == 1 and f"SPLIT.json: {want}" in r.stderr, r.stderr
     assert tree_snapshot(root) == before
     assert not list((tmp_path / "w").iterdir())
+
+
+def test_shellcheck_clean():
+    """install.sh is what runs first, as root, on the server: shellcheck finds nothing in it (.ci installs it)."""
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed")
+    from tests.installer_fixtures import INSTALLER_PKG
+
+    r = run_command(["shellcheck", INSTALLER_PKG / "install.sh"], check=False, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
