@@ -196,6 +196,10 @@ def check_member(archive: str, m: tarfile.TarInfo, symlinks: set[str]) -> None:
     - no device nodes, fifos or other special files; no setuid/setgid bits.
 
     ``symlinks`` holds the normalised names of the symlinks seen so far (updated here).
+
+    ``install.sh``'s ``check_tar`` applies the same rules, in the same order, with the same reasons, to the
+    bootstrap archives (it sees them through ``tar -tv``); tests/faults/test_archives.py runs one table of
+    hostile and legitimate archives against both. Change them together.
     """
     name = m.name
     if name.startswith("/"):
