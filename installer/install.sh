@@ -162,6 +162,12 @@ safe_relpath() { # a plain relative path: no leading /, no '..', no backslash, n
     return 0
 }
 
+# read_plain FILE: FILE's bytes on stdout, opened with O_NOFOLLOW|O_NONBLOCK: a symlink put in its place fails to
+# open, and a FIFO reads as empty instead of blocking (the size check then refuses it)
+read_plain() {
+    dd if="$1" iflag=nofollow,nonblock bs=1M status=none
+}
+
 # fetch_verified BUNDLE MANIFEST PATH DEST: one read of the bundle's PATH into the private DEST, then its size
 # and sha256 against MANIFEST.json. Only DEST is used afterwards: whatever happens to the bundle's copy (a disk
 # others can write) after this read, what is listed, extracted or run is the byte that was hashed.
@@ -176,7 +182,7 @@ fetch_verified() {
             "copy the whole bundle directory again"
     fi
     mkdir -p -- "$(dirname -- "$dest")"
-    cp -- "$bundle/$rel" "$dest" || die "cannot copy $rel to the work directory $WORK" \
+    read_plain "$bundle/$rel" >"$dest" || die "cannot copy $rel to the work directory $WORK" \
         "is there enough space there? use --workdir DIR"
     size=$(wc -c <"$dest")
     size=${size//[[:space:]]/}
@@ -367,7 +373,7 @@ reassemble() { # FIRST_VOLUME OUT: check every volume against its VOLUME.sha256 
     local -a names=()
     local -A split=()
     # one read of SPLIT.json (the volume list it gives only says where to look: every byte joined is hashed)
-    if [ ! -f "$first/SPLIT.json" ] || [ -L "$first/SPLIT.json" ] || ! cp -- "$first/SPLIT.json" "$info"; then
+    if [ ! -f "$first/SPLIT.json" ] || [ -L "$first/SPLIT.json" ] || ! read_plain "$first/SPLIT.json" >"$info"; then
         die "$first/SPLIT.json: not a regular file" "copy the first volume again"
     fi
     n=$(json_top_scalar "$info" volumes)
@@ -417,7 +423,7 @@ reassemble() { # FIRST_VOLUME OUT: check every volume against its VOLUME.sha256 
                 mkdir -p -- "$(dirname -- "$dest")"
                 : >"$dest"
             fi
-            got=$(tee -a -- "$dest" <"$vol/$name" | sha256sum) || die "volume $i: cannot copy $name to $dest" \
+            got=$(read_plain "$vol/$name" | tee -a -- "$dest" | sha256sum) || die "volume $i: cannot copy $name to $dest" \
                 "is there enough space in the work directory ($WORK)? use --workdir DIR"
             got=${got%% *}
             [ "$got" = "$want" ] || die "volume $i ($vol): $name is corrupted (sha256 mismatch)" \
@@ -528,8 +534,12 @@ main() {
 
     # 1. the signature, on a private copy (the bundle may sit on a disk others can write)
     mkdir -p -- "$WORK/verified"
-    cp -- "$bundle/MANIFEST.json" "$WORK/verified/MANIFEST.json"
-    if [ -f "$bundle/MANIFEST.json.sig" ]; then cp -- "$bundle/MANIFEST.json.sig" "$WORK/verified/"; fi
+    read_plain "$bundle/MANIFEST.json" >"$WORK/verified/MANIFEST.json" ||
+        die "$bundle/MANIFEST.json: cannot read it (a symlink or a special file?)" "copy the bundle again"
+    if [ -f "$bundle/MANIFEST.json.sig" ]; then
+        read_plain "$bundle/MANIFEST.json.sig" >"$WORK/verified/MANIFEST.json.sig" ||
+            die "$bundle/MANIFEST.json.sig: cannot read it (a symlink or a special file?)" "copy the bundle again"
+    fi
     trusted_keys
     fp=$(verify_signature "$WORK/verified")
     manifest=$WORK/verified/MANIFEST.json

@@ -282,3 +282,21 @@ def test_bundle_directory_that_is_a_symlink_installs_what_is_signed(r3_bundle, k
 
     for part in ("opt/llm/models", "opt/llm/envs"):  # the same bytes, the same layout
         assert tree_snapshot(root / part) == tree_snapshot(direct / part)
+
+
+def test_bootstrap_reads_never_follow_a_link_or_block_on_a_fifo(tmp_path):
+    """install.sh's one read of each file opens it with O_NOFOLLOW|O_NONBLOCK, so a symlink or a FIFO put in
+    place of a file after its type was checked fails or reads as empty (the size check refuses it); no hang."""
+    (tmp_path / "real").write_bytes(b"payload")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    os.mkfifo(tmp_path / "fifo")
+
+    def read_plain(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", 'source "$1"; read_plain "$2"', "t", INSTALL_SH, tmp_path / name],
+                              capture_output=True, timeout=10, check=False, env={"PATH": "/usr/bin:/bin"})
+
+    assert read_plain("real").stdout == b"payload"
+    r = read_plain("link")
+    assert r.returncode != 0 and r.stdout == b"" and b"Too many levels of symbolic links" in r.stderr
+    r = read_plain("fifo")
+    assert r.stdout == b""
