@@ -360,7 +360,7 @@ def _explain_failure(inst: Installer, e: BaseException) -> None:
     note = "nothing under /opt/llm or /etc was changed"
     if keep:
         note += (f"; what was verified is kept in {staging} for the next run "
-                 "(`llm-install --clean` removes it)")
+                 "(`install.sh --clean` or `llm-install --clean` removes it)")
     if isinstance(e, LlmPackError):
         e.hint = f"{e.hint}; {note}" if e.hint else note
     elif isinstance(e, KeyboardInterrupt):

@@ -128,17 +128,26 @@ class Installer:
     def reconcile(self) -> None:
         """``lines[name].active`` follows the switch link ``/etc/llm/lines/<name>`` (a crash between the
         switch and the state write leaves the link one step ahead; the link is what the units use)."""
-        for name, line in self.state["lines"].items():
-            link = self.t.host(f"{LINES}/{name}")
+        d = self.t.host(LINES)
+        names = set(self.state["lines"]) | ({p.name for p in d.iterdir() if p.is_symlink()} if d.is_dir() else set())
+        for name in sorted(names):
+            link = d / name
             if not link.is_symlink():
                 continue
             bid = Path(os.readlink(link)).name
             rec = self.state["bundles"].get(bid)
-            if bid != line.get("active") and rec and rec.get("status") == "installed":
+            line = self.state["lines"].get(name) or {}
+            if bid != line.get("active") and rec and rec.get("status") == "installed" and rec.get("name") == name:
+                line = self.state["lines"].setdefault(
+                    name, {"active": None, "previous": None, "instances": [], "unit_files": []}
+                )
                 if line.get("active") and line.get("active") != bid:
                     line["previous"] = line["active"]
                 line["active"] = bid
                 line["instances"] = list(rec.get("services") or [])
+                for f in rec.get("unit_files") or []:
+                    if f not in line["unit_files"]:
+                        line["unit_files"].append(f)
                 self.reconciled.append(name)
 
     def clean_partials(self) -> None:

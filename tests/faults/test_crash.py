@@ -167,7 +167,11 @@ def test_kill_9_at_random_points_then_rerun_converges(tmp_path, crash_bundles, k
     assert r.returncode == 0, r.stderr
     total = len(log.read_text().splitlines())
     ref_tree, ref_state = comparable(ref), state_shape(ref)
-    points = sorted(random.Random(f"{SEED}-{scenario}").sample(range(1, total + 1), min(POINTS, total)))
+    # seeded random points over the whole install, plus always the last five (commit, switch, state, prune)
+    points = sorted(
+        set(random.Random(f"{SEED}-{scenario}").sample(range(1, total + 1), min(POINTS, total)))
+        | set(range(max(1, total - 4), total + 1))
+    )
 
     tried = converged = 0
     outcomes: dict[str | None, int] = {}
