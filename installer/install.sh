@@ -428,7 +428,7 @@ reassemble() { # FIRST_VOLUME OUT: check every volume against its VOLUME.sha256 
             got=${got%% *}
             [ "$got" = "$want" ] || die "volume $i ($vol): $name is corrupted (sha256 mismatch)" \
                 "this disk's copy is damaged: copy volume $i again from the build host"
-        done <"$vol/VOLUME.sha256"
+        done < <(read_plain "$vol/VOLUME.sha256")
     done
 }
 
