@@ -83,15 +83,26 @@ def uninstall(
             return {"result": "dry-run", "lines": names}
         from installer import systemd
 
+        def files_of(n: str) -> set[str]:
+            out = set(inst.state["lines"].get(n, {}).get("unit_files") or [])
+            for rec in inst.state["bundles"].values():
+                if rec.get("name") == n:
+                    out |= set(rec.get("unit_files") or [])
+            return out
+
+        key_files: set[str] = set()  # the operator's API key files: the service user stays while it owns one
+        for bid in inst.state["bundles"]:
+            with contextlib.suppress(InstallError):
+                for s in inst.stored_manifest(bid).get("services") or []:
+                    if s.get("api_key_file"):
+                        key_files.add(str(s["api_key_file"]))
         for n in names:
             line = inst.state["lines"][n]
             if line.get("instances"):
                 systemd.remove_units(root, line["instances"])
-            for f in line.get("unit_files") or []:
-                if not any(
-                    f in (o.get("unit_files") or []) for k, o in inst.state["lines"].items() if k != n
-                ):
-                    remove_path(inst.t.host(f))
+            others = set().union(*(files_of(k) for k in inst.state["lines"] if k != n))
+            for f in sorted(files_of(n) - others):
+                remove_path(inst.t.host(f))
             for bid, rec in list(inst.state["bundles"].items()):
                 if rec.get("name") == n:
                     inst.release(bid)
@@ -107,7 +118,11 @@ def uninstall(
                 remove_path(inst.t.host(target))
             inst.state["objects"] = {}
             if inst.state.get("user_created"):
-                systemd.remove_user(root)
+                remove, why = systemd.user_removal_decision(root, sorted(key_files))
+                if remove:
+                    systemd.remove_user(root, referenced=sorted(key_files))
+                else:
+                    say(why)
             else:
                 (root / systemd.SYSUSERS_CONF).unlink(missing_ok=True)
             for rec in inst.state["bundles"].values():  # committed but never switched to (a crash)
