@@ -16,6 +16,7 @@ Model files are copied with :func:`copy_verified` (hash while copying, temp name
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import queue
@@ -48,11 +49,31 @@ class ExtractResult:
 # --------------------------------------------------------------------------- reading
 
 
+def open_regular(path: str | os.PathLike[str]):
+    """Open a bundle file for reading: never through a symlink, never blocking on a FIFO or a device.
+
+    The type is checked on the open descriptor (``fstat``), so a file swapped for a link or a FIFO after an
+    earlier look is refused here rather than followed or waited on forever.
+    """
+    hint = "copy the bundle again (a bundle holds plain files only)"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise BundleError(f"{path} is a symlink", hint=hint) from e
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BundleError(f"{path} is not a regular file", hint=hint)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb", buffering=0)
+
+
 class _HashingSource:
     """Reads ``path`` in chunks, hashing every byte; ``read`` never returns more than asked."""
 
     def __init__(self, path: Path) -> None:
-        self.f = open(path, "rb", buffering=0)
+        self.f = open_regular(path)
         self.sha = hashlib.sha256()
         self.size = 0
 
@@ -584,7 +605,7 @@ def copy_verified(
     buf = bytearray(4 * CHUNK)
     view = memoryview(buf)
     try:
-        with open(src, "rb", buffering=0) as fi, open(tmp, "wb", buffering=0) as fo:
+        with open_regular(src) as fi, open(tmp, "wb", buffering=0) as fo:
             while n := fi.readinto(buf):
                 chunk = view[:n]
                 h.update(chunk)

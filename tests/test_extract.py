@@ -207,3 +207,21 @@ def test_copy_verified(tmp_path: Path) -> None:
     with pytest.raises(IntegrityError):
         copy_verified(src, dst, expected_sha256="1" * 64)
     assert list(dst.parent.iterdir()) == [], "no file, no temp file left on a mismatch"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_copy_verified_refuses_a_link_or_fifo_swapped_in(tmp_path, kind):
+    # a file on the medium replaced after the artifact check: never followed, never waited on
+    real = tmp_path / "real.bin"
+    real.write_bytes(b"x" * 10)
+    src = tmp_path / "model.safetensors"
+    if kind == "symlink":
+        src.symlink_to(real)
+    else:
+        os.mkfifo(src)
+    dst = tmp_path / "out" / "model.safetensors"
+    dst.parent.mkdir()
+    want = hashlib.sha256(b"x" * 10).hexdigest()
+    with pytest.raises(BundleError, match="is a symlink" if kind == "symlink" else "is not a regular file"):
+        copy_verified(src, dst, expected_sha256=want, expected_size=10)
+    assert list(dst.parent.iterdir()) == []
