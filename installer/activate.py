@@ -278,9 +278,8 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
             inst.promote(tgt)
         host_rec = f"{BUNDLE_RECORDS}/{bid}"
         inst.place_file(f"{host_rec}/{MANIFEST_NAME}", bundle.manifest_bytes)
-        sig = bundle.root / SIGNATURE_NAME
-        if sig.is_file():
-            inst.place_file(f"{host_rec}/{SIGNATURE_NAME}", sig.read_bytes())
+        if bundle.signature is not None:  # the bytes that were verified, not a second read of the bundle
+            inst.place_file(f"{host_rec}/{SIGNATURE_NAME}", bundle.signature)
         rec["unit_files"] = prepare_units(inst, name, bid, m, rec, say)
         if boot and len(boot) == 2:
             inst.place_file(WRAPPER, wrapper_text(), mode=0o755)
@@ -671,7 +670,9 @@ def quick_check(bundle: Bundle) -> None:
     for a in bundle.artifacts:
         p = bundle.path_of(a)
         if p.is_symlink() or not p.is_file():
-            raise IntegrityError(a.path, expected=f"a file of {a.size} bytes", actual="missing", what="file")
+            found = ("a symlink" if p.is_symlink() else "missing" if not os.path.lexists(p)
+                     else "not a regular file")
+            raise IntegrityError(a.path, expected=f"a file of {a.size} bytes", actual=found, what="file")
         size = p.stat().st_size
         if size != a.size:
             raise IntegrityError(a.path, expected=str(a.size), actual=str(size), what="size")

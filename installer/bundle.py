@@ -215,6 +215,9 @@ class Bundle:
     manifest: dict
     artifacts: tuple[Artifact, ...]
     records: ManifestRecords | None = field(default=None, compare=False, repr=False)  # validated, typed
+    # MANIFEST.json.sig as read with the manifest (None: unsigned): what check_signature verifies and what
+    # the installer keeps, so the bundle's file is never read a second time after the check
+    signature: bytes | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def load(cls, root: str | os.PathLike[str]) -> Bundle:
@@ -238,7 +241,12 @@ class Bundle:
             if a.path in seen or a.path in (MANIFEST_NAME, SIGNATURE_NAME):
                 raise BundleError(f"{mpath}: artifact {a.path!r} listed twice or reserved")
             seen.add(a.path)
-        return cls(root=root, manifest_bytes=raw, manifest=manifest, artifacts=arts, records=records)
+        try:
+            sig: bytes | None = (root / SIGNATURE_NAME).read_bytes()
+        except FileNotFoundError:
+            sig = None
+        return cls(root=root, manifest_bytes=raw, manifest=manifest, artifacts=arts, records=records,
+                   signature=sig)
 
     # -- identity
     @property
@@ -281,12 +289,11 @@ class Bundle:
 
     def check_signature(self, pubkeys: Iterable[bytes]) -> str:
         """Verify MANIFEST.json.sig against any of ``pubkeys``; returns the matching key's fingerprint."""
-        sig_path = self.root / SIGNATURE_NAME
-        if not sig_path.exists():
+        sig = self.signature
+        if sig is None:
             raise SignatureError(f"{self.root}: the bundle is not signed (no {SIGNATURE_NAME})",
                                  hint="build it with `pack build --key KEY`, or accept it explicitly with "
                                       "--insecure")
-        sig = sig_path.read_bytes()
         keys = list(pubkeys)
         if not keys:
             raise SignatureError("no trusted public key to check the signature with",

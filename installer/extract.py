@@ -584,6 +584,10 @@ def _check_hash(
 # --------------------------------------------------------------------------- plain files
 
 
+class CopyCancelled(Exception):
+    """A copy stopped because another one failed (not an error of its own)."""
+
+
 def copy_verified(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -592,10 +596,12 @@ def copy_verified(
     expected_size: int | None = None,
     display_name: str | None = None,
     mode: int = 0o644,
+    stop: threading.Event | None = None,
 ) -> int:
     """Copy ``src`` to ``dst`` hashing every byte on the way; ``dst`` appears only if the hash matches.
 
-    Returns the number of bytes copied. Memory stays at one buffer whatever the file size.
+    Returns the number of bytes copied. Memory stays at one buffer whatever the file size. ``stop`` (set by
+    another worker that found a bad file) ends the copy at the next chunk with :class:`CopyCancelled`.
     """
     src, dst = Path(src), Path(dst)
     name = display_name or src.name
@@ -607,6 +613,8 @@ def copy_verified(
     try:
         with open_regular(src) as fi, open(tmp, "wb", buffering=0) as fo:
             while n := fi.readinto(buf):
+                if stop is not None and stop.is_set():
+                    raise CopyCancelled(name)
                 chunk = view[:n]
                 h.update(chunk)
                 fo.write(chunk)

@@ -31,7 +31,7 @@ from installer import fsutil
 from installer import state as st
 from installer.bundle import MANIFEST_NAME, Bundle, check_relpath, sha256_file
 from installer.errors import InstallError
-from installer.extract import copy_verified, extract_archive
+from installer.extract import CopyCancelled, copy_verified, extract_archive
 from installer.layout import (
     BUNDLE_RECORDS,
     ENV_MARKER,
@@ -436,7 +436,9 @@ class Installer:
             dst = final / f["path"]
             try:
                 copy_verified(bundle.path_of(a), dst, expected_sha256=a.sha256, expected_size=a.size,
-                              display_name=a.path)
+                              display_name=a.path, stop=stop)
+            except CopyCancelled:
+                return  # another file failed: its error is the one reported
             except BaseException:
                 stop.set()  # in the worker itself: no other file starts after this one failed
                 raise

@@ -834,7 +834,7 @@ def remove_units(root: Path, names: Iterable[str]) -> list[Path]:
     removed: list[Path] = []
     for n in names:
         for p in (env_file_path(root, n), dropin_path(root, n), key_dropin_path(root, n)):
-            if p.exists():
+            if p.exists() or p.is_symlink():  # the installer's are links through /etc/llm/lines/: maybe dangling
                 p.unlink()
                 removed.append(p)
         d = dropin_path(root, n).parent
@@ -850,7 +850,7 @@ def remove_units(root: Path, names: Iterable[str]) -> list[Path]:
         cache_root.rmdir()
     if not installed_instances(root):
         for p in (root / UNIT_DIR / TEMPLATE, root / LAUNCHER):
-            if p.exists():
+            if p.exists() or p.is_symlink():
                 p.unlink()
                 removed.append(p)
         for d in (root / ENV_DIR, root / LAUNCHER.parent):

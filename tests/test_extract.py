@@ -225,3 +225,19 @@ def test_copy_verified_refuses_a_link_or_fifo_swapped_in(tmp_path, kind):
     with pytest.raises(BundleError, match="is a symlink" if kind == "symlink" else "is not a regular file"):
         copy_verified(src, dst, expected_sha256=want, expected_size=10)
     assert list(dst.parent.iterdir()) == []
+
+
+def test_copy_verified_stops_when_another_copy_failed(tmp_path):
+    import threading
+
+    from installer.extract import CopyCancelled
+
+    src = tmp_path / "shard.bin"
+    with open(src, "wb") as f:
+        f.truncate(64 << 20)  # sparse: 64 MiB of zeros
+    stop = threading.Event()
+    stop.set()
+    dst = tmp_path / "out.bin"
+    with pytest.raises(CopyCancelled):
+        copy_verified(src, dst, expected_sha256="0" * 64, expected_size=64 << 20, stop=stop)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard.bin"]  # no partial file left
