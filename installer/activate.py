@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,6 +358,8 @@ def _explain_failure(inst: Installer, e: BaseException) -> None:
         p.is_file() and "backup" not in p.relative_to(staging).parts for p in staging.rglob("*")
     )
     note = "nothing under /opt/llm or /etc was changed"
+    if staging.is_dir() and not any(p.is_file() for p in staging.rglob("*")):
+        shutil.rmtree(staging, ignore_errors=True)  # only empty directories: nothing to resume, leave no trace
     if keep:
         note += (f"; what was verified is kept in {staging} for the next run "
                  "(`install.sh --clean` or `llm-install --clean` removes it)")
