@@ -29,6 +29,7 @@ from installer import cuda as cudatable
 from installer import records
 from installer.errors import BundleError, PreflightError, UsageError
 from installer.gpu import Gpu, GpuInfo, compute_capability_tuple, detect_gpus
+from installer.layout import STAGING
 from installer.records import EnvironmentRecord, Manifest, ModelRecord, ServiceRecord
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
@@ -568,7 +569,22 @@ def check_disk(ctx: _Context) -> list[CheckResult]:
         return [CheckResult("disk", FAIL, f"{formula} > {_gib(free)} free at {where}",
                             f"free {_gib(need - free)} on the filesystem holding {ctx.install_dir} "
                             "(old versions: `install.sh --uninstall` of unused bundles)", str(ctx.install_dir))]
-    return [CheckResult("disk", PASS, f"{formula} ≤ {_gib(free)} free at {where}", subject=str(ctx.install_dir))]
+    results = [CheckResult("disk", PASS, f"{formula} ≤ {_gib(free)} free at {where}", subject=str(ctx.install_dir))]
+    # Everything is staged and verified under /var/lib/llm/staging first, then renamed into place: on one
+    # filesystem that costs nothing more; on another, the staged copy needs the same room there too.
+    staging = ctx.root / STAGING.lstrip("/")
+    s_where = _existing_ancestor(staging)
+    if need and os.stat(s_where).st_dev != os.stat(where).st_dev:
+        s_st = os.statvfs(s_where)
+        s_free = s_st.f_bavail * s_st.f_frsize
+        detail = f"staging {_gib(need)} {'>' if s_free < need else '≤'} {_gib(s_free)} free at {s_where}"
+        if s_free < need:
+            results.append(CheckResult("disk", FAIL, detail,
+                                       f"free {_gib(need - s_free)} on the filesystem holding {staging} (the "
+                                       "installer verifies everything there before placing it)", str(staging)))
+        else:
+            results.append(CheckResult("disk", PASS, detail, subject=str(staging)))
+    return results
 
 
 def port_free(host: str, port: int) -> OSError | None:

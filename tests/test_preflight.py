@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import platform
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -289,6 +291,25 @@ def test_disk_does_not_count_what_is_installed(tmp_path):
     (tmp_path / "opt/llm/envs" / env["name"] / env["content_hash"][:16]).mkdir(parents=True)
     r = one(m, "disk", root=tmp_path)
     assert r.status == pf.PASS and "already installed: vllm-cu128" in r.detail
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs (CI runs as root)")
+def test_disk_counts_the_staging_filesystem_when_it_is_another(tmp_path):
+    # /var/lib/llm (where everything is verified first) on a 1 MiB tmpfs, /opt/llm elsewhere: the staged copy
+    # needs room there too, and preflight says so before anything is copied
+    m = manifest()
+    m["models"][0]["size"] = 8 << 20
+    staging_fs = tmp_path / "var/lib/llm"
+    staging_fs.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(staging_fs)], check=True)
+    try:
+        results = run(m, "disk", root=tmp_path, install_dir=tmp_path / "opt/llm")
+    finally:
+        subprocess.run(["umount", str(staging_fs)], check=True)
+    assert [r.status for r in results] == [pf.PASS, pf.FAIL], results
+    assert "staging" in results[1].detail and str(staging_fs / "staging") in results[1].remedy
+    same = run(m, "disk", root=tmp_path, install_dir=tmp_path / "opt/llm")
+    assert [r.status for r in same] == [pf.PASS]  # one filesystem: the rename costs no room
 
 
 def _free_port() -> int:
