@@ -419,7 +419,8 @@ def _instance_links(line: str, n: str) -> list[tuple[str, str]]:
 def _render_units(inst: Installer, m: Mapping, rec: Mapping, say: Say) -> list[tuple[str, str, int]]:
     """(file name in the version dir, text, mode) of every instance: env file, device drop-in, API key
     drop-in. Mirrors :func:`installer.systemd.install_units` (which writes to the live paths instead)."""
-    from installer import records, systemd
+    from installer import systemd
+    from installer.bundle import manifest as records
 
     man = records.as_manifest(m)
     modprobe = systemd.find_nvidia_modprobe(inst.t.root)

@@ -15,10 +15,8 @@ import sys
 from pathlib import Path
 
 from installer import activate, layout, lifecycle
-from installer.bundle import MANIFEST_NAME, Bundle
+from installer.bundle import MANIFEST_NAME, TRUSTED_KEYS, Bundle
 from installer.errors import LlmPackError, SignatureError, UsageError
-
-TRUSTED_KEYS = "etc/llm/trusted-keys"
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from installer import systemd
+from installer.bundle.manifest import ServiceRecord
 from installer.errors import InstallError
-from installer.records import ServiceRecord
 
 PROBE_PROMPT = "Say hello."
 

@@ -26,11 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from installer import cuda as cudatable
-from installer import records
+from installer.bundle import manifest as records
+from installer.bundle import names
+from installer.bundle.manifest import EnvironmentRecord, Manifest, ModelRecord, ServiceRecord
 from installer.errors import BundleError, PreflightError, UsageError
 from installer.gpu import Gpu, GpuInfo, compute_capability_tuple, detect_gpus
 from installer.layout import STAGING
-from installer.records import EnvironmentRecord, Manifest, ModelRecord, ServiceRecord
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 CHECKS = ("driver", "gpus", "tp-heads", "gpu-memory", "compute-capability", "glibc", "arch", "disk",
@@ -41,7 +42,7 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.9     # vLLM's default --gpu-memory-utilizati
 WEIGHT_HEADROOM = 1.1                    # weights' share × 1.1 must fit in total × utilisation
 MIN_KV_CACHE_BYTES = 1 << 30             # less than this left for the KV cache → WARN
 DISK_MARGIN = 1.1
-INSTALL_DIR = "opt/llm"
+INSTALL_DIR = names.INSTALL_DIR.lstrip("/")
 GIB = 1 << 30
 MIB = 1 << 20
 LIBRARY_PACKAGES = Path(__file__).parent / "data" / "library_packages.json"
@@ -97,7 +98,7 @@ def run_preflight(manifest: Manifest | Mapping, *, root: Path = Path("/"), skip:
                   install_dir: Path | None = None) -> list[CheckResult]:
     """Run every check against ``root`` (``/`` = this server; another dir = a staging tree).
 
-    ``manifest`` is the bundle's :class:`~installer.records.Manifest`, or a MANIFEST dict (validated here).
+    ``manifest`` is the bundle's :class:`~installer.bundle.manifest.Manifest`, or a MANIFEST dict (validated here).
 
     ``gpu_info`` defaults to :func:`installer.gpu.detect_gpus` (only called when something needs a GPU).
     ``owned_ports`` maps ports held by installed ``llm@`` instances to the instance name: a port taken by

@@ -32,11 +32,9 @@ import re
 import time
 from pathlib import Path
 
+from installer.bundle.names import LOCK_FILE, STATE_DIR, STATE_FILE
 from installer.errors import InstallError
 
-STATE_DIR = "var/lib/llm"
-STATE_FILE = "state.json"
-LOCK_FILE = "lock"
 STATE_FORMAT = 1
 
 

@@ -23,14 +23,14 @@ import re
 import shutil
 import stat
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-from installer import records
+from installer.bundle import manifest as records
+from installer.bundle.manifest import EnvironmentRecord, Manifest, ServiceRecord
 from installer.errors import InstallError, UsageError
-from installer.records import EnvironmentRecord, Manifest, ServiceRecord
+from installer.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -362,28 +362,6 @@ def find_nvidia_modprobe(root: Path) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------- writing files
-
-
-def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> Path:
-    """Write ``path`` through a temp file in its directory, fsync, chmod, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def template_text() -> str:
     return (UNITS_SRC / TEMPLATE).read_text(encoding="utf-8")
 
@@ -401,7 +379,7 @@ def install_units(
 ) -> list[Path]:
     """Write the template, the launcher, and each service's env file and drop-ins under ``root``.
 
-    ``manifest`` is the bundle's :class:`~installer.records.Manifest` (or its dict, validated here).
+    ``manifest`` is the bundle's :class:`~installer.bundle.manifest.Manifest` (or its dict, validated here).
     ``resolve_paths(service)`` returns :class:`InstancePaths` (or a tuple in its order) for a MANIFEST
     ``services[]`` entry (given as a dict): absolute target paths. ``services`` limits the instances
     written (default: all). Every file is replaced atomically; nothing is started. Returns the paths

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from installer import records
+from installer.bundle import manifest as records
 from installer.errors import ManifestError
 from packager.spec import BundleSpec, EnvSpec, Manifest, ModelSpec, PipSpec, ServiceSpec, TargetSpec
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from installer.bundle import SIGNATURE_NAME
-from installer.volumes import split_bundle
+from packager.split import split_bundle
 from tests.conda.fixtures import built_env, conda_channel, env_work, wheel_dir  # noqa: F401
 from tests.faults.test_archives import HOSTILE
 from tests.installer_fixtures import (

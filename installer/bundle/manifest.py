@@ -26,10 +26,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from installer.bundle.names import ARTIFACT_KINDS, FORMAT_VERSION, MANIFEST_NAME
 from installer.errors import BundleError
-
-FORMAT_VERSION = 1
-MANIFEST_NAME = "MANIFEST.json"
 
 # ------------------------------------------------------------------------ the rules (one copy, both sides)
 
@@ -64,7 +62,6 @@ ARCHES = ("x86_64", "aarch64", "ppc64le")
 SOURCES = ("huggingface", "modelscope", "local")
 SERVE_BY = ("path", "repo_id")
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
-ARTIFACT_KINDS = ("bootstrap", "installer", "runtime", "environment", "model")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000

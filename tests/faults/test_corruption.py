@@ -24,8 +24,8 @@ import pytest
 from click.testing import CliRunner
 
 from installer.bundle import MANIFEST_NAME, SIGNATURE_NAME
-from installer.volumes import split_bundle
 from packager.cli import main as pack
+from packager.split import split_bundle
 from tests.conda.fixtures import built_env, conda_channel, env_work, wheel_dir  # noqa: F401
 from tests.installer_fixtures import (
     INSTALLER_PKG,
