@@ -30,7 +30,6 @@ from installer import fsutil
 from installer import state as st
 from installer.bundle import MANIFEST_NAME, SIGNATURE_NAME, Bundle
 from installer.errors import BundleError, InstallError, IntegrityError, LlmPackError, PreflightError
-from installer.extract import DEFAULT_WORKERS
 from installer.layout import (
     BUNDLE_RECORDS,
     HF_CACHES,
@@ -50,6 +49,7 @@ from installer.layout import (
     wrapper_text,
 )
 from installer.placement import Installer, model_intact, remove_path
+from installer.unpack import DEFAULT_WORKERS
 
 CREATED_DIRS = f"/{st.STATE_DIR}/.created-dirs.json"
 LEGACY_HF_HUB = f"{INSTALL_DIR}/hf-cache/hub"  # the shared HF cache of installers before per-bundle views

@@ -31,7 +31,6 @@ from installer import fsutil
 from installer import state as st
 from installer.bundle import MANIFEST_NAME, Bundle, check_relpath, sha256_file
 from installer.errors import InstallError
-from installer.extract import CopyCancelled, copy_verified, extract_archive
 from installer.layout import (
     BUNDLE_RECORDS,
     ENV_MARKER,
@@ -53,6 +52,7 @@ from installer.layout import (
     staged,
 )
 from installer.sizes import human_size
+from installer.unpack import CopyCancelled, copy_verified, extract_archive
 
 VERIFIED_LOG = ".llm-verified"  # in a staged model dir: "sha256 size path" per verified, synced file
 
