@@ -295,7 +295,7 @@ def _build_env(spec: EnvSpec, manifest: Manifest, opts: BuildOptions, log):
 
 
 def _env_entry(spec: EnvSpec, built, packed, manifest: Manifest) -> dict:
-    from installer import cuda
+    from installer.preflight import cuda
 
     runtime_cuda = built.cuda_runtime or spec.cuda
     return {

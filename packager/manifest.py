@@ -311,7 +311,7 @@ def _cross_checks(chk: _Checker, root: yaml.Node, data: dict, base: Path) -> Non
             if f"environments[{i}].prefix" not in chk.bad_paths and not _is_dir(prefix / "conda-meta"):
                 add(["environments", i, "prefix"], f"{prefix} is not a conda environment (no conda-meta/)")
         if isinstance(env.get("cuda"), str):
-            from installer import cuda as cuda_table
+            from installer.preflight import cuda as cuda_table
 
             try:
                 cuda_table.min_driver(env["cuda"])
