@@ -373,7 +373,7 @@ def prepare_units(inst: Installer, name: str, bid: str, m: Mapping, rec: Mapping
     """This version's unit configuration in ``/etc/llm/versions/<bid>/``, the shared template and
     launcher, and the static links that reach the active version through ``/etc/llm/lines/<name>``.
     Journaled (undone if the install is refused). Returns the shared files and links written."""
-    from installer import systemd
+    from installer import service as systemd
 
     files: list[str] = []
     services = m.get("services") or []
@@ -407,7 +407,7 @@ def prepare_units(inst: Installer, name: str, bid: str, m: Mapping, rec: Mapping
 
 def _instance_links(line: str, n: str) -> list[tuple[str, str]]:
     """(link, relative target): ``/etc/llm/<n>.env`` and the device drop-in, through the line's switch."""
-    from installer import systemd
+    from installer import service as systemd
 
     return [
         ("/" + systemd.env_file_path(Path(""), n).as_posix(), f"lines/{line}/{n}.env"),
@@ -418,8 +418,8 @@ def _instance_links(line: str, n: str) -> list[tuple[str, str]]:
 
 def _render_units(inst: Installer, m: Mapping, rec: Mapping, say: Say) -> list[tuple[str, str, int]]:
     """(file name in the version dir, text, mode) of every instance: env file, device drop-in, API key
-    drop-in. Mirrors :func:`installer.systemd.install_units` (which writes to the live paths instead)."""
-    from installer import systemd
+    drop-in. Mirrors :func:`installer.service.install_units` (which writes to the live paths instead)."""
+    from installer import service as systemd
     from installer.bundle import manifest as records
 
     man = records.as_manifest(m)
@@ -462,7 +462,7 @@ def switch(inst: Installer, name: str, bid: str, say: Say, *, previous: str | No
     """Make ``bid`` the active version of line ``name``: ONE rename of the link ``/etc/llm/lines/<name>``
     (every instance's env file and drop-in go through it), then the state follows (a crash in between is
     reconciled from the link when the state is next loaded), then instances the new version dropped go."""
-    from installer import systemd
+    from installer import service as systemd
 
     rec = inst.state["bundles"][bid]
     line = inst.state["lines"].setdefault(
@@ -525,7 +525,7 @@ def activate_version(inst: Installer, name: str, bid: str, m: Mapping, rec: Mapp
 
 def _roll_back_failed(inst: Installer, name: str, bid: str, old_line: Mapping, say: Say) -> None:
     """The new version did not come up: switch back to the one that was active and drop the new one."""
-    from installer import systemd
+    from installer import service as systemd
 
     old = old_line["active"]
     say(f"{name}: the new version failed its check: rolling back to {inst.state['bundles'][old]['version']}")
@@ -539,7 +539,7 @@ def _roll_back_failed(inst: Installer, name: str, bid: str, old_line: Mapping, s
 
 
 def _resolver(inst: Installer, m: Mapping, rec: Mapping):
-    from installer.systemd import InstancePaths
+    from installer.service import InstancePaths
 
     envs = {e["name"]: e for e in m.get("environments") or []}
     models = {x["name"]: x for x in m.get("models") or []}
@@ -607,7 +607,7 @@ def _installed_env(inst: Installer, env_name: str | None) -> tuple[str, dict]:
 def _after_switch(
     inst: Installer, m: Mapping, names: list[str], opts: InstallOptions, say: Say
 ) -> list[dict]:
-    from installer import systemd
+    from installer import service as systemd
 
     out: list[dict] = []
     if not names:
@@ -627,7 +627,7 @@ def _after_switch(
         systemd.start(rest, root=inst.t.root)
         to_check += rest
     if to_check:
-        from installer import health
+        from installer.service import health
 
         services = {s["name"]: s for s in m.get("services") or []}
         for n in to_check:

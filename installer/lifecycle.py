@@ -47,7 +47,7 @@ def rollback(
             return {"bundle": name, "from": cur, "to": prev, "result": "dry-run"}
         rec = inst.state["bundles"][prev]
         activate_version(inst, name, prev, m, rec, say)  # one atomic switch; `cur` becomes previous
-        from installer import systemd
+        from installer import service as systemd
 
         restarted = systemd.restart_instances(rec.get("services") or [], root=inst.t.root)
         if restarted:
@@ -81,7 +81,7 @@ def uninstall(
                 + ("; and the installer's runtime, records and directories" if everything else "")
             )
             return {"result": "dry-run", "lines": names}
-        from installer import systemd
+        from installer import service as systemd
 
         def files_of(n: str) -> set[str]:
             out = set(inst.state["lines"].get(n, {}).get("unit_files") or [])
@@ -189,14 +189,14 @@ def status(root: Path) -> dict:
         )
         for i in line.get("instances") or []:
             version_of[i] = act["version"] if act else None
-    from installer import health
+    from installer.service import health
 
     rows = health.instance_status(root, sorted(version_of), version_of=version_of.get) if version_of else []
     return {"root": str(root), "bundles": lines, "instances": rows}
 
 
 def format_status(s: Mapping) -> str:
-    from installer import health
+    from installer.service import health
 
     if not s["bundles"]:
         return f"nothing installed under {s['root']}"

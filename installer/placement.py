@@ -264,7 +264,7 @@ class Installer:
                     if args[0] in self.state["dirs"] and not d.exists():
                         self.state["dirs"].remove(args[0])
                 elif kind == "user":
-                    from installer import systemd
+                    from installer import service as systemd
 
                     systemd.remove_user(self.t.root)
 

@@ -151,7 +151,7 @@ def _assemble(opts: BuildOptions, manifest: Manifest, store: ContentStore, key, 
     with BundleWriter(opts.out_dir, manifest.bundle.name, manifest.bundle.version) as w:
         links: dict[str, int] = {}
         on_damage: dict[str, Callable[[], str]] = {}  # relpath -> clean-up so that a re-run works; says what
-        install_sh = INSTALLER_PKG / "install.sh"
+        install_sh = INSTALLER_PKG / "bootstrap" / "install.sh"
         w.add_bytes(fmt.INSTALL_SH, install_sh.read_bytes(), kind="bootstrap", mode=0o755)
         known = installer_archive_sha(store)  # a stored one is hardlinked (or copied and checked)
         if known is not None:

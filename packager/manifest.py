@@ -23,7 +23,7 @@ from packager.spec import BundleSpec, EnvSpec, Manifest, ModelSpec, PipSpec, Ser
 
 
 def _anchored(rx: re.Pattern) -> str:
-    """A pattern of installer/records.py (the target's rules) for the JSON Schema (matched with fullmatch)."""
+    """A pattern of installer/bundle/manifest.py (the target's rules) for the JSON Schema (matched with fullmatch)."""
     return f"^{rx.pattern}$"
 
 
@@ -363,7 +363,7 @@ def _cross_checks(chk: _Checker, root: yaml.Node, data: dict, base: Path) -> Non
         if isinstance(port, int) and (host is None or isinstance(host, str)):
             listeners.append((host, port))
             where.append(i)
-        # the service rules the installer applies to MANIFEST.json (one implementation: installer/records.py)
+        # the service rules the installer applies to MANIFEST.json (one implementation: installer/bundle/manifest.py)
         for rel, msg in records.service_problems(s):
             path = ["services", i, *rel]
             if records.field_path(path) not in chk.bad_paths:

@@ -189,7 +189,7 @@ class BundleSpec:
 def make_bundle(out_dir: Path, spec: BundleSpec, keys: Keys | None) -> Path:
     """Write a bundle through BundleWriter (signed when ``keys`` is given); returns its directory."""
     with BundleWriter(out_dir, spec.name, spec.version) as w:
-        w.add_bytes(INSTALL_SH, (INSTALLER_PKG / "install.sh").read_bytes(), kind="bootstrap", mode=0o755)
+        w.add_bytes(INSTALL_SH, (INSTALLER_PKG / "bootstrap" / "install.sh").read_bytes(), kind="bootstrap", mode=0o755)
         wf = write_tar_gz(w.path(INSTALLER_ARCHIVE), [("installer", INSTALLER_PKG)])
         w.record(INSTALLER_ARCHIVE, kind="installer", sha256=wf.sha256, size=wf.size)
         runtime = None

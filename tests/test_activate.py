@@ -103,7 +103,7 @@ def bundles(tmp_path_factory, t1_parts, keys):
 
 
 def env_file(root: Path, name: str = "tiny") -> dict:
-    from installer.systemd import parse_env_file
+    from installer.service import parse_env_file
 
     return parse_env_file((root / "etc" / "llm" / f"{name}.env").read_text())
 

@@ -318,5 +318,5 @@ def test_shellcheck_clean():
         pytest.skip("shellcheck is not installed")
     from tests.installer_fixtures import INSTALLER_PKG
 
-    r = run_command(["shellcheck", INSTALLER_PKG / "install.sh"], check=False, timeout=120)
+    r = run_command(["shellcheck", INSTALLER_PKG / "bootstrap" / "install.sh"], check=False, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -9,7 +9,7 @@ files and the launcher. The error is a :class:`ManifestFieldError` naming the JS
 
 The service rules (no API key in ``vllm_args``/``env``, what an argument or a variable may contain, the
 key file path, the host) live here once, in :func:`service_problems`: the installer applies them to the
-MANIFEST and when it renders units (installer/systemd.py), and ``pack validate``/``pack build``
+MANIFEST and when it renders units (installer/service/), and ``pack validate``/``pack build``
 (packager/manifest.py) apply the same function to the YAML, so a bundle that the installer would refuse
 is never built and signed.
 
@@ -860,7 +860,7 @@ class Manifest(_Record):
         return out
 
     def to_json(self) -> bytes:
-        """Canonical MANIFEST.json bytes (the serialisation of installer/bundle.py's canonical_json)."""
+        """Canonical MANIFEST.json bytes (the serialisation of installer/bundle/reader.py's canonical_json)."""
         return (json.dumps(self.to_dict(), sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
     # -- lookups

@@ -202,7 +202,7 @@ def check_ports(ctx: _Context) -> list[CheckResult]:
 def check_api_keys(ctx: _Context) -> list[CheckResult]:
     """API key files must be in place and usable before anything starts; a service that listens beyond
     loopback without one is a WARN (anyone who reaches the address can use the API)."""
-    from installer import systemd
+    from installer import service as systemd
 
     out = []
     credentials = systemd.uses_credentials(ctx.root)

@@ -30,7 +30,7 @@ from installer.unpack import extract_archive
 from tests.conda.fixtures import built_env, conda_channel, env_work, wheel_dir  # noqa: F401
 from tests.installer_fixtures import keys, t1_parts  # noqa: F401
 
-INSTALL_SH = Path(installer.__file__).resolve().parent / "install.sh"
+INSTALL_SH = Path(installer.__file__).resolve().parent / "bootstrap" / "install.sh"
 MTIME = 1_700_000_000
 
 
