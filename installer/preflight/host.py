@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 
 from installer.bundle import manifest as records
-from installer.layout import STAGING
+from installer.deploy.layout import STAGING
 from installer.preflight.context import DISK_MARGIN, FAIL, PASS, SKIP, WARN, CheckResult, _Context, _gib, _version_tuple
 from installer.preflight.gpu import _model_bytes
 

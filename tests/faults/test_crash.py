@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from installer.placement import Installer
+from installer.deploy.placement import Installer
 from tests.conda.fixtures import built_env, conda_channel, env_work, wheel_dir  # noqa: F401
 from tests.installer_fixtures import (
     INSTALLER_PKG,

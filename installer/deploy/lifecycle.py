@@ -7,11 +7,11 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from installer import state as st
-from installer.activate import activate_version, intact
+from installer.deploy import state as st
+from installer.deploy.install import activate_version, intact
+from installer.deploy.layout import BUNDLE_RECORDS, LINES, STAGING, UNIT_VERSIONS, Say
+from installer.deploy.placement import Installer, remove_path
 from installer.errors import InstallError
-from installer.layout import BUNDLE_RECORDS, LINES, STAGING, UNIT_VERSIONS, Say
-from installer.placement import Installer, remove_path
 
 
 def rollback(
@@ -153,7 +153,7 @@ def clean(root: Path, *, lock_timeout: float = 60.0, say: Say = print) -> dict:
         inst.remove_staging()
         say(f"removed {staging}")
     if not st.state_path(root).exists():  # nothing installed: the dirs the refused run made go too
-        from installer.activate import CREATED_DIRS
+        from installer.deploy.install import CREATED_DIRS
 
         created = root / CREATED_DIRS.lstrip("/")
         try:

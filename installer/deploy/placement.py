@@ -28,10 +28,9 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from installer import fsutil
-from installer import state as st
 from installer.bundle import MANIFEST_NAME, Bundle, check_relpath, sha256_file
-from installer.errors import InstallError
-from installer.layout import (
+from installer.deploy import state as st
+from installer.deploy.layout import (
     BUNDLE_RECORDS,
     ENV_MARKER,
     ENVS,
@@ -51,6 +50,7 @@ from installer.layout import (
     model_version,
     staged,
 )
+from installer.errors import InstallError
 from installer.sizes import human_size
 from installer.unpack import CopyCancelled, copy_verified, extract_archive
 

@@ -1,7 +1,7 @@
 """Install a verified bundle: preflight, stage and verify everything, place it, commit, then switch.
 
 1. Stage: every environment, model file, HF view and bootstrap copy is prepared and verified under
-   ``/var/lib/llm/staging`` (:mod:`installer.placement`); nothing under ``/opt/llm`` or ``/etc`` changes.
+   ``/var/lib/llm/staging`` (:mod:`installer.deploy.placement`); nothing under ``/opt/llm`` or ``/etc`` changes.
    A refusal here (a bad hash, disk full, Ctrl-C, the medium gone) leaves both as they were.
 2. Place: the staged directories are renamed into ``/opt/llm`` and this version's unit configuration is
    written to ``/etc/llm/versions/<id>/`` (journaled: undone at once on failure, or by the next run after a
@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from installer import fsutil
-from installer import state as st
 from installer.bundle import MANIFEST_NAME, SIGNATURE_NAME, Bundle
-from installer.errors import BundleError, InstallError, IntegrityError, LlmPackError, PreflightError
-from installer.layout import (
+from installer.deploy import state as st
+from installer.deploy.layout import (
     BUNDLE_RECORDS,
     HF_CACHES,
     INSTALL_DIR,
@@ -48,7 +47,8 @@ from installer.layout import (
     model_dir,
     wrapper_text,
 )
-from installer.placement import Installer, model_intact, remove_path
+from installer.deploy.placement import Installer, model_intact, remove_path
+from installer.errors import BundleError, InstallError, IntegrityError, LlmPackError, PreflightError
 from installer.unpack import DEFAULT_WORKERS
 
 CREATED_DIRS = f"/{st.STATE_DIR}/.created-dirs.json"

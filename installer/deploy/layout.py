@@ -9,7 +9,7 @@ Target paths (with ``--root DIR`` everything lands under DIR instead and nothing
     /opt/llm/runtime/<sha[:16]>/, current         the installer's Python (kept for rollback/uninstall/status)
     /opt/llm/installer/<sha[:16]>/, current       the installer package + install.sh
     /usr/local/sbin/llm-install                   wrapper: the installed install.sh without the bundle's disk
-    /var/lib/llm/state.json, lock, bundles/<id>/  records (installer.state), a copy of each MANIFEST.json
+    /var/lib/llm/state.json, lock, bundles/<id>/  records (installer.deploy.state), a copy of each MANIFEST.json
     /var/lib/llm/staging/                         everything of an install being prepared (same layout as
                                                   /opt/llm), renamed into /opt/llm only once all is verified;
                                                   kept after a failed run for the next one (`--clean`)
