@@ -1,4 +1,4 @@
-"""Extraction throughput: installer.extract (zstd + sha256 + safe tarfile, one pass) vs GNU `tar -xf`.
+"""Extraction throughput: installer.unpack (zstd + sha256 + safe tarfile, one pass) vs GNU `tar -xf`.
 
 Usage:
     python bench/extract_env.py ARCHIVE.tar.zst [--rounds N] [--workdir DIR]
@@ -9,7 +9,7 @@ compare with), measured in the same run, on the same filesystem. The order of th
 round to round, because the cost of deleting the previous tree (ext4 frees and discards it in the
 background) slows whatever runs next; each extraction is followed by `sync` and the tree is removed (and
 synced) before the next one. Compare the best of several rounds.
-Target: installer.extract ≤ 1.2× tar -xf.
+Target: installer.unpack ≤ 1.2× tar -xf.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from installer.extract import extract_archive
+from bench.threaded_reader import ThreadedReader
+from installer.unpack import extract_archive
 
 
 def _sync() -> None:
@@ -71,7 +72,7 @@ def main() -> int:
         "--workers",
         type=int,
         action="append",
-        help="writer threads of installer.extract to measure (repeatable; default: the default)",
+        help="writer threads of installer.unpack to measure (repeatable; default: the default)",
     )
     ap.add_argument(
         "--read-ahead",
@@ -92,14 +93,14 @@ def main() -> int:
         sha = _sha256(zst)
         zsize, tsize = zst.stat().st_size, tar.stat().st_size
         print(f"archive {zst} {zsize / 1e6:.0f} MB zstd, {tsize / 1e6:.0f} MB as tar")
-        from installer.extract import DEFAULT_WORKERS
+        from installer.unpack import DEFAULT_WORKERS
 
         variants = args.workers or [DEFAULT_WORKERS]
         times: dict[str, list[float]] = {"tar -xf (plain .tar)": []}
         for w in variants:
-            times[f"installer.extract (.tar.zst) w={w}"] = []
+            times[f"installer.unpack (.tar.zst) w={w}"] = []
             if args.read_ahead:
-                times[f"installer.extract (.tar.zst) ra w={w}"] = []
+                times[f"installer.unpack (.tar.zst) ra w={w}"] = []
         members = 0
         labels = list(times)
         for r in range(args.rounds):
@@ -119,7 +120,7 @@ def main() -> int:
                         expected_sha256=sha,
                         expected_size=zsize,
                         workers=w,
-                        read_ahead=" ra " in label,
+                        read_ahead=ThreadedReader if " ra " in label else None,
                     )
                     members = res.members
                 _sync()

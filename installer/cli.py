@@ -14,11 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-from installer import activate, layout, lifecycle
-from installer.bundle import MANIFEST_NAME, Bundle
+from installer.bundle import MANIFEST_NAME, TRUSTED_KEYS, Bundle
+from installer.deploy import install as activate
+from installer.deploy import layout, lifecycle
 from installer.errors import LlmPackError, SignatureError, UsageError
-
-TRUSTED_KEYS = "etc/llm/trusted-keys"
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ bytes are hashed once on their way into the bundle (a fresh archive or copy as i
 from the content store, the env cache or a local model directory by one threaded pass over the bundle
 before signing), never trusted from a name or a record. The bundle appears at its final path only once
 it has been re-opened with the installer's reader, checked and signed, in one atomic step
-(``renameat2(RENAME_EXCHANGE)``, see ``installer.bundle.BundleWriter``).
+(``renameat2(RENAME_EXCHANGE)``, see ``packager.bundle_writer.BundleWriter``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from installer import bundle as fmt
 from installer.errors import IntegrityError, UsageError
 from installer.sizes import human_size
 from packager import __version__
+from packager.bundle_writer import BundleWriter
 from packager.manifest import load_manifest
 from packager.spec import EnvSpec, Manifest, ServiceSpec
 from packager.tarball import inputs_key, write_tar_gz
@@ -147,10 +148,10 @@ def _assemble(opts: BuildOptions, manifest: Manifest, store: ContentStore, key, 
     from packager.sources.local import remember_hash
     from packager.store import CORRUPT_HINT, place
 
-    with fmt.BundleWriter(opts.out_dir, manifest.bundle.name, manifest.bundle.version) as w:
+    with BundleWriter(opts.out_dir, manifest.bundle.name, manifest.bundle.version) as w:
         links: dict[str, int] = {}
         on_damage: dict[str, Callable[[], str]] = {}  # relpath -> clean-up so that a re-run works; says what
-        install_sh = INSTALLER_PKG / "install.sh"
+        install_sh = INSTALLER_PKG / "bootstrap" / "install.sh"
         w.add_bytes(fmt.INSTALL_SH, install_sh.read_bytes(), kind="bootstrap", mode=0o755)
         known = installer_archive_sha(store)  # a stored one is hardlinked (or copied and checked)
         if known is not None:
@@ -294,7 +295,7 @@ def _build_env(spec: EnvSpec, manifest: Manifest, opts: BuildOptions, log):
 
 
 def _env_entry(spec: EnvSpec, built, packed, manifest: Manifest) -> dict:
-    from installer import cuda
+    from installer.preflight import cuda
 
     runtime_cuda = built.cuda_runtime or spec.cuda
     return {

@@ -201,7 +201,7 @@ def split(bundle: Path, size: str, out_dir: Path | None, as_json: bool) -> None:
     the others mounted beside it (or pass --volumes): it reassembles the bundle and verifies it itself.
     """
     from installer.bundle import Bundle
-    from installer.volumes import parse_size, split_bundle
+    from packager.split import parse_size, split_bundle
 
     b = Bundle.load(bundle)
     limit = parse_size(size)

@@ -42,8 +42,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from installer.cuda import compare_versions, major_minor, min_driver
 from installer.errors import EnvironmentBuildError, UsageError
+from installer.preflight.cuda import compare_versions, major_minor, min_driver
 from packager.elf import scan_tree
 from packager.spec import EnvSpec, PipSpec, TargetSpec
 

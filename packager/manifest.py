@@ -17,13 +17,13 @@ from typing import Any
 
 import yaml
 
-from installer import records
+from installer.bundle import manifest as records
 from installer.errors import ManifestError
 from packager.spec import BundleSpec, EnvSpec, Manifest, ModelSpec, PipSpec, ServiceSpec, TargetSpec
 
 
 def _anchored(rx: re.Pattern) -> str:
-    """A pattern of installer/records.py (the target's rules) for the JSON Schema (matched with fullmatch)."""
+    """A pattern of installer/bundle/manifest.py (the target's rules) for the JSON Schema (matched with fullmatch)."""
     return f"^{rx.pattern}$"
 
 
@@ -311,7 +311,7 @@ def _cross_checks(chk: _Checker, root: yaml.Node, data: dict, base: Path) -> Non
             if f"environments[{i}].prefix" not in chk.bad_paths and not _is_dir(prefix / "conda-meta"):
                 add(["environments", i, "prefix"], f"{prefix} is not a conda environment (no conda-meta/)")
         if isinstance(env.get("cuda"), str):
-            from installer import cuda as cuda_table
+            from installer.preflight import cuda as cuda_table
 
             try:
                 cuda_table.min_driver(env["cuda"])
@@ -363,7 +363,7 @@ def _cross_checks(chk: _Checker, root: yaml.Node, data: dict, base: Path) -> Non
         if isinstance(port, int) and (host is None or isinstance(host, str)):
             listeners.append((host, port))
             where.append(i)
-        # the service rules the installer applies to MANIFEST.json (one implementation: installer/records.py)
+        # the service rules the installer applies to MANIFEST.json (one implementation: installer/bundle/manifest.py)
         for rel, msg in records.service_problems(s):
             path = ["services", i, *rel]
             if records.field_path(path) not in chk.bad_paths:

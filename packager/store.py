@@ -15,7 +15,7 @@ so the store is never polluted by (or made to trust) the operator's files.
 (same filesystem), else a reflink (``FICLONE``, CoW filesystems), else a copy that re-hashes every
 byte against the expected sha256. Its source is a store blob (hub models) or the operator's own file
 (local models). A hardlink or reflink reads no byte, so the build reads every such file once more, in
-the bundle, before it signs (``installer.bundle.BundleWriter.hash_pending``): a blob that rotted in the
+the bundle, before it signs (``packager.bundle_writer.BundleWriter.hash_pending``): a blob that rotted in the
 store, or a local file edited in place behind the stat cache, is refused by name (a damaged blob is
 removed from the store, so the next build fetches it again). Why hardlinking the operator's file is
 safe: the bundle file then shares its inode, so if the operator later edits that file *in place*, the

@@ -4,7 +4,7 @@ The parts are real: the conda environment built offline by ``tests.conda.fixture
 the test channel, a binary with a binary prefix placeholder, conda-unpack), packed by
 ``packager.envpack.pack_env``, the installer runtime cut by ``packager.envpack.cut_runtime``, the installer
 package as ``pack build`` archives it, and tiny model files. Bundles are written through
-``installer.bundle.BundleWriter`` and signed with an ed25519 key, as ``pack build`` does.
+``packager.bundle_writer.BundleWriter`` and signed with an ed25519 key, as ``pack build`` does.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import installer
-from installer.bundle import INSTALL_SH, INSTALLER_ARCHIVE, BundleWriter, env_artifact, runtime_artifact
+from installer.bundle import INSTALL_SH, INSTALLER_ARCHIVE, env_artifact, runtime_artifact
+from packager.bundle_writer import BundleWriter
 from packager.tarball import write_tar_gz
 
 INSTALLER_PKG = Path(installer.__file__).resolve().parent
@@ -188,7 +189,7 @@ class BundleSpec:
 def make_bundle(out_dir: Path, spec: BundleSpec, keys: Keys | None) -> Path:
     """Write a bundle through BundleWriter (signed when ``keys`` is given); returns its directory."""
     with BundleWriter(out_dir, spec.name, spec.version) as w:
-        w.add_bytes(INSTALL_SH, (INSTALLER_PKG / "install.sh").read_bytes(), kind="bootstrap", mode=0o755)
+        w.add_bytes(INSTALL_SH, (INSTALLER_PKG / "bootstrap" / "install.sh").read_bytes(), kind="bootstrap", mode=0o755)
         wf = write_tar_gz(w.path(INSTALLER_ARCHIVE), [("installer", INSTALLER_PKG)])
         w.record(INSTALLER_ARCHIVE, kind="installer", sha256=wf.sha256, size=wf.size)
         runtime = None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from installer.state import LOCK_FILE, STATE_DIR, Lock, compare_versions
+from installer.deploy.state import LOCK_FILE, STATE_DIR, Lock, compare_versions
 from tests.conda.fixtures import built_env, conda_channel, env_work, wheel_dir  # noqa: F401
 from tests.installer_fixtures import (
     BundleSpec,
@@ -103,7 +103,7 @@ def bundles(tmp_path_factory, t1_parts, keys):
 
 
 def env_file(root: Path, name: str = "tiny") -> dict:
-    from installer.systemd import parse_env_file
+    from installer.service import parse_env_file
 
     return parse_env_file((root / "etc" / "llm" / f"{name}.env").read_text())
 
@@ -240,7 +240,8 @@ def _placed(root: Path) -> dict:
 
 
 def clean(root: Path) -> subprocess.CompletedProcess:
-    code = "import sys; from pathlib import Path; from installer import lifecycle; lifecycle.clean(Path(sys.argv[1]))"
+    code = ("import sys; from pathlib import Path; from installer.deploy import lifecycle; "
+            "lifecycle.clean(Path(sys.argv[1]))")
     from tests.installer_fixtures import INSTALLER_PKG, run_command
 
     return run_command([sys.executable, "-c", code, root], check=True, timeout=120, cwd=INSTALLER_PKG.parent)
@@ -450,8 +451,8 @@ def test_bad_shard_stops_the_copy_at_once(root, tmp_path, t1_parts, keys):
 def test_failed_check_after_the_switch_rolls_back(root, bundles, keys):
     """Item 6: what the installer does when the new version fails its post-start check (on a live server):
     one switch back to the version that was active, the new one's files dropped, the previous kept."""
-    from installer.activate import _roll_back_failed
-    from installer.placement import Installer
+    from installer.deploy.install import _roll_back_failed
+    from installer.deploy.placement import Installer
 
     install(root, bundles["v1"], keys)
     old_line = dict(state(root)["lines"]["demo"])

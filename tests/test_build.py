@@ -128,12 +128,12 @@ def test_installer_archive_is_reused_only_while_the_installer_is_unchanged(tmp_p
     assert second.stat().st_ino == store.blob(sha1).stat().st_ino  # reused: hardlinked, not compressed again
 
     key = inputs_key([("installer", pkg)])
-    os.utime(pkg / "bundle.py", (1, 1))  # mtimes are not in the archive (fixed): same key
+    os.utime(pkg / "bundle" / "reader.py", (1, 1))  # mtimes are not in the archive (fixed): same key
     assert inputs_key([("installer", pkg)]) == key
     (pkg / "errors.py").chmod(0o755)  # the exec bit is
     assert inputs_key([("installer", pkg)]) != key
     (pkg / "errors.py").chmod(0o644)
-    with open(pkg / "bundle.py", "a") as f:
+    with open(pkg / "bundle" / "reader.py", "a") as f:
         f.write("# changed\n")
     sha3, _ = installer_archive(store, tmp_path / "b3" / "installer.tar.gz", pkg)
     assert sha3 != sha1 and sha3 == write_tar_gz(tmp_path / "fresh3.tar.gz", [("installer", pkg)]).sha256

@@ -12,7 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from installer import bundle as fmt
+from installer.bundle.signature import _verify_with_openssl
 from installer.errors import BundleError, IntegrityError, SignatureError
+from packager.bundle_writer import BundleWriter, _exchange
 from packager.cli import main
 from packager.signing import keygen, load_private_key
 
@@ -36,7 +38,7 @@ def keys(tmp_path: Path) -> tuple[Path, Path]:
 
 def make_bundle(out: Path, key_path: Path | None, *, name: str = "b", version: str = "1") -> Path:
     key = load_private_key(key_path) if key_path else None
-    with fmt.BundleWriter(out, name, version) as w:
+    with BundleWriter(out, name, version) as w:
         for i, (rel, kind) in enumerate(sorted(KINDS.items())):
             data = os.urandom(4096 + i) if kind != "bootstrap" else b"#!/bin/bash\necho hi\n"
             w.add_bytes(rel, data, kind=kind)
@@ -150,8 +152,8 @@ def test_openssl_fallback_used_without_cryptography(tmp_path: Path, keys, monkey
     root = make_bundle(tmp_path / "out", key)
     data = (root / "MANIFEST.json").read_bytes()
     sig = (root / "MANIFEST.json.sig").read_bytes()
-    assert fmt._verify_with_openssl(data, sig, pub.read_bytes()) is True
-    assert fmt._verify_with_openssl(data + b" ", sig, pub.read_bytes()) is False
+    assert _verify_with_openssl(data, sig, pub.read_bytes()) is True
+    assert _verify_with_openssl(data + b" ", sig, pub.read_bytes()) is False
 
 
 @pytest.mark.parametrize("bad", ["/etc/passwd", "../x", "a/../../b", "a//b", "a\\b", ""])
@@ -178,7 +180,7 @@ def test_unknown_format_version_and_not_a_bundle(tmp_path: Path) -> None:
 def test_failed_commit_leaves_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
-        with fmt.BundleWriter(out, "b", "1") as w:
+        with BundleWriter(out, "b", "1") as w:
             w.add_bytes("install.sh", b"x", kind="bootstrap")
             raise RuntimeError("boom")
     assert os.listdir(out) == []
@@ -229,7 +231,7 @@ def _linked_writer(tmp_path: Path, data: bytes, recorded_sha: str | None):
     src = tmp_path / "cache" / "blob.bin"
     src.parent.mkdir(parents=True, exist_ok=True)
     src.write_bytes(data)
-    w = fmt.BundleWriter(tmp_path / "out", "b", "1")
+    w = BundleWriter(tmp_path / "out", "b", "1")
     w.add_bytes("install.sh", b"#!/bin/bash\n", kind="bootstrap", mode=0o755)
     os.link(src, w.path("models/m/w.safetensors"))
     w.record("models/m/w.safetensors", kind="model", sha256=recorded_sha, size=len(data), source=src,
@@ -340,7 +342,7 @@ def test_leftovers_of_a_crashed_writer_are_cleaned_and_a_stranded_old_bundle_res
     live.mkdir()
     other = out / f".b-10.{dead}-abc123.partial"  # another bundle's leftovers: not ours to judge
     other.mkdir()
-    w = fmt.BundleWriter(out, "b", "1")
+    w = BundleWriter(out, "b", "1")
     try:
         assert w.recovered == out / "b-1" and (out / "b-1" / fmt.MANIFEST_NAME).read_bytes() == manifest
         assert sorted(os.listdir(out)) == sorted(["b-1", live.name, other.name, w.staging.name])
@@ -355,6 +357,6 @@ def test_exchange_swaps_two_directories_in_one_step(tmp_path: Path) -> None:
     b.mkdir()
     (a / "x").write_text("new")
     (b / "x").write_text("old")
-    assert fmt._exchange(a, b) is True
+    assert _exchange(a, b) is True
     assert (b / "x").read_text() == "new" and (a / "x").read_text() == "old"
-    assert fmt._exchange(a, tmp_path / "missing") is False and (a / "x").exists()
+    assert _exchange(a, tmp_path / "missing") is False and (a / "x").exists()

@@ -233,7 +233,7 @@ def test_pip_failure_is_an_environment_error_with_pip_output(conda_channel, whee
 
 
 def test_driver_table_is_nvidias_with_its_source():
-    from installer import cuda
+    from installer.preflight import cuda
 
     assert cuda.table()["source"].startswith("https://docs.nvidia.com/cuda/")
     expected = {"11.8": "520.61.05", "12.0": "525.60.13", "12.1": "530.30.02", "12.2": "535.54.03",
@@ -251,7 +251,7 @@ def test_driver_table_is_nvidias_with_its_source():
 
 
 def test_version_comparison_is_numeric():
-    from installer.cuda import compare_versions, driver_supports, newest_cuda_for_driver
+    from installer.preflight.cuda import compare_versions, driver_supports, newest_cuda_for_driver
 
     assert compare_versions("570.26", "570.26.0") == 0
     assert compare_versions("535.104.05", "535.54.03") == 1  # 104 > 54, although "1" < "5" as text

@@ -1,4 +1,4 @@
-"""installer.extract: hostile archives refused, nothing written outside, hashes checked in one pass."""
+"""installer.unpack: hostile archives refused, nothing written outside, hashes checked in one pass."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import zstandard
 
 from installer.errors import BundleError, IntegrityError, UnsafeArchiveError
-from installer.extract import copy_verified, extract_archive
+from installer.unpack import copy_verified, extract_archive
 
 
 def _ti(
@@ -230,7 +230,7 @@ def test_copy_verified_refuses_a_link_or_fifo_swapped_in(tmp_path, kind):
 def test_copy_verified_stops_when_another_copy_failed(tmp_path):
     import threading
 
-    from installer.extract import CopyCancelled
+    from installer.unpack import CopyCancelled
 
     src = tmp_path / "shard.bin"
     with open(src, "wb") as f:

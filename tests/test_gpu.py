@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from installer import gpu
+from installer.preflight import nvidia as gpu
 
 FIX = Path(__file__).parent / "fixtures" / "gpu"
 UUID = "GPU-bcbfd08f-ef5f-f490-df35-8e255c209216"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from installer.bundle import SIGNATURE_NAME
-from installer.volumes import split_bundle
+from packager.split import split_bundle
 from tests.conda.fixtures import built_env, conda_channel, env_work, wheel_dir  # noqa: F401
 from tests.faults.test_archives import HOSTILE
 from tests.installer_fixtures import (
@@ -318,5 +318,5 @@ def test_shellcheck_clean():
         pytest.skip("shellcheck is not installed")
     from tests.installer_fixtures import INSTALLER_PKG
 
-    r = run_command(["shellcheck", INSTALLER_PKG / "install.sh"], check=False, timeout=120)
+    r = run_command(["shellcheck", INSTALLER_PKG / "bootstrap" / "install.sh"], check=False, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr

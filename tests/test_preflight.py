@@ -15,7 +15,7 @@ import pytest
 
 from installer import preflight as pf
 from installer.errors import BundleError, PreflightError, UsageError
-from installer.gpu import GpuInfo, parse_query_csv, parse_smi_header
+from installer.preflight.nvidia import GpuInfo, parse_query_csv, parse_smi_header
 
 FIX = Path(__file__).parent / "fixtures"
 GPU_FIX = FIX / "gpu"

@@ -1,8 +1,8 @@
 """systemd integration in a real systemd: a network-less nspawn container, the installer's own code inside it.
 
-Inside the container, installer.systemd (on the host's Python, bind-mounted read-only at /opt/hostpy,
+Inside the container, installer.service (on the host's Python, bind-mounted read-only at /opt/hostpy,
 because the test image has no Python) creates the `llm` user, writes the template, launcher, env files and
-drop-ins, and runs the container's systemctl; installer.health checks the instances from inside.
+drop-ins, and runs the container's systemctl; installer.service.health checks the instances from inside.
 
 The "environment" of these instances is that Python, and the server is the TEST DOUBLE of vLLM's HTTP API
 from tests/test_systemd_unit.py (API_DOUBLE_SOURCE). It proves the unit mechanics: User=llm, the hardening
@@ -73,7 +73,8 @@ MANIFEST = {
 INSTALL = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from installer import health, systemd
+    from installer import service as systemd
+    from installer.service import health
 
     manifest = json.load(open(sys.argv[1]))
     out = {"user_created": systemd.ensure_user(Path("/"))}
@@ -102,7 +103,7 @@ INSTALL = textwrap.dedent("""
 STATUS = textwrap.dedent("""
     import json
     from pathlib import Path
-    from installer import health
+    from installer.service import health
     rows = health.instance_status(Path("/"))
     print(health.format_status(rows))
     print(json.dumps(rows))
@@ -322,7 +323,7 @@ def test_stop_is_quick_then_uninstall(target):
     assert stop_s < 10
     out = py(
         c,
-        "from pathlib import Path; from installer import systemd; "
+        "from pathlib import Path; from installer import service as systemd; "
         "print([str(p) for p in systemd.remove_units(Path('/'), ['tiny', 'gpu', 'badkey'])])",
     )
     assert "/etc/systemd/system/llm@.service" in out

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from installer import health, systemd
+from installer import service as systemd
 from installer.errors import BundleError, InstallError, UsageError
+from installer.service import health
 from tests.installer_fixtures import service, tree_snapshot
 
 # A TEST DOUBLE of vLLM's OpenAI-compatible API server (not vLLM!), used only to test unit mechanics.

@@ -1,4 +1,4 @@
-"""installer.volumes: split into FAT32-sized volumes and join again; every volume checkable with sha256sum."""
+"""packager.split: split into FAT32-sized volumes and join again; every volume checkable with sha256sum."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from installer.bundle import Bundle, BundleWriter
+from installer.bundle import Bundle
 from installer.errors import BundleError, IntegrityError, UsageError
-from installer.volumes import (
+from packager.bundle_writer import BundleWriter
+from packager.split import (
     FAT32_MAX_FILE,
     _plan,
     check_volume,

@@ -3,7 +3,7 @@
 
     python3 tools/gpu_probe.py --out DIR
 
-Writes the raw outputs the detection in ``installer/gpu.py`` parses (plain ``nvidia-smi``, the CSV
+Writes the raw outputs the detection in ``installer/preflight/nvidia.py`` parses (plain ``nvidia-smi``, the CSV
 query, ``-q -x``, ``-q``, ``/proc/driver/nvidia/version``, an NVML reading through ctypes) plus what
 ``detect_gpus`` makes of each source. Standard library only; every step that fails is logged, not fatal.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from installer import gpu
+from installer.preflight import nvidia as gpu
 
 
 def _save(out: Path, name: str, argv: list[str], log: list[str]) -> None:

@@ -144,7 +144,7 @@ class LocalSource:
         self.progress = progress
         # `pack build`: files the stat cache does not know are not hashed here but once, in the bundle,
         # after they were hardlinked there (their sha256 is "" and ``commit`` "" until then): what is
-        # signed is what was read, in one pass (see installer.bundle.BundleWriter)
+        # signed is what was read, in one pass (see packager.bundle_writer.BundleWriter)
         self.defer_hash = defer_hash
 
     def resolve(self, spec: ModelSpec) -> PinnedModel:

@@ -1,7 +1,7 @@
 """R3 archives: one table of tar members, run against both member checks of the installer.
 
 ``install.sh``'s ``check_tar`` (bash, for the bootstrap archives: the installer and the bundle's Python) and
-``installer.extract`` (Python, for the environments) must follow one rule set: every hostile case is refused
+``installer.unpack`` (Python, for the environments) must follow one rule set: every hostile case is refused
 by both, with the same reason, before anything is written (and nothing lands outside the destination); every
 legitimate case extracts to the same tree with both. The bash function is called from the real install.sh,
 sourced (its ``main`` runs only when it is executed). A real install.sh run on a signed bundle whose installer
@@ -26,11 +26,11 @@ import pytest
 
 import installer
 from installer.errors import UnsafeArchiveError
-from installer.extract import extract_archive
+from installer.unpack import extract_archive
 from tests.conda.fixtures import built_env, conda_channel, env_work, wheel_dir  # noqa: F401
 from tests.installer_fixtures import keys, t1_parts  # noqa: F401
 
-INSTALL_SH = Path(installer.__file__).resolve().parent / "install.sh"
+INSTALL_SH = Path(installer.__file__).resolve().parent / "bootstrap" / "install.sh"
 MTIME = 1_700_000_000
 
 

@@ -24,8 +24,8 @@ import pytest
 from click.testing import CliRunner
 
 from installer.bundle import MANIFEST_NAME, SIGNATURE_NAME
-from installer.volumes import split_bundle
 from packager.cli import main as pack
+from packager.split import split_bundle
 from tests.conda.fixtures import built_env, conda_channel, env_work, wheel_dir  # noqa: F401
 from tests.installer_fixtures import (
     INSTALLER_PKG,
@@ -44,7 +44,7 @@ SEED = 9
 PER_KIND = 29  # bundle kinds x 29 = 203 flips through pack verify
 SH_PER_KIND = 6  # of those, the first 6 of each kind also through install.sh
 VOLUME_CASES = 26  # split volume pieces: install.sh only (pack verify reads bundle directories, not volumes)
-INSTALL_SH = INSTALLER_PKG / "install.sh"
+INSTALL_SH = INSTALLER_PKG / "bootstrap" / "install.sh"
 SIG_MISMATCH = "MANIFEST.json.sig does not match MANIFEST.json for any trusted key"
 # what a refused install may keep: a resumable cache (and its lock) in the installer's state directory, outside
 # /opt/llm and /etc, named in the error and removed by `install.sh --clean` (issue 9, item 5); the state file

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from installer.placement import Installer
+from installer.deploy.placement import Installer
 from tests.conda.fixtures import built_env, conda_channel, env_work, wheel_dir  # noqa: F401
 from tests.installer_fixtures import (
     INSTALLER_PKG,
@@ -109,7 +109,7 @@ def check_consistent(root: Path, bundles: dict, allowed: set[str | None]) -> str
     m = manifest(bundles[key])
     names = {s["name"] for s in m["services"]}
     assert {p.stem for p in resolving} == names, "instances configured != the active version's"
-    from installer.systemd import parse_env_file
+    from installer.service import parse_env_file
 
     for p in resolving:
         e = parse_env_file(p.read_text())
@@ -219,7 +219,7 @@ def test_switch_and_rollback_in_real_systemd(crash_bundles, keys, tmp_path):
         return c.run(["/opt/hostpy/bin/python3", "-m", "installer", *args], env=env, timeout=300).stdout
 
     def version(c, inst: str) -> str:
-        from installer.systemd import parse_env_file
+        from installer.service import parse_env_file
 
         return parse_env_file(c.run(["cat", f"/etc/llm/{inst}.env"]).stdout)["LLM_BUNDLE_VERSION"]
 

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from installer.bundle import Bundle, canonical_json
+from installer.bundle.manifest import Manifest, ManifestFieldError, field_path
 from installer.errors import BundleError, ManifestError
-from installer.records import Manifest, ManifestFieldError, field_path
 from packager.manifest import load_manifest
 from tests.installer_fixtures import keys, models_only_bundle, run_installer, tree_snapshot  # noqa: F401
 

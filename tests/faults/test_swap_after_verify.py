@@ -40,7 +40,7 @@ from tests.installer_fixtures import (
 
 pytestmark = pytest.mark.timeout(900)
 
-INSTALL_SH = INSTALLER_PKG / "install.sh"
+INSTALL_SH = INSTALLER_PKG / "bootstrap" / "install.sh"
 MODEL = "models/tiny/model.safetensors"
 MODEL_SIZE = 8 << 20
 

@@ -38,7 +38,7 @@ from tests.installer_fixtures import (
 
 pytestmark = pytest.mark.timeout(900)
 
-INSTALL_SH = INSTALLER_PKG / "install.sh"
+INSTALL_SH = INSTALLER_PKG / "bootstrap" / "install.sh"
 MISMATCH = "MANIFEST.json.sig does not match MANIFEST.json for any trusted key"
 UNSIGNED = "the bundle is not signed (no MANIFEST.json.sig)"
 SPOOF = "--signature-verified-by is not accepted: the installer checks MANIFEST.json.sig itself"

@@ -4,7 +4,7 @@ The state file is the commit point of every change: it is written to a temporary
 fsynced and renamed over the old one, so a crash leaves either the old or the new record, never half of one.
 A bundle is recorded only once everything it needs is in place and synced (there is no "installing" record);
 which version of a line is active is the symlink ``/etc/llm/lines/<name>`` (the switch), and ``lines[name]
-.active`` follows it (:meth:`installer.placement.Installer.reconcile`).
+.active`` follows it (:meth:`installer.deploy.placement.Installer.reconcile`).
 
 Shape (format_version 1)::
 
@@ -32,11 +32,9 @@ import re
 import time
 from pathlib import Path
 
+from installer.bundle.names import LOCK_FILE, STATE_DIR, STATE_FILE
 from installer.errors import InstallError
 
-STATE_DIR = "var/lib/llm"
-STATE_FILE = "state.json"
-LOCK_FILE = "lock"
 STATE_FORMAT = 1
 
 

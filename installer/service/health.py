@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from installer import systemd
+from installer import service as systemd  # the package (health is imported last by its __init__)
+from installer.bundle.manifest import ServiceRecord
 from installer.errors import InstallError
-from installer.records import ServiceRecord
 
 PROBE_PROMPT = "Say hello."
 
@@ -265,7 +265,7 @@ def curl_example(service: ServiceRecord | Mapping, *, max_tokens: int = 64) -> s
         separators=(",", ":"),
     )
     parts = [f"curl -sS {shlex.quote(url)}", "-H 'Content-Type: application/json'"]
-    if svc.api_key_file:  # a checked plain path (installer/records.py): nothing in it for the shell
+    if svc.api_key_file:  # a checked plain path (installer/bundle/manifest.py): nothing in it for the shell
         parts.append(f'-H "Authorization: Bearer $(sudo cat {shlex.quote(svc.api_key_file)})"')
     parts.append(f"-d {shlex.quote(body)}")
     return " \\\n  ".join(parts)

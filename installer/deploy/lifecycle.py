@@ -7,11 +7,11 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from installer import state as st
-from installer.activate import activate_version, intact
+from installer.deploy import state as st
+from installer.deploy.install import activate_version, intact
+from installer.deploy.layout import BUNDLE_RECORDS, LINES, STAGING, UNIT_VERSIONS, Say
+from installer.deploy.placement import Installer, remove_path
 from installer.errors import InstallError
-from installer.layout import BUNDLE_RECORDS, LINES, STAGING, UNIT_VERSIONS, Say
-from installer.placement import Installer, remove_path
 
 
 def rollback(
@@ -47,7 +47,7 @@ def rollback(
             return {"bundle": name, "from": cur, "to": prev, "result": "dry-run"}
         rec = inst.state["bundles"][prev]
         activate_version(inst, name, prev, m, rec, say)  # one atomic switch; `cur` becomes previous
-        from installer import systemd
+        from installer import service as systemd
 
         restarted = systemd.restart_instances(rec.get("services") or [], root=inst.t.root)
         if restarted:
@@ -81,7 +81,7 @@ def uninstall(
                 + ("; and the installer's runtime, records and directories" if everything else "")
             )
             return {"result": "dry-run", "lines": names}
-        from installer import systemd
+        from installer import service as systemd
 
         def files_of(n: str) -> set[str]:
             out = set(inst.state["lines"].get(n, {}).get("unit_files") or [])
@@ -153,7 +153,7 @@ def clean(root: Path, *, lock_timeout: float = 60.0, say: Say = print) -> dict:
         inst.remove_staging()
         say(f"removed {staging}")
     if not st.state_path(root).exists():  # nothing installed: the dirs the refused run made go too
-        from installer.activate import CREATED_DIRS
+        from installer.deploy.install import CREATED_DIRS
 
         created = root / CREATED_DIRS.lstrip("/")
         try:
@@ -189,14 +189,14 @@ def status(root: Path) -> dict:
         )
         for i in line.get("instances") or []:
             version_of[i] = act["version"] if act else None
-    from installer import health
+    from installer.service import health
 
     rows = health.instance_status(root, sorted(version_of), version_of=version_of.get) if version_of else []
     return {"root": str(root), "bundles": lines, "instances": rows}
 
 
 def format_status(s: Mapping) -> str:
-    from installer import health
+    from installer.service import health
 
     if not s["bundles"]:
         return f"nothing installed under {s['root']}"

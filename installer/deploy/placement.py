@@ -28,11 +28,9 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from installer import fsutil
-from installer import state as st
 from installer.bundle import MANIFEST_NAME, Bundle, check_relpath, sha256_file
-from installer.errors import InstallError
-from installer.extract import CopyCancelled, copy_verified, extract_archive
-from installer.layout import (
+from installer.deploy import state as st
+from installer.deploy.layout import (
     BUNDLE_RECORDS,
     ENV_MARKER,
     ENVS,
@@ -52,7 +50,9 @@ from installer.layout import (
     model_version,
     staged,
 )
+from installer.errors import InstallError
 from installer.sizes import human_size
+from installer.unpack import CopyCancelled, copy_verified, extract_archive
 
 VERIFIED_LOG = ".llm-verified"  # in a staged model dir: "sha256 size path" per verified, synced file
 
@@ -264,7 +264,7 @@ class Installer:
                     if args[0] in self.state["dirs"] and not d.exists():
                         self.state["dirs"].remove(args[0])
                 elif kind == "user":
-                    from installer import systemd
+                    from installer import service as systemd
 
                     systemd.remove_user(self.t.root)
 

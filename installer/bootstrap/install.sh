@@ -205,7 +205,7 @@ tar_parts() {
     done
 }
 
-# check_tar ARCHIVE: the member rules of installer/extract.py's check_member, in the same order with the same
+# check_tar ARCHIVE: the member rules of installer/unpack/members.py's check_member, in the same order with the same
 # reasons (tests/faults/test_archives.py runs one table of hostile archives against both):
 #   no absolute path, no '..', no path through a symlink the archive made; a symlink's target is relative,
 #   '..' only leads it and does not climb above the destination; a hard link's target is a plain path inside

@@ -1,7 +1,7 @@
 """Install a verified bundle: preflight, stage and verify everything, place it, commit, then switch.
 
 1. Stage: every environment, model file, HF view and bootstrap copy is prepared and verified under
-   ``/var/lib/llm/staging`` (:mod:`installer.placement`); nothing under ``/opt/llm`` or ``/etc`` changes.
+   ``/var/lib/llm/staging`` (:mod:`installer.deploy.placement`); nothing under ``/opt/llm`` or ``/etc`` changes.
    A refusal here (a bad hash, disk full, Ctrl-C, the medium gone) leaves both as they were.
 2. Place: the staged directories are renamed into ``/opt/llm`` and this version's unit configuration is
    written to ``/etc/llm/versions/<id>/`` (journaled: undone at once on failure, or by the next run after a
@@ -27,11 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from installer import fsutil
-from installer import state as st
 from installer.bundle import MANIFEST_NAME, SIGNATURE_NAME, Bundle
-from installer.errors import BundleError, InstallError, IntegrityError, LlmPackError, PreflightError
-from installer.extract import DEFAULT_WORKERS
-from installer.layout import (
+from installer.deploy import state as st
+from installer.deploy.layout import (
     BUNDLE_RECORDS,
     HF_CACHES,
     INSTALL_DIR,
@@ -49,7 +47,9 @@ from installer.layout import (
     model_dir,
     wrapper_text,
 )
-from installer.placement import Installer, model_intact, remove_path
+from installer.deploy.placement import Installer, model_intact, remove_path
+from installer.errors import BundleError, InstallError, IntegrityError, LlmPackError, PreflightError
+from installer.unpack import DEFAULT_WORKERS
 
 CREATED_DIRS = f"/{st.STATE_DIR}/.created-dirs.json"
 LEGACY_HF_HUB = f"{INSTALL_DIR}/hf-cache/hub"  # the shared HF cache of installers before per-bundle views
@@ -373,7 +373,7 @@ def prepare_units(inst: Installer, name: str, bid: str, m: Mapping, rec: Mapping
     """This version's unit configuration in ``/etc/llm/versions/<bid>/``, the shared template and
     launcher, and the static links that reach the active version through ``/etc/llm/lines/<name>``.
     Journaled (undone if the install is refused). Returns the shared files and links written."""
-    from installer import systemd
+    from installer import service as systemd
 
     files: list[str] = []
     services = m.get("services") or []
@@ -407,7 +407,7 @@ def prepare_units(inst: Installer, name: str, bid: str, m: Mapping, rec: Mapping
 
 def _instance_links(line: str, n: str) -> list[tuple[str, str]]:
     """(link, relative target): ``/etc/llm/<n>.env`` and the device drop-in, through the line's switch."""
-    from installer import systemd
+    from installer import service as systemd
 
     return [
         ("/" + systemd.env_file_path(Path(""), n).as_posix(), f"lines/{line}/{n}.env"),
@@ -418,8 +418,9 @@ def _instance_links(line: str, n: str) -> list[tuple[str, str]]:
 
 def _render_units(inst: Installer, m: Mapping, rec: Mapping, say: Say) -> list[tuple[str, str, int]]:
     """(file name in the version dir, text, mode) of every instance: env file, device drop-in, API key
-    drop-in. Mirrors :func:`installer.systemd.install_units` (which writes to the live paths instead)."""
-    from installer import records, systemd
+    drop-in. Mirrors :func:`installer.service.install_units` (which writes to the live paths instead)."""
+    from installer import service as systemd
+    from installer.bundle import manifest as records
 
     man = records.as_manifest(m)
     modprobe = systemd.find_nvidia_modprobe(inst.t.root)
@@ -461,7 +462,7 @@ def switch(inst: Installer, name: str, bid: str, say: Say, *, previous: str | No
     """Make ``bid`` the active version of line ``name``: ONE rename of the link ``/etc/llm/lines/<name>``
     (every instance's env file and drop-in go through it), then the state follows (a crash in between is
     reconciled from the link when the state is next loaded), then instances the new version dropped go."""
-    from installer import systemd
+    from installer import service as systemd
 
     rec = inst.state["bundles"][bid]
     line = inst.state["lines"].setdefault(
@@ -524,7 +525,7 @@ def activate_version(inst: Installer, name: str, bid: str, m: Mapping, rec: Mapp
 
 def _roll_back_failed(inst: Installer, name: str, bid: str, old_line: Mapping, say: Say) -> None:
     """The new version did not come up: switch back to the one that was active and drop the new one."""
-    from installer import systemd
+    from installer import service as systemd
 
     old = old_line["active"]
     say(f"{name}: the new version failed its check: rolling back to {inst.state['bundles'][old]['version']}")
@@ -538,7 +539,7 @@ def _roll_back_failed(inst: Installer, name: str, bid: str, old_line: Mapping, s
 
 
 def _resolver(inst: Installer, m: Mapping, rec: Mapping):
-    from installer.systemd import InstancePaths
+    from installer.service import InstancePaths
 
     envs = {e["name"]: e for e in m.get("environments") or []}
     models = {x["name"]: x for x in m.get("models") or []}
@@ -606,7 +607,7 @@ def _installed_env(inst: Installer, env_name: str | None) -> tuple[str, dict]:
 def _after_switch(
     inst: Installer, m: Mapping, names: list[str], opts: InstallOptions, say: Say
 ) -> list[dict]:
-    from installer import systemd
+    from installer import service as systemd
 
     out: list[dict] = []
     if not names:
@@ -626,7 +627,7 @@ def _after_switch(
         systemd.start(rest, root=inst.t.root)
         to_check += rest
     if to_check:
-        from installer import health
+        from installer.service import health
 
         services = {s["name"]: s for s in m.get("services") or []}
         for n in to_check:

@@ -9,7 +9,7 @@ files and the launcher. The error is a :class:`ManifestFieldError` naming the JS
 
 The service rules (no API key in ``vllm_args``/``env``, what an argument or a variable may contain, the
 key file path, the host) live here once, in :func:`service_problems`: the installer applies them to the
-MANIFEST and when it renders units (installer/systemd.py), and ``pack validate``/``pack build``
+MANIFEST and when it renders units (installer/service/), and ``pack validate``/``pack build``
 (packager/manifest.py) apply the same function to the YAML, so a bundle that the installer would refuse
 is never built and signed.
 
@@ -26,10 +26,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from installer.bundle.names import ARTIFACT_KINDS, FORMAT_VERSION, MANIFEST_NAME
 from installer.errors import BundleError
-
-FORMAT_VERSION = 1
-MANIFEST_NAME = "MANIFEST.json"
 
 # ------------------------------------------------------------------------ the rules (one copy, both sides)
 
@@ -64,7 +62,6 @@ ARCHES = ("x86_64", "aarch64", "ppc64le")
 SOURCES = ("huggingface", "modelscope", "local")
 SERVE_BY = ("path", "repo_id")
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
-ARTIFACT_KINDS = ("bootstrap", "installer", "runtime", "environment", "model")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -863,7 +860,7 @@ class Manifest(_Record):
         return out
 
     def to_json(self) -> bytes:
-        """Canonical MANIFEST.json bytes (the serialisation of installer/bundle.py's canonical_json)."""
+        """Canonical MANIFEST.json bytes (the serialisation of installer/bundle/reader.py's canonical_json)."""
         return (json.dumps(self.to_dict(), sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
     # -- lookups

@@ -9,7 +9,7 @@ Target paths (with ``--root DIR`` everything lands under DIR instead and nothing
     /opt/llm/runtime/<sha[:16]>/, current         the installer's Python (kept for rollback/uninstall/status)
     /opt/llm/installer/<sha[:16]>/, current       the installer package + install.sh
     /usr/local/sbin/llm-install                   wrapper: the installed install.sh without the bundle's disk
-    /var/lib/llm/state.json, lock, bundles/<id>/  records (installer.state), a copy of each MANIFEST.json
+    /var/lib/llm/state.json, lock, bundles/<id>/  records (installer.deploy.state), a copy of each MANIFEST.json
     /var/lib/llm/staging/                         everything of an install being prepared (same layout as
                                                   /opt/llm), renamed into /opt/llm only once all is verified;
                                                   kept after a failed run for the next one (`--clean`)
@@ -30,23 +30,24 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from installer import state as st
 from installer.bundle import MANIFEST_NAME, Bundle
+from installer.bundle.names import (  # noqa: F401  (layout.X is how the deploy modules name them)
+    BUNDLE_RECORDS,
+    ENV_MARKER,
+    ENVS,
+    HF_CACHES,
+    INSTALL_DIR,
+    INSTALLERS,
+    JOURNAL,
+    LINES,
+    MODELS,
+    RUNTIMES,
+    STAGING,
+    UNIT_VERSIONS,
+    WRAPPER,
+)
 from installer.errors import BundleError
 
-INSTALL_DIR = "/opt/llm"
-ENVS = f"{INSTALL_DIR}/envs"
-MODELS = f"{INSTALL_DIR}/models"
-HF_CACHES = f"{INSTALL_DIR}/hf-cache"
-RUNTIMES = f"{INSTALL_DIR}/runtime"
-INSTALLERS = f"{INSTALL_DIR}/installer"
-WRAPPER = "/usr/local/sbin/llm-install"
-BUNDLE_RECORDS = f"/{st.STATE_DIR}/bundles"
-STAGING = f"/{st.STATE_DIR}/staging"
-JOURNAL = f"{STAGING}/journal.json"
-UNIT_VERSIONS = "/etc/llm/versions"
-LINES = "/etc/llm/lines"
-ENV_MARKER = ".llm-installed.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 Say = Callable[[str], None]
 

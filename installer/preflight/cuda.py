@@ -18,7 +18,7 @@ from pathlib import Path
 
 from installer.errors import UsageError
 
-TABLE_PATH = Path(__file__).resolve().parent / "data" / "cuda_drivers.json"
+TABLE_PATH = Path(__file__).resolve().parent.parent / "data" / "cuda_drivers.json"
 
 
 @lru_cache(maxsize=1)

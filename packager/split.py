@@ -30,6 +30,7 @@ from pathlib import Path
 from installer.bundle import (
     INSTALL_SH,
     MANIFEST_NAME,
+    PIECE_SUFFIX,
     SIGNATURE_NAME,
     SPLIT_INFO,
     VOLUME_INDEX,
@@ -41,7 +42,6 @@ from installer.bundle import (
 from installer.errors import BundleError, IntegrityError, UsageError
 
 FAT32_MAX_FILE = (4 << 30) - 1
-PIECE_SUFFIX = ".part"
 SPLIT_FORMAT = 1
 _UNITS = {
     "": 1,
