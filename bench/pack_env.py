@@ -61,7 +61,7 @@ torchcodec removed; 57,141 files, 3,519 MB.
   ours/tar+zstd time 1.30 (target <= 1.5), conda-pack/ours time 3.9, ours/conda-pack size 0.86
   --repeat 3 --skip-conda-pack:  ours 18.6 s wall / 29.1 s CPU, tar|zstd 20.6 s / 29.0 s: ratio 0.90 (CPU 1.00)
 
-Test env (tests/conda: python 3.11 + llmtest-* + 2 small wheels): 1,588 files, 63 MB.
+Test env (devkit/conda_channel: python 3.11 + llmtest-* + 2 small wheels): 1,588 files, 63 MB.
   ours 1.6 s / 23 MB / 81 MB RSS; conda-pack 3.7 s / 24 MB / 22 MB; tar|zstd 0.8 s / 23 MB / 63 MB
   (ours/tar+zstd 1.9: fixed cost of interpreter start, imports, conda-pack's scan and the zstd thread pool)
 """

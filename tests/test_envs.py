@@ -1,5 +1,5 @@
 """Conda environments for a target: solve with the target's virtual packages, install, pip layer, lock,
-inspect — against a real channel built offline (tests/conda/channel.py), no mocks."""
+inspect — against a real channel built offline (devkit/conda_channel/channel.py), no mocks."""
 # ruff: noqa: F811  (pytest fixtures imported from tests.conda.fixtures are redefined as parameters)
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from devkit.conda_channel.channel import default_cache_dir, ensure_test_channel
+from devkit.conda_channel.wheels import build_wheel
 from packager.spec import EnvSpec, PipSpec, TargetSpec
-from tests.conda.channel import default_cache_dir, ensure_test_channel
-from tests.conda.wheels import build_wheel
 
 HOST_GLIBC = os.confstr("CS_GNU_LIBC_VERSION").split()[1]  # the test python is this machine's: its glibc floor
 TARGET = TargetSpec(platform="linux-64", glibc=HOST_GLIBC)
