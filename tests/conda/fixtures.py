@@ -99,6 +99,6 @@ def env_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def built_env(conda_channel: Path, wheel_dir: Path, env_work: Path):
-    from packager.envs import build_env
+    from packager.env.build import build_env
 
     return build_env(env_spec("t1", conda_channel, wheel_dir), TARGET, env_work, progress=False)
