@@ -68,9 +68,6 @@ class BuiltEnv:
         return ".".join(self.python_version.split(".")[:2])
 
 
-# --------------------------------------------------------------------------------------------- build
-
-
 def build_env(spec: EnvSpec, target: TargetSpec, work: Path, *, channels_override=None, progress: bool = True,
               pkgs_dir: Path | None = None) -> BuiltEnv:
     """Build (or, for ``spec.prefix``, inspect) environment ``spec`` for ``target`` under ``work``."""
@@ -175,6 +172,3 @@ def content_hash(lock: dict, target: TargetSpec, spec: EnvSpec) -> str:
     doc = {"format": HASH_FORMAT, "lock": lock, "spec": spec_d,
            "target": {"platform": target.platform, "glibc": target.glibc}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
-
-
-

@@ -22,10 +22,6 @@ def clear_prefix(prefix: Path) -> None:
     prefix.parent.mkdir(parents=True, exist_ok=True)
 
 
-# --------------------------------------------------------------------------------------------- solve
-
-
-
 def install(records: list, prefix: Path, pkgs_dir: Path, *, specs: list[str], progress: bool) -> None:
     import rattler
     from rattler import MatchSpec
@@ -41,9 +37,6 @@ def install(records: list, prefix: Path, pkgs_dir: Path, *, specs: list[str], pr
                                     hint="check the channel is reachable and the disk has space") from e
     # rattler marks the prefix as a cache directory; an installed env is not one (backup tools skip those)
     (prefix / "CACHEDIR.TAG").unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------------------------- pip
 
 
 def env_python(prefix: Path) -> Path:
@@ -72,5 +65,3 @@ def run_env(prefix: Path, args: list[str], *, progress: bool, what: str,
                 how += ": the build host's CPU lacks instructions this code needs"
         raise EnvironmentBuildError(f"{what} failed ({how})" + (f":\n{tail}" if tail else ""), hint=hint)
     return proc
-
-

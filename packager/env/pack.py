@@ -1,4 +1,4 @@
-"""Pack a conda environment fast, with conda-pack's relocation semantics, and cut the installer runtime.
+"""Pack a conda environment fast, with conda-pack's relocation semantics.
 
 **pack_env** writes ``envs/<env>.tar.zst``. conda-pack decides *what* goes in: the file list
 (``conda_pack.CondaEnv.from_prefix``), the prefix placeholder of every conda-managed file, the ``conda-unpack``
@@ -89,9 +89,6 @@ class _Watch:
                 self.decoder.decode(b"", final=True)
             except UnicodeDecodeError:
                 self.text = False
-
-
-# --------------------------------------------------------------------------------------------- pack
 
 
 class _Capture:
@@ -335,4 +332,3 @@ def cached_pack(built: BuiltEnv, cache_dir: Path, *, level: int = 3, threads: in
             old.unlink(missing_ok=True)
             old.with_suffix("").with_suffix(".json").unlink(missing_ok=True)
     return res
-

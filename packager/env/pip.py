@@ -92,8 +92,3 @@ def download_kernels(prefix: Path, *, progress: bool, env_name: str = "") -> boo
     run_env(prefix, ["-c", code], progress=progress, what=f"environment {env_name}: vllm download-kernels",
             hint="the build host needs network access to fetch the kernels; or set download_kernels: false")
     return True
-
-
-# --------------------------------------------------------------------------------------------- inspect
-
-

@@ -1,4 +1,6 @@
-"""**cut_runtime** writes ``runtime/<env>.tar.gz``: the env's interpreter, the shared libraries it and its
+"""Cut the installer runtime out of a built environment.
+
+**cut_runtime** writes ``runtime/<env>.tar.gz``: the env's interpreter, the shared libraries it and its
 extension modules load from the env, the stdlib (without tests, idlelib, tkinter, ensurepip, bytecode
 caches) and the ``zstandard`` module, so ``install.sh`` can run the installer on a server without Python
 or zstd. It runs relocated: ``<dir>/bin/python3.X -I`` from any directory.
@@ -18,8 +20,6 @@ from packager.env.install import run_env
 from packager.env.pack import PackResult
 from packager.env.pip import pip_args
 from packager.tarball import write_tar_gz
-
-# --------------------------------------------------------------------------------------------- runtime
 
 RUNTIME_SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "idlelib", "tkinter", "turtledemo",
                      "ensurepip", "__pycache__", "lib2to3"}

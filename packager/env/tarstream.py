@@ -7,8 +7,6 @@ import tarfile
 
 from installer.errors import EnvironmentBuildError
 
-# --------------------------------------------------------------------------------------------- tar writer
-
 
 class TarStream:
     """Minimal streaming tar writer (PAX headers via tarfile.TarInfo) over a binary sink."""
@@ -98,4 +96,3 @@ class TarStream:
 
 def _norm_mode(mode: int) -> int:
     return 0o755 if mode & 0o111 else 0o644
-
