@@ -24,7 +24,7 @@ main() {
     [ "$cmd" = demo ] && ensure_demo_tools
     case "$cmd" in
         setup) echo "ready: $(venv_bin)/pack --help" ;;
-        demo) "$(venv_bin)/python" -m packager.demo "$@" ;;
+        demo) "$(venv_bin)/python" -m devkit.demo "$@" ;;
         test) "$(venv_bin)/python" -m pytest "$@" ;;
     esac
 }
@@ -73,7 +73,7 @@ setup_venv() {
     # An editable install compiles nothing, and PYTHONDONTWRITEBYTECODE (set on many CI hosts) stops Python
     # from caching it later: every `pack` run would compile our sources again (~40 ms). Only stale files
     # are recompiled.
-    "$venv/bin/python" -m compileall -q packager installer >/dev/null
+    "$venv/bin/python" -m compileall -q packager installer devkit >/dev/null
 }
 
 main "$@"

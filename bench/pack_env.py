@@ -8,7 +8,7 @@ the process tree), archive size, peak RSS (sum over the process tree, sampled ev
 the largest single process from wait4). Ratios printed: ours/tar+zstd time (target <= 1.5), conda-pack/ours
 time, ours/conda-pack size (target <= 1.0).
 
-Why this design (packager/envpack.py): conda-pack knows which files go in, their prefix placeholders and
+Why this design (packager/env/pack.py): conda-pack knows which files go in, their prefix placeholders and
 writes conda-unpack; its writer is slow (gzip on one thread, every pip file read into memory: ~1.1 GiB RSS
 on a vLLM env) and its ``tar.zst`` ignores ``compress_level`` and ``n_threads`` (always level 9, one
 thread). We keep conda-pack's file list and unpack script and stream the bytes through multi-threaded zstd
@@ -38,8 +38,8 @@ OURS = """
 import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[5])
-from packager.envs import BuiltEnv
-from packager.envpack import pack_env
+from packager.env.build import BuiltEnv
+from packager.env.pack import pack_env
 from packager.spec import EnvSpec
 prefix = Path(sys.argv[1])
 built = BuiltEnv(spec=EnvSpec(name="bench", prefix=prefix), prefix=prefix, python_version="", cuda_runtime=None,
@@ -61,7 +61,7 @@ torchcodec removed; 57,141 files, 3,519 MB.
   ours/tar+zstd time 1.30 (target <= 1.5), conda-pack/ours time 3.9, ours/conda-pack size 0.86
   --repeat 3 --skip-conda-pack:  ours 18.6 s wall / 29.1 s CPU, tar|zstd 20.6 s / 29.0 s: ratio 0.90 (CPU 1.00)
 
-Test env (tests/conda: python 3.11 + llmtest-* + 2 small wheels): 1,588 files, 63 MB.
+Test env (devkit/conda_channel: python 3.11 + llmtest-* + 2 small wheels): 1,588 files, 63 MB.
   ours 1.6 s / 23 MB / 81 MB RSS; conda-pack 3.7 s / 24 MB / 22 MB; tar|zstd 0.8 s / 23 MB / 63 MB
   (ours/tar+zstd 1.9: fixed cost of interpreter start, imports, conda-pack's scan and the zstd thread pool)
 """

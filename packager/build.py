@@ -170,7 +170,7 @@ def _assemble(opts: BuildOptions, manifest: Manifest, store: ContentStore, key, 
                      hint="the packed environment in the build cache is damaged; build again (it is repacked)")
             on_damage[rel] = _discard_packed(Path(packed.path))
             if i == 0:
-                from packager.envpack import cut_runtime
+                from packager.env.runtime import cut_runtime
                 rrel = fmt.runtime_artifact(spec.name)
                 rt = cut_runtime(built, w.path(rrel))  # written now, hashed as it was written
                 w.record(rrel, kind="runtime", sha256=rt.sha256, size=rt.size, hashed=True)
@@ -279,8 +279,8 @@ def installer_archive(store: ContentStore, dest: Path, pkg: Path = INSTALLER_PKG
 
 
 def _build_env(spec: EnvSpec, manifest: Manifest, opts: BuildOptions, log):
-    from packager.envpack import cached_pack
-    from packager.envs import build_env
+    from packager.env.build import build_env
+    from packager.env.pack import cached_pack
 
     work = opts.work or Path(os.environ.get("LLM_PACK_WORK", cache_root() / "envs"))
     t = time.monotonic()

@@ -4,7 +4,7 @@
 environment would otherwise inherit this host's ``pip.conf`` (constraints, find-links, extra indexes) and
 its ``PIP_*`` variables; and a hub client would read the host's token and caches. Both are cut here, once,
 before any test or fixture runs, so subprocesses see the same clean environment. Where a test needs a wheel
-source (the CPU build of torch for vLLM), it names it explicitly (``tests.e2e.journey.find_links``).
+source (the CPU build of torch for vLLM), it names it explicitly (``devkit.journey.find_links``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The parts are real: the conda environment built offline by ``tests.conda.fixtures.built_env`` (python from
 the test channel, a binary with a binary prefix placeholder, conda-unpack), packed by
-``packager.envpack.pack_env``, the installer runtime cut by ``packager.envpack.cut_runtime``, the installer
+``packager.env.pack.pack_env``, the installer runtime cut by ``packager.env.runtime.cut_runtime``, the installer
 package as ``pack build`` archives it, and tiny model files. Bundles are written through
 ``packager.bundle_writer.BundleWriter`` and signed with an ed25519 key, as ``pack build`` does.
 """
@@ -72,7 +72,8 @@ def make_keys(d: Path, name: str = "build") -> Keys:
 def env_parts(built_env, work: Path, *, name: str = "t1", pad_bytes: int = 0, salt: str = "") -> EnvParts:
     """Pack ``built_env``; ``pad_bytes`` adds an incompressible file (slow extraction for kill tests) and
     ``salt`` changes the content hash (a different version of the environment)."""
-    from packager.envpack import cut_runtime, pack_env
+    from packager.env.pack import pack_env
+    from packager.env.runtime import cut_runtime
 
     work.mkdir(parents=True, exist_ok=True)
     packed = pack_env(built_env, work / f"{name}.tar.zst")

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from devkit.tiny_model import make_tiny_model
 from installer import bundle as fmt
 from packager.build import INSTALLER_PKG, installer_archive
 from packager.cli import main
-from packager.demo_model import make_tiny_model
 from packager.store import ContentStore
 from packager.tarball import inputs_key, write_tar_gz
 

@@ -26,7 +26,7 @@ import pytest
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from packager.demo_model import CHAT_TEMPLATE, make_tiny_model
+from devkit.tiny_model import CHAT_TEMPLATE, make_tiny_model
 
 FILES = {
     "config.json",
@@ -65,7 +65,7 @@ def test_same_seed_gives_identical_files_in_a_fresh_process(tmp_path: Path, mode
     again = make_tiny_model(tmp_path / "again")
     assert _digests(again) == _digests(model_dir)
     # A fresh interpreter with another hash seed: nothing may depend on dict or HashMap iteration order.
-    code = "import sys; from pathlib import Path; from packager.demo_model import make_tiny_model as m; "
+    code = "import sys; from pathlib import Path; from devkit.tiny_model import make_tiny_model as m; "
     code += "m(Path(sys.argv[1]))"
     env = dict(os.environ, PYTHONHASHSEED="12345")
     subprocess.run(
@@ -178,7 +178,7 @@ def _vllm_python() -> str:
     value = os.environ.get(VLLM_PYTHON_VAR)
     if not value:
         # the same environment the air-gap journey packs (built once, reused while its inputs are unchanged)
-        from tests.e2e.journey import ensure_vllm_env
+        from devkit.journey import ensure_vllm_env
 
         return str(ensure_vllm_env() / "bin" / "python")
     if not (shutil.which(value) or Path(value).is_file()):

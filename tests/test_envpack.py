@@ -15,8 +15,9 @@ import pytest
 import zstandard
 
 from installer.errors import EnvironmentBuildError
-from packager.envpack import cached_pack, cut_runtime, pack_env
-from packager.envs import build_env, inspect_env
+from packager.env.build import build_env, inspect_env
+from packager.env.pack import cached_pack, pack_env
+from packager.env.runtime import cut_runtime
 from packager.spec import EnvSpec, PipSpec
 from tests.conda.fixtures import (  # noqa: F401  (fixtures)
     TARGET,
@@ -262,7 +263,7 @@ def _restore_oracle(data: bytes, installed: bytes, placeholder: bytes) -> bytes:
 def test_streamed_restore_agrees_with_the_one_shot_rule_at_any_chunking():
     import random
 
-    from packager.envpack import PlaceholderRestorer
+    from packager.env.placeholder import PlaceholderRestorer
 
     rng = random.Random(9)
     inst, ph = b"/build/env", b"/placeholder_placeholder_xx"
@@ -310,7 +311,7 @@ def test_a_binary_larger_than_the_chunk_is_restored_as_a_stream(conda_channel, w
     import json
     import tracemalloc
 
-    from packager.envpack import CHUNK, load_env_files
+    from packager.env.pack import CHUNK, load_env_files
 
     spec = env_spec("bigbin", conda_channel, wheel_dir, pip=PipSpec(), conda=("llmtest-bin", "llmtest-text"),
                     cuda=None)

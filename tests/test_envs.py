@@ -1,5 +1,5 @@
 """Conda environments for a target: solve with the target's virtual packages, install, pip layer, lock,
-inspect — against a real channel built offline (tests/conda/channel.py), no mocks."""
+inspect — against a real channel built offline (devkit/conda_channel/channel.py), no mocks."""
 # ruff: noqa: F811  (pytest fixtures imported from tests.conda.fixtures are redefined as parameters)
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from installer.errors import EnvironmentBuildError, UsageError
-from packager.elf import GLIBC_SONAMES, read_elf
-from packager.envs import build_env, inspect_env, solve
+from packager.env.build import build_env, inspect_env
+from packager.env.elf import GLIBC_SONAMES, read_elf
+from packager.env.solve import solve
 from packager.spec import EnvSpec, PipSpec, TargetSpec
 from tests.conda.fixtures import (  # noqa: F401  (fixtures)
     TARGET,

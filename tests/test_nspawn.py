@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.nspawn import Container, ContainerCommandError, fixtures, reap_stale
-from tests.nspawn.container import base_dir
+from devkit.nspawn import Container, ContainerCommandError, reap_stale
+from devkit.nspawn.container import base_dir
+from tests.nspawn import fixtures
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -188,7 +189,7 @@ CRASHER = textwrap.dedent(
     """
     import json, os, sys
     from pathlib import Path
-    from tests.nspawn import Container
+    from devkit.nspawn import Container
     c = Container(Path(sys.argv[1]), name="crashed")
     c.start()
     c.wait_running(timeout=30)

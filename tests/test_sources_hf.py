@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from devkit.hub import GeneratedContent, HubServer
 from installer.errors import AuthError, IntegrityError, NotFoundError, SourceError
 from packager.sources import get_source
 from packager.spec import ModelSpec
 from packager.store import ContentStore
-from tests.hub import GeneratedContent, HubServer
 
 pytest_plugins = ("tests.hub.fixtures",)  # fixtures: hub, hub_env
 

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from devkit.nspawn import Container
 from tests.installer_fixtures import service as manifest_service
-from tests.nspawn import Container, fixtures
+from tests.nspawn import fixtures
 from tests.test_systemd_unit import API_DOUBLE_SOURCE
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -836,7 +836,8 @@ def test_api_key_credential_in_a_real_systemd():
     """In a booted Debian 12 (systemd 252, nspawn): the service gets the key from a root:root 0600 file through
     LoadCredential= (user llm cannot read the file itself); with the file gone the unit fails with 243,
     which the installer names."""
-    from tests.nspawn import Container, ensure_rootfs, fixtures
+    from devkit.nspawn import Container, ensure_rootfs
+    from tests.nspawn import fixtures
 
     fixtures.require_nspawn()
     m = {"bundle": {"name": "demo", "version": "1"}, "environments": [CPU_ENV],

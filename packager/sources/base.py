@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import re
+import shutil
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -223,3 +224,53 @@ def run_all(fn: Callable[[T], None], items: Sequence[T], jobs: int, what: str) -
             first.args = (first.message,)
         raise first
     raise SourceError(f"{what}: {first}{more}") from first
+
+
+def fetch_into_store(pinned: PinnedModel, store: ContentStore, *, source: str, what: str,
+                     downloader: Callable[[Path, Path], Callable[[RemoteFile], Path]],
+                     into_store: Callable[[RemoteFile, Path], Path],
+                     known_sha: Callable[[RemoteFile], str | None] = lambda f: f.sha256,
+                     jobs: int = 4, progress: bool = True) -> dict[str, Path]:
+    """The fetch shared by the hub sources: files already in the store are taken from it, the others are
+    downloaded in parallel by the hub's own client and moved into the store verified.
+
+    ``known_sha(file)`` is the sha256 the store may already hold the file under; ``downloader(work, cache_dir)``
+    is called once, only when something is missing, and returns ``download(file) -> local path`` (hub errors
+    already mapped to ours); ``into_store(file, local)`` verifies and moves a download into the store (a
+    download it refuses is deleted: never trusted again). The client's scratch files under
+    ``<store tmp>/<source>/`` are kept on failure (for resuming) and removed once every file is in the store.
+    """
+    repo = pinned.repo or ""
+    result: dict[str, Path] = {}
+    todo: list[RemoteFile] = []
+    for f in pinned.files:
+        sha = known_sha(f)
+        if sha and store.has(sha):
+            result[f.path] = store.blob(sha)
+        else:
+            todo.append(f)
+    if not todo:
+        return result
+    work = store.tmpdir() / source / repo.replace("/", "--") / pinned.commit
+    download = downloader(work, store.tmpdir() / f"{source}-cache")  # the cache keeps clients out of ~/.cache
+    bar = Progress(f"{pinned.name} ({len(todo)} files)", sum(f.size for f in todo), progress)
+    lock = threading.Lock()
+
+    def one(f: RemoteFile) -> None:
+        local = download(f)
+        try:
+            blob = into_store(f, local)
+        except BaseException:
+            local.unlink(missing_ok=True)  # never trust this copy again
+            raise
+        with lock:
+            result[f.path] = blob
+        bar.done(f.size)
+
+    try:
+        run_all(one, todo, jobs, what)
+    finally:
+        bar.close()
+    # every file is in the store now: drop the client's scratch files (kept on failure, for resuming)
+    shutil.rmtree(work, ignore_errors=True)
+    return result

@@ -27,8 +27,6 @@ writes to a per-process temp name and deletes it on failure), so an interrupted 
 from __future__ import annotations
 
 import os
-import shutil
-import threading
 from pathlib import Path
 
 import httpx2
@@ -50,13 +48,12 @@ from packager.hashing import git_blob_sha1_and_sha256
 from packager.sources.base import (
     COMMIT_RE,
     PinnedModel,
-    Progress,
     RemoteFile,
     check_relative_path,
     env_token,
+    fetch_into_store,
     filter_paths,
     local_disk_error,
-    run_all,
     scrub,
 )
 from packager.spec import ModelSpec
@@ -123,46 +120,26 @@ class HuggingFaceSource:
         repo = pinned.repo or ""
         endpoint = pinned.endpoint or hf_endpoint(None)
         token = env_token(*TOKEN_VARS)
-        result: dict[str, Path] = {}
-        todo: list[RemoteFile] = []
-        for f in pinned.files:
-            sha = f.sha256 or (store.lookup_alias("git-sha1", f.git_oid) if f.git_oid else None)
-            if sha and store.has(sha):
-                result[f.path] = store.blob(sha)
-            else:
-                todo.append(f)
-        if not todo:
-            return result
-        work = store.tmpdir() / "huggingface" / repo.replace("/", "--") / pinned.commit
-        cache_dir = store.tmpdir() / "huggingface-cache"  # keeps the client out of ~/.cache
-        bar = Progress(f"{pinned.name} ({len(todo)} files)", sum(f.size for f in todo), progress)
-        lock = threading.Lock()
 
-        def one(f: RemoteFile) -> None:
-            try:
-                local = Path(hf_hub_download(
-                    repo, f.path, revision=pinned.commit, local_dir=work, cache_dir=cache_dir,
-                    endpoint=endpoint, token=token or False, library_name=LIBRARY,
-                    tqdm_class=None if progress else _QuietTqdm))
-            except Exception as e:
-                raise map_error(e, repo=repo, revision=pinned.commit, endpoint=endpoint, token=token,
-                                path=f.path) from e
-            try:
-                blob = _verify_into_store(f, local, store, f"{repo}/{f.path}")
-            except BaseException:
-                local.unlink(missing_ok=True)  # never trust this copy again
-                raise
-            with lock:
-                result[f.path] = blob
-            bar.done(f.size)
+        def known_sha(f: RemoteFile) -> str | None:
+            return f.sha256 or (store.lookup_alias("git-sha1", f.git_oid) if f.git_oid else None)
 
-        try:
-            run_all(one, todo, jobs, f"{repo}@{pinned.commit[:12]}")
-        finally:
-            bar.close()
-        # every file is in the store now: drop the client's scratch files (kept on failure, for resuming)
-        shutil.rmtree(work, ignore_errors=True)
-        return result
+        def downloader(work: Path, cache_dir: Path):
+            def download(f: RemoteFile) -> Path:
+                try:
+                    return Path(hf_hub_download(
+                        repo, f.path, revision=pinned.commit, local_dir=work, cache_dir=cache_dir,
+                        endpoint=endpoint, token=token or False, library_name=LIBRARY,
+                        tqdm_class=None if progress else _QuietTqdm))
+                except Exception as e:
+                    raise map_error(e, repo=repo, revision=pinned.commit, endpoint=endpoint, token=token,
+                                    path=f.path) from e
+            return download
+
+        return fetch_into_store(
+            pinned, store, source="huggingface", what=f"{repo}@{pinned.commit[:12]}", downloader=downloader,
+            into_store=lambda f, local: _verify_into_store(f, local, store, f"{repo}/{f.path}"),
+            known_sha=known_sha, jobs=jobs, progress=progress)
 
 
 def _verify_into_store(f: RemoteFile, local: Path, store: ContentStore, name: str) -> Path:

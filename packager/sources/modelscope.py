@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import threading
 from pathlib import Path
 
 import requests
@@ -50,14 +48,13 @@ from installer.errors import AuthError, IntegrityError, LlmPackError, NotFoundEr
 from packager.sources.base import (
     COMMIT_RE,
     PinnedModel,
-    Progress,
     RemoteFile,
     check_relative_path,
     content_hash,
     env_token,
+    fetch_into_store,
     filter_paths,
     local_disk_error,
-    run_all,
     scrub,
 )
 from packager.spec import ModelSpec
@@ -150,54 +147,35 @@ class ModelScopeSource:
         repo = pinned.repo or ""
         endpoint = pinned.endpoint or ms_endpoint(None)
         token = env_token(*TOKEN_VARS)
-        result: dict[str, Path] = {}
-        todo = []
-        for f in pinned.files:
-            if store.has(f.sha256):
-                result[f.path] = store.blob(f.sha256)
-            else:
-                todo.append(f)
-        if not todo:
-            return result
         rev = pinned.commit if COMMIT_RE.fullmatch(pinned.commit) else (pinned.revision or "master")
-        work = store.tmpdir() / "modelscope" / repo.replace("/", "--") / pinned.commit
-        cache_dir = store.tmpdir() / "modelscope-cache"  # the client puts its lock files there
-        api = _api(endpoint, token)
-        bar = Progress(f"{pinned.name} ({len(todo)} files)", sum(f.size for f in todo), progress)
-        lock = threading.Lock()
 
-        def one(f: RemoteFile) -> None:
-            try:
-                local = Path(api.download_file(repo, "model", f.path, revision=rev, local_dir=work,
-                                               cache_dir=cache_dir, file_size=f.size))
-            except FileIntegrityError as e:
-                if isinstance(e, FileSizeMismatchError):
-                    raise IntegrityError(f"{repo}/{f.path}", expected=f"{f.size} bytes", actual=_first_line(e),
-                                         what="size", hint=CORRUPT_HINT) from e
-                # the client checked a sha256 the CDN sent (X-Linked-ETag) and gave up after its retries
-                m = re.search(r"got ([0-9a-f]+)", str(e))
-                raise IntegrityError(f"{repo}/{f.path}", expected=f.sha256,
-                                     actual=f"{m[1]}..." if m else "different bytes", hint=CORRUPT_HINT) from e
-            except Exception as e:
-                raise map_error(e, repo=repo, revision=rev, endpoint=endpoint, token=token,
-                                path=f.path) from e
-            try:
-                blob = store.add_file(local, expected_sha256=f.sha256, expected_size=f.size,
-                                      name=f"{repo}/{f.path}", move=True, hint=CORRUPT_HINT)
-            except BaseException:
-                local.unlink(missing_ok=True)
-                raise
-            with lock:
-                result[f.path] = blob
-            bar.done(f.size)
+        def downloader(work: Path, cache_dir: Path):  # cache_dir: the client puts its lock files there
+            api = _api(endpoint, token)
 
-        try:
-            run_all(one, todo, jobs, f"{repo}@{rev}")
-        finally:
-            bar.close()
-        # every file is in the store now: drop the client's scratch files (kept on failure, for resuming)
-        shutil.rmtree(work, ignore_errors=True)
-        return result
+            def download(f: RemoteFile) -> Path:
+                try:
+                    return Path(api.download_file(repo, "model", f.path, revision=rev, local_dir=work,
+                                                  cache_dir=cache_dir, file_size=f.size))
+                except FileIntegrityError as e:
+                    if isinstance(e, FileSizeMismatchError):
+                        raise IntegrityError(f"{repo}/{f.path}", expected=f"{f.size} bytes",
+                                             actual=_first_line(e), what="size", hint=CORRUPT_HINT) from e
+                    # the client checked a sha256 the CDN sent (X-Linked-ETag) and gave up after its retries
+                    m = re.search(r"got ([0-9a-f]+)", str(e))
+                    raise IntegrityError(f"{repo}/{f.path}", expected=f.sha256,
+                                         actual=f"{m[1]}..." if m else "different bytes",
+                                         hint=CORRUPT_HINT) from e
+                except Exception as e:
+                    raise map_error(e, repo=repo, revision=rev, endpoint=endpoint, token=token,
+                                    path=f.path) from e
+            return download
+
+        def into_store(f: RemoteFile, local: Path) -> Path:
+            return store.add_file(local, expected_sha256=f.sha256, expected_size=f.size,
+                                  name=f"{repo}/{f.path}", move=True, hint=CORRUPT_HINT)
+
+        return fetch_into_store(pinned, store, source="modelscope", what=f"{repo}@{rev}", downloader=downloader,
+                                into_store=into_store, jobs=jobs, progress=progress)
 
 
 def _first_line(e: BaseException) -> str:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from devkit.conda_channel.channel import default_cache_dir, ensure_test_channel
+from devkit.conda_channel.wheels import build_wheel
 from packager.spec import EnvSpec, PipSpec, TargetSpec
-from tests.conda.channel import default_cache_dir, ensure_test_channel
-from tests.conda.wheels import build_wheel
 
 HOST_GLIBC = os.confstr("CS_GNU_LIBC_VERSION").split()[1]  # the test python is this machine's: its glibc floor
 TARGET = TargetSpec(platform="linux-64", glibc=HOST_GLIBC)
@@ -99,6 +99,6 @@ def env_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def built_env(conda_channel: Path, wheel_dir: Path, env_work: Path):
-    from packager.envs import build_env
+    from packager.env.build import build_env
 
     return build_env(env_spec("t1", conda_channel, wheel_dir), TARGET, env_work, progress=False)

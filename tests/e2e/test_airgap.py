@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.journey import SERVICE, run_journey
+from devkit.journey import SERVICE, run_journey
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="needs root for systemd-nspawn")]
 

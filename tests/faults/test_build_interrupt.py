@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from packager.demo_model import make_tiny_model
+from devkit.tiny_model import make_tiny_model
 
 pytest_plugins = ("tests.hub.fixtures",)
 ROOT = Path(__file__).resolve().parents[2]

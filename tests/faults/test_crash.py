@@ -201,9 +201,9 @@ def test_switch_and_rollback_in_real_systemd(crash_bundles, keys, tmp_path):
     """In a booted, network-less systemd: the installer's units reach the active version through the one
     switch link (env file and drop-ins are symlinks, which systemd follows), an upgrade and a rollback each
     flip every instance at once, and an instance the older version lacks is gone after the rollback."""
-    from tests.nspawn import Container
+    from devkit.nspawn import Container
+    from devkit.nspawn.rootfs import ensure_rootfs
     from tests.nspawn.fixtures import require_nspawn
-    from tests.nspawn.rootfs import ensure_rootfs
 
     require_nspawn()
     import zstandard  # the bundle's runtime brings it; here the host's copy stands in

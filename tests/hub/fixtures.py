@@ -1,4 +1,4 @@
-"""pytest fixtures around :class:`tests.hub.HubServer`.
+"""pytest fixtures around :class:`devkit.hub.HubServer`.
 
 ``hub_env`` keeps the real clients away from the internet and from ~/.cache: it points HF_HOME,
 MODELSCOPE_CACHE, MODELSCOPE_HOME and LLM_PACK_STORE at temp dirs, turns telemetry off and removes
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hub.server import HubServer
+from devkit.hub.server import HubServer
 
 _CLEARED = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "MODELSCOPE_ENDPOINT",
             "MODELSCOPE_API_TOKEN", "MODELSCOPE_DOMAIN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.nspawn.container import Container
-from tests.nspawn.rootfs import ensure_rootfs
+from devkit.nspawn.container import Container
+from devkit.nspawn.rootfs import ensure_rootfs
 
 
 def require_nspawn() -> None:

@@ -25,7 +25,7 @@ class GoldenError(RuntimeError):
 def extract(tar: Path, root: Path) -> None:
     """Extract a rootfs tarball (``.tar`` or ``.tar.zst``) into ``root``, keeping owners and xattrs."""
     if not tar.is_file():
-        raise GoldenError(f"rootfs tarball {tar} not found; build it with tests.nspawn.ensure_rootfs()")
+        raise GoldenError(f"rootfs tarball {tar} not found; build it with devkit.nspawn.ensure_rootfs()")
     cmd = ["tar", "-x", "-f", str(tar), "-C", str(root), "--numeric-owner", "--xattrs", "--xattrs-include=*"]
     if tar.name.endswith(".zst"):
         cmd.insert(1, "--zstd")

@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from tests.hub.content import Content, as_content, digests
+from devkit.hub.content import Content, as_content, digests
 
 # The HF hub stores files above this size in LFS (it lists a sha256 for them); below, only a git oid.
 DEFAULT_LFS_THRESHOLD = 1024

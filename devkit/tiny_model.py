@@ -302,10 +302,10 @@ def make_tiny_model(dest: Path, *, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m packager.demo_model DEST [--seed N]`: write the tiny model to DEST."""
+    """`python -m devkit.tiny_model DEST [--seed N]`: write the tiny model to DEST."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m packager.demo_model", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devkit.tiny_model", description=main.__doc__)
     parser.add_argument("dest", type=Path, help="directory to write the model into (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Pack a conda environment fast, with conda-pack's relocation semantics, and cut the installer runtime.
+"""Pack a conda environment fast, with conda-pack's relocation semantics.
 
 **pack_env** writes ``envs/<env>.tar.zst``. conda-pack decides *what* goes in: the file list
 (``conda_pack.CondaEnv.from_prefix``), the prefix placeholder of every conda-managed file, the ``conda-unpack``
@@ -25,11 +25,6 @@ What this means for the target (the installer):
   path through its python (``<env>/bin/python -m vllm...``) or with ``<env>/bin`` first on ``PATH``.
 - ``bin/conda-unpack`` starts with ``#!/usr/bin/env python``: run it as ``<env>/bin/python <env>/bin/conda-unpack``
   after extracting at the final path; it rewrites the recorded prefixes (text and binary) in place.
-
-**cut_runtime** writes ``runtime/<env>.tar.gz``: the env's interpreter, the shared libraries it and its
-extension modules load from the env, the stdlib (without tests, idlelib, tkinter, ensurepip, bytecode
-caches) and the ``zstandard`` module, so ``install.sh`` can run the installer on a server without Python
-or zstd. It runs relocated: ``<dir>/bin/python3.X -I`` from any directory.
 """
 
 from __future__ import annotations
@@ -38,16 +33,16 @@ import codecs
 import json
 import os
 import stat
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from installer.errors import EnvironmentBuildError
-from packager.elf import GLIBC_SONAMES, read_elf
-from packager.envs import BuiltEnv, pip_args, run_env
-from packager.tarball import HashingWriter, write_tar_gz
+from packager.env.build import BuiltEnv
+from packager.env.placeholder import PlaceholderRestorer
+from packager.env.tarstream import TarStream
+from packager.tarball import HashingWriter
 
 CHUNK = 1 << 20
 TEXT_IN_MEMORY_MAX = 32 << 20  # unmanaged text files up to this size are held for shebang rewriting
@@ -63,99 +58,6 @@ class PackResult:
     files: int  # members (files, links, empty dirs)
     seconds: float = 0.0
     reused: bool = False
-
-
-# --------------------------------------------------------------------------------------------- tar writer
-
-
-class _TarStream:
-    """Minimal streaming tar writer (PAX headers via tarfile.TarInfo) over a binary sink."""
-
-    def __init__(self, sink) -> None:
-        self.sink = sink
-        self.offset = 0
-        self.mtime = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
-        self.members = 0
-        self.data_bytes = 0
-
-    def _header(self, ti: tarfile.TarInfo) -> None:
-        ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = self.mtime, 0, 0, "", ""
-        buf = ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-        self.sink.write(buf)
-        self.offset += len(buf)
-        self.members += 1
-
-    def _pad(self, size: int) -> None:
-        pad = -size % tarfile.BLOCKSIZE
-        if pad:
-            self.sink.write(b"\0" * pad)
-        self.offset += size + pad
-        self.data_bytes += size
-
-    def add_bytes(self, name: str, data: bytes, mode: int) -> None:
-        ti = tarfile.TarInfo(name)
-        ti.type, ti.size, ti.mode = tarfile.REGTYPE, len(data), _norm_mode(mode)
-        self._header(ti)
-        self.sink.write(data)
-        self._pad(len(data))
-
-    def add_stream(self, name: str, chunks, size: int, mode: int, *, what: str) -> None:
-        """A regular file of exactly ``size`` bytes from an iterable of byte chunks (written as they come)."""
-        ti = tarfile.TarInfo(name)
-        ti.type, ti.size, ti.mode = tarfile.REGTYPE, size, _norm_mode(mode)
-        self._header(ti)
-        written = 0
-        for chunk in chunks:
-            if written + len(chunk) > size:
-                raise EnvironmentBuildError(f"{what} grew while it was being packed",
-                                            hint="do not modify the environment while packing it")
-            self.sink.write(chunk)
-            written += len(chunk)
-        if written != size:
-            raise EnvironmentBuildError(f"{what} shrank while it was being packed",
-                                        hint="do not modify the environment while packing it")
-        self._pad(size)
-
-    def add_symlink(self, name: str, target: str) -> None:
-        ti = tarfile.TarInfo(name)
-        ti.type, ti.linkname, ti.mode = tarfile.SYMTYPE, target, 0o777
-        self._header(ti)
-
-    def add_dir(self, name: str) -> None:
-        ti = tarfile.TarInfo(name)
-        ti.type, ti.mode = tarfile.DIRTYPE, 0o755
-        self._header(ti)
-
-    def add_file(self, name: str, path: str, size: int, mode: int, buf: bytearray, watch=None) -> None:
-        """Stream ``path`` (``size`` bytes per lstat) into the archive; ``watch(chunk_view)`` sees each chunk."""
-        ti = tarfile.TarInfo(name)
-        ti.type, ti.size, ti.mode = tarfile.REGTYPE, size, _norm_mode(mode)
-        self._header(ti)
-        view = memoryview(buf)
-        left = size
-        with open(path, "rb", buffering=0) as f:
-            while left:
-                n = f.readinto(view[:min(left, len(buf))])
-                if not n:
-                    raise EnvironmentBuildError(f"{path} shrank while it was being packed",
-                                                hint="do not modify the environment while packing it")
-                chunk = view[:n]
-                self.sink.write(chunk)
-                if watch is not None:
-                    watch(chunk)
-                left -= n
-        self._pad(size)
-
-    def close(self) -> None:
-        self.sink.write(b"\0" * (tarfile.BLOCKSIZE * 2))
-        self.offset += tarfile.BLOCKSIZE * 2
-        rem = self.offset % tarfile.RECORDSIZE
-        if rem:
-            self.sink.write(b"\0" * (tarfile.RECORDSIZE - rem))
-
-
-def _norm_mode(mode: int) -> int:
-    return 0o755 if mode & 0o111 else 0o644
 
 
 class _Watch:
@@ -187,9 +89,6 @@ class _Watch:
                 self.decoder.decode(b"", final=True)
             except UnicodeDecodeError:
                 self.text = False
-
-
-# --------------------------------------------------------------------------------------------- pack
 
 
 class _Capture:
@@ -260,90 +159,6 @@ def _fill_from_conda_meta(prefix: Path, files: list) -> dict[str, str]:
     return restore
 
 
-RESTORE_MAX_STRING = 16 << 20  # bytes of one C string holding the prefix kept while looking for its NUL
-
-
-class PlaceholderRestorer:
-    """Streaming :func:`restore_placeholder`: ``feed(chunk) -> bytes`` then ``finish() -> bytes``.
-
-    Memory stays at about one chunk plus the C string being rewritten (at most ``RESTORE_MAX_STRING``):
-    outside a string only ``len(installed) - 1`` bytes are kept back (a prefix cut by a chunk boundary).
-    The output has exactly the input's length. Raises ValueError where the one-shot version does.
-    """
-
-    def __init__(self, installed: bytes, placeholder: bytes) -> None:
-        self.extra = len(placeholder) - len(installed)
-        if self.extra < 0:
-            raise ValueError("placeholder shorter than the installed prefix")
-        if not installed or b"\0" in installed:
-            raise ValueError("the installed prefix must be a non-empty C string")
-        self.installed, self.placeholder = installed, placeholder
-        self.pending = bytearray()  # unprocessed input
-        self.string: bytearray | None = None  # original bytes of the C string being rewritten (from the prefix)
-        self.absorb = 0  # NUL padding still to be dropped after a rewritten string
-        self.offset = 0  # input offset of pending[0]
-
-    def feed(self, chunk: bytes) -> bytes:
-        self.pending += chunk
-        return self._run(final=False)
-
-    def finish(self) -> bytes:
-        out = self._run(final=True)
-        if self.absorb:
-            raise ValueError(f"no NUL padding after the prefix at offset {self._string_start}")
-        if self.string is not None:  # a prefix with no NUL after it before the end: left as it is
-            out += bytes(self.string)
-            self.string = None
-        return out
-
-    def _run(self, *, final: bool) -> bytes:
-        out = bytearray()
-        data, inst = self.pending, self.installed
-        i = 0
-        while i < len(data):
-            if self.absorb:
-                take = min(self.absorb, len(data) - i)
-                if data[i:i + take].count(0) != take:
-                    raise ValueError(f"no NUL padding after the prefix at offset {self._string_start}")
-                self.absorb -= take
-                i += take
-                continue
-            if self.string is not None:
-                nul = data.find(b"\0", i)
-                end = len(data) if nul < 0 else nul + 1
-                self.string += data[i:end]
-                i = end
-                if nul >= 0:
-                    s = bytes(self.string)
-                    out += s.replace(inst, self.placeholder)
-                    self.absorb = self.extra * s.count(inst)
-                    self.string = None
-                elif len(self.string) > RESTORE_MAX_STRING:
-                    raise ValueError(f"the string holding the prefix at offset {self._string_start} is longer "
-                                     f"than {RESTORE_MAX_STRING} bytes without a NUL")
-                continue
-            hit = data.find(inst, i)
-            if hit < 0:
-                keep = 0 if final else min(len(inst) - 1, len(data) - i)
-                out += data[i:len(data) - keep]
-                i = len(data) - keep
-                break
-            out += data[i:hit]
-            self._string_start = self.offset + hit
-            self.string = bytearray()
-            i = hit
-        self.offset += i
-        del data[:i]
-        return bytes(out)
-
-
-def restore_placeholder(data: bytes, installed: bytes, placeholder: bytes) -> bytes:
-    """Undo an installer's binary prefix replacement: ``installed`` + rest of the C string + NUL padding
-    becomes ``placeholder`` + rest + NUL again (same length), as in the package. (One-shot form of
-    :class:`PlaceholderRestorer`, which the packer streams files through.)"""
-    r = PlaceholderRestorer(installed, placeholder)
-    return r.feed(data) + r.finish()
-
 
 def pack_env(built: BuiltEnv, dest: Path, *, level: int = 3, threads: int = 0) -> PackResult:
     """Write ``dest`` (.tar.zst) atomically; ``threads=0`` uses every core (like ``zstd -T0``)."""
@@ -366,7 +181,7 @@ def pack_env(built: BuiltEnv, dest: Path, *, level: int = 3, threads: int = 0) -
             cctx = zstandard.ZstdCompressor(level=level, threads=threads if threads > 0 else -1,
                                             write_checksum=True)
             with cctx.stream_writer(hw, write_size=CHUNK, closefd=False) as zw:
-                tar = _TarStream(zw)
+                tar = TarStream(zw)
                 for f in files:
                     if f.target in restore:
                         _add_restored(tar, f, prefix_b, restore[f.target], records)
@@ -389,7 +204,7 @@ def pack_env(built: BuiltEnv, dest: Path, *, level: int = 3, threads: int = 0) -
     return PackResult(dest, hw.sha.hexdigest(), hw.size, tar.data_bytes, tar.members, time.monotonic() - t0)
 
 
-def _add_restored(tar: _TarStream, f, prefix_b: bytes, placeholder: str, records: list) -> None:
+def _add_restored(tar: TarStream, f, prefix_b: bytes, placeholder: str, records: list) -> None:
     """Stream ``f`` into the archive with its package placeholder put back (bounded memory: one chunk
     plus the C string being rewritten, whatever the file's size)."""
     try:
@@ -411,7 +226,7 @@ def _add_restored(tar: _TarStream, f, prefix_b: bytes, placeholder: str, records
     records.append((f.target, placeholder, "binary"))
 
 
-def _add(tar: _TarStream, f, prefix: str, prefix_b: bytes, buf: bytearray, records: list, packages: list,
+def _add(tar: TarStream, f, prefix: str, prefix_b: bytes, buf: bytearray, records: list, packages: list,
          bin_dir: str, rewrite_conda_meta, rewrite_shebang) -> None:
     target = f.target
     try:
@@ -517,92 +332,3 @@ def cached_pack(built: BuiltEnv, cache_dir: Path, *, level: int = 3, threads: in
             old.unlink(missing_ok=True)
             old.with_suffix("").with_suffix(".json").unlink(missing_ok=True)
     return res
-
-
-# --------------------------------------------------------------------------------------------- runtime
-
-RUNTIME_SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "idlelib", "tkinter", "turtledemo",
-                     "ensurepip", "__pycache__", "lib2to3"}
-RUNTIME_SKIP_PREFIXES = ("config-",)
-RUNTIME_SKIP_MODULES = ("_tkinter", "_test", "xxlimited", "xxsubtype", "_xxtestfuzz", "_ctypes_test")
-
-
-def cut_runtime(built: BuiltEnv, dest: Path) -> PackResult:
-    """Write ``dest`` (runtime/<env>.tar.gz): python + needed env libs + stdlib + zstandard."""
-    t0 = time.monotonic()
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    prefix = built.prefix
-    py = f"python{built.python_short}"
-    interp = prefix / "bin" / py
-    stdlib = prefix / "lib" / py
-    if not interp.exists() or not (stdlib / "os.py").is_file():
-        raise EnvironmentBuildError(f"environment {built.spec.name}: no {py} interpreter/stdlib in {prefix}",
-                                    hint="the first environment must contain python")
-    entries: dict[str, Path] = {f"bin/{py}": interp.resolve()}
-    for dirpath, dirnames, filenames in os.walk(stdlib):
-        rel = Path(dirpath).relative_to(stdlib)
-        dirnames[:] = sorted(d for d in dirnames
-                             if d not in RUNTIME_SKIP_DIRS and not (rel == Path(".") and
-                                                                   d.startswith(RUNTIME_SKIP_PREFIXES)))
-        for fn in filenames:
-            if fn.endswith((".pyc", ".pyo")) or (rel.name == "lib-dynload" and fn.startswith(RUNTIME_SKIP_MODULES)):
-                continue
-            src = Path(dirpath, fn)
-            if src.is_file():
-                entries[f"lib/{py}/{(rel / fn).as_posix()}"] = src.resolve()
-    with tempfile.TemporaryDirectory(prefix="llm-runtime-") as tmp:
-        zst_dir = _zstandard_source(built, Path(tmp))
-        for dirpath, dirnames, filenames in os.walk(zst_dir / "zstandard"):
-            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
-            for fn in filenames:
-                if not fn.endswith((".pyc", ".pyo")):
-                    src = Path(dirpath, fn)
-                    entries[f"lib/{py}/site-packages/{src.relative_to(zst_dir).as_posix()}"] = src.resolve()
-        for soname, src in _needed_env_libs(prefix, [p for a, p in entries.items() if _elfish(a)]).items():
-            entries[f"lib/{soname}"] = src
-        wf = write_tar_gz(dest, sorted(entries.items()), level=6)
-        unpacked = sum(p.stat().st_size for p in entries.values())
-    return PackResult(wf.path, wf.sha256, wf.size, unpacked, len(entries), time.monotonic() - t0)
-
-
-def _elfish(arcname: str) -> bool:
-    return arcname.startswith("bin/") or arcname.endswith(".so") or ".so." in arcname
-
-
-def _zstandard_source(built: BuiltEnv, tmp: Path) -> Path:
-    """A directory holding the ``zstandard`` package for the env's python (the env's own, else pip --target)."""
-    site = built.prefix / "lib" / f"python{built.python_short}" / "site-packages"
-    if (site / "zstandard" / "__init__.py").is_file():
-        return site
-    target = tmp / "zstd"
-    run_env(built.prefix, ["-m", "pip", "install", "--no-warn-script-location", "--no-compile", "--target",
-                           str(target), *pip_args(built.spec.pip), "zstandard"],
-            progress=False, what=f"environment {built.spec.name}: pip install --target zstandard (installer runtime)",
-            hint="the installer runtime needs the zstandard module: make it installable (index or find_links), "
-            "or add zstandard to the environment's pip: packages")
-    return target
-
-
-def _needed_env_libs(prefix: Path, elf_files: list[Path]) -> dict[str, Path]:
-    """Shared libraries (by soname) from ``<prefix>/lib`` that ``elf_files`` load, transitively."""
-    libdir = prefix / "lib"
-    found: dict[str, Path] = {}
-    todo = list(elf_files)
-    seen: set[Path] = set()
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        info = read_elf(path)
-        if info is None:
-            continue
-        for lib in info.needed:
-            if lib in found or lib in GLIBC_SONAMES:
-                continue
-            cand = libdir / lib
-            if cand.exists():
-                found[lib] = cand.resolve()
-                todo.append(found[lib])
-    return found

@@ -4,8 +4,8 @@ Generates a tiny Qwen2 model, builds a conda environment with the real vLLM CPU 
 a bundle, installs it with install.sh into a systemd-nspawn container that has no network, starts
 `llm@tiny` and prints a real chat completion, then stops and uninstalls it. With ``--full`` it goes on as
 the end-to-end test does: kill -9 of vLLM's engine (systemd restarts it), an upgrade to a second version
-and a rollback (three more vLLM starts: minutes on a small machine). Needs root (systemd-nspawn) and a checkout of the
-repository (the demo's conda channel and target image are built by the test tooling in tests/).
+and a rollback (three more vLLM starts: minutes on a small machine). Needs root (systemd-nspawn) and the demo
+tooling (`pip install .[demo]`: the demo's conda channel and target image are built by devkit/).
 """
 
 from __future__ import annotations
@@ -32,12 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("build.sh demo: needs root (it boots a systemd container with systemd-nspawn)", file=sys.stderr)
         return 2
-    repo = Path(__file__).resolve().parent.parent
-    if not (repo / "tests" / "e2e" / "journey.py").exists():
-        print("build.sh demo: run it from a checkout of the repository", file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(repo))
-    from tests.e2e.journey import run_journey
+    from devkit.journey import run_journey
 
     def pause(res, leader: int) -> None:
         if args.no_pause or not sys.stdin.isatty():

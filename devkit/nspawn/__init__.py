@@ -1,0 +1,28 @@
+"""A real systemd test target: a debootstrapped Debian booted with systemd-nspawn, with no network.
+
+from devkit.nspawn import Container, ensure_rootfs
+
+with Container(ensure_rootfs(), binds=[(usb_dir, "/media/usb", True)]) as c:
+    c.run(["bash", "/media/usb/install.sh"])
+    c.run("systemctl start llm@tiny")
+    print(c.journal("llm@tiny"))
+"""
+
+from devkit.nspawn.container import (
+    Container,
+    ContainerCommandError,
+    ContainerError,
+    reap_stale,
+)
+from devkit.nspawn.rootfs import PACKAGES, RootfsBuildError, default_cache_dir, ensure_rootfs
+
+__all__ = [
+    "PACKAGES",
+    "Container",
+    "ContainerCommandError",
+    "ContainerError",
+    "RootfsBuildError",
+    "default_cache_dir",
+    "ensure_rootfs",
+    "reap_stale",
+]
