@@ -428,32 +428,14 @@ def _render_units(inst: Installer, m: Mapping, rec: Mapping, say: Say) -> list[t
     resolve = _resolver(inst, m, rec)
     out = []
     for svc in man.services:
-        paths = systemd.InstancePaths(*resolve(svc.to_dict()))
-        env_meta = man.environment(svc.environment) or paths.env_meta
-        if env_meta is None:
-            raise InstallError(
-                f"service {svc.name}: environment {svc.environment!r} is neither in this "
-                "bundle nor installed",
-                hint="install a bundle with that environment first",
-            )
-        env = systemd.as_env(env_meta)
-        via_credential = credentials and svc.api_key_file is not None
-        text = systemd.render_env_file(
-            svc,
-            env,
-            env_prefix=paths.env_prefix,
-            model_path=paths.model_path,
-            hf_cache=paths.hf_cache,
-            bundle=man.bundle,
-            key_via_credential=via_credential,
-        )
-        out.append((f"{svc.name}.env", text, 0o644))
-        out.append((f"{svc.name}.{systemd.DROPIN_NAME}",
-                    systemd.render_devices_dropin(env, nvidia_modprobe=modprobe), 0o644))
-        key = (systemd.render_key_dropin(svc) if via_credential else
-               "# Written by the llm-pack installer: this version of the instance has no API key credential.\n")
+        f = systemd.render_instance(inst.t.root, man, svc, systemd.InstancePaths(*resolve(svc.to_dict())),
+                                    nvidia_modprobe=modprobe, credentials=credentials)
+        out.append((f"{svc.name}.env", f.env_file, 0o644))
+        out.append((f"{svc.name}.{systemd.DROPIN_NAME}", f.devices_dropin, 0o644))
+        key = f.key_dropin or (
+            "# Written by the llm-pack installer: this version of the instance has no API key credential.\n")
         out.append((f"{svc.name}.{systemd.KEY_DROPIN_NAME}", key, 0o644))
-        for problem in systemd.check_api_key_file(inst.t.root, svc.api_key_file, via_credential=credentials):
+        for problem in f.problems:
             say(f"warning: service {svc.name}: {problem}")
     return out
 

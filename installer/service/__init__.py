@@ -78,6 +78,7 @@ from installer.service.unit_files import (
     key_install_command,
     launcher_text,
     remove_units,
+    render_instance,
     template_text,
 )
 from installer.service.user import (
@@ -97,7 +98,8 @@ __all__ = [
     "disable", "dropin_path", "enable", "ensure_user", "env_file_path", "env_quote", "files_owned_by_service_ids",
     "find_nvidia_modprobe", "health", "install_units", "installed_instances", "is_cpu_env", "key_dropin_path",
     "key_install_command", "launcher_text", "parse_env_file", "remove_units", "remove_user",
-    "render_devices_dropin", "render_env_file", "render_key_dropin", "restart_instances", "start", "stop",
+    "render_devices_dropin", "render_env_file", "render_instance", "render_key_dropin", "restart_instances",
+    "start", "stop",
     "systemctl", "systemd_running", "systemd_version", "sysusers_text", "template_text", "unit_name",
     "unit_properties", "unit_property", "user_removal_decision", "uses_credentials",
 ]

@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from installer.bundle import manifest as records
@@ -72,32 +73,15 @@ def install_units(
     for svc in m.services:
         if wanted is not None and svc.name not in wanted:
             continue
-        paths = InstancePaths(*resolve_paths(svc.to_dict()))
-        env_meta = m.environment(svc.environment) or paths.env_meta
-        if env_meta is None:
-            raise InstallError(
-                f"service {svc.name}: environment {svc.environment!r} is neither in this "
-                "bundle nor installed",
-                hint="install a bundle with that environment first",
-            )
-        env = as_env(env_meta)
-        via_credential = credentials and svc.api_key_file is not None
-        text = render_env_file(
-            svc,
-            env,
-            env_prefix=paths.env_prefix,
-            model_path=paths.model_path,
-            hf_cache=paths.hf_cache,
-            bundle=m.bundle,
-            key_via_credential=via_credential,
-        )
-        planned.append((env_file_path(root, svc.name), text, 0o644))
-        planned.append((dropin_path(root, svc.name), render_devices_dropin(env, nvidia_modprobe=modprobe), 0o644))
-        if via_credential:
-            planned.append((key_dropin_path(root, svc.name), render_key_dropin(svc), 0o644))
+        f = render_instance(root, m, svc, InstancePaths(*resolve_paths(svc.to_dict())),
+                            nvidia_modprobe=modprobe, credentials=credentials)
+        planned.append((env_file_path(root, svc.name), f.env_file, 0o644))
+        planned.append((dropin_path(root, svc.name), f.devices_dropin, 0o644))
+        if f.key_dropin is not None:
+            planned.append((key_dropin_path(root, svc.name), f.key_dropin, 0o644))
         else:
             stale.append(key_dropin_path(root, svc.name))
-        for problem in check_api_key_file(root, svc.api_key_file, via_credential=credentials):
+        for problem in f.problems:
             log.warning("service %s: %s", svc.name, problem)
     planned.insert(0, (root / UNIT_DIR / TEMPLATE, template_text(), 0o644))
     planned.insert(1, (root / LAUNCHER, launcher_text(), 0o755))
@@ -108,6 +92,40 @@ def install_units(
     for p in stale:  # a key dropped from the manifest, or a systemd without credentials now
         p.unlink(missing_ok=True)
     return written
+
+
+@dataclass(frozen=True)
+class InstanceFiles:
+    """What one instance's configuration is: its env file, device drop-in, API key drop-in (None: no key
+    through a credential) and the problems found with its key file."""
+
+    env_file: str
+    devices_dropin: str
+    key_dropin: str | None
+    problems: tuple[str, ...]
+
+
+def render_instance(root: Path, m: Manifest, svc: records.ServiceRecord, paths: InstancePaths, *,
+                    nvidia_modprobe: str | None, credentials: bool) -> InstanceFiles:
+    """The text of one instance's files (shared by :func:`install_units` and the installer's per-version
+    units); writes nothing."""
+    env_meta = m.environment(svc.environment) or paths.env_meta
+    if env_meta is None:
+        raise InstallError(
+            f"service {svc.name}: environment {svc.environment!r} is neither in this "
+            "bundle nor installed",
+            hint="install a bundle with that environment first",
+        )
+    env = as_env(env_meta)
+    via_credential = credentials and svc.api_key_file is not None
+    text = render_env_file(svc, env, env_prefix=paths.env_prefix, model_path=paths.model_path,
+                           hf_cache=paths.hf_cache, bundle=m.bundle, key_via_credential=via_credential)
+    return InstanceFiles(
+        env_file=text,
+        devices_dropin=render_devices_dropin(env, nvidia_modprobe=nvidia_modprobe),
+        key_dropin=render_key_dropin(svc) if via_credential else None,
+        problems=tuple(check_api_key_file(root, svc.api_key_file, via_credential=credentials)),
+    )
 
 
 def key_install_command(key_file: str, *, via_credential: bool) -> str:
