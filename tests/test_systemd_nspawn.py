@@ -297,7 +297,14 @@ def test_config_error_does_not_restart(target):
     # systemd >= 248 loads the key itself (LoadCredential=): a missing file fails the start with 243
     # (CREDENTIALS), which RestartPreventExitStatus= lists beside the launcher's own 78
     assert c.show("llm@badkey.service", "ExecMainStatus") == "243"
-    log = c.journal("llm@badkey.service")
+    # The "Failed at step CREDENTIALS spawning ..." line is logged by the forked child, which is gone
+    # before journald reads its cgroup: `journalctl -u` may not match it (a journald race), so the
+    # whole journal is searched, and given time to receive it.
+    def spawn_line() -> str:
+        return "\n".join(line for line in c.journal().splitlines() if "llm@badkey.service" in line)
+
+    wait_for(lambda: "/opt/llm/bin/llm-serve" in spawn_line(), 20, "the CREDENTIALS spawn line in the journal")
+    log = spawn_line()
     print(log[-600:])
     assert "CREDENTIALS" in log and "/opt/llm/bin/llm-serve" in log
 
