@@ -538,3 +538,28 @@ def test_preflight_cli_refuses_a_bad_manifest_without_traceback(tmp_path, capsys
     assert pf.main([str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path}/MANIFEST.json: environments[0].cuda: '12.8\\n' contains a line break")
+
+
+# --------------------------------------------------------------------------- the driver table (data)
+
+
+@pytest.mark.parametrize("cuda,driver", [("13.0", "580.65.06"), ("13.1", "590.44.01"), ("13.2", "595.45.04"),
+                                         ("13.3", "610.43.02"), ("12.8", "570.26")])
+def test_driver_table_rows(cuda, driver):
+    from installer.preflight import cuda as table
+
+    assert table.min_driver(cuda) == driver
+    assert table.driver_supports(driver, cuda)
+    assert not table.driver_supports(str(int(driver.split(".")[0]) - 1), cuda)  # one branch older
+
+
+def test_driver_table_newest_cuda_and_floors():
+    from installer.preflight import cuda as table
+
+    assert table.newest_cuda_for_driver("580.159.04") == "13.0"   # the H200's driver
+    assert table.newest_cuda_for_driver("595.58.03") == "13.2"
+    assert table.newest_cuda_for_driver("610.43.02") == "13.3"
+    assert table.driver_floor("13.2") == "580.65.06" and table.driver_floor("12.4") == "525.60.13"
+    assert table.table()["updates"]["13.1 Update 1"] == "590.48.01"
+    with pytest.raises(UsageError, match="13.9 is not in the driver table"):
+        table.min_driver("13.9")
