@@ -400,6 +400,37 @@ def test_libraries_optional_ones_only_warn(tmp_path):
     assert pf.failed(results)
 
 
+
+def test_libraries_driver_ones_and_cuda_plugins(tmp_path):
+    """libcuda.so.1 & co come with the NVIDIA driver (the driver check's); NVSHMEM transports, its MPI/PMIx
+    bootstraps and cuFile's RDMA plugin are loaded on demand: WARN naming the part; a core needer still FAILs."""
+    m = manifest()
+    env = m["environments"][0]
+    sp = "lib/python3.12/site-packages"
+    env["needed_by"] = {
+        "libcuda.so.1": [f"{sp}/torch/lib/libtorch_cuda.so"],
+        "libnvidia-ml.so.1": [f"{sp}/nvidia/cu13/lib/libnvidia-ml-stub.so"],
+        "libibverbs.so.1": [f"{sp}/nvidia/nvshmem/lib/nvshmem_transport_ibrc.so.4",
+                            f"{sp}/nvidia/cu13/lib/libcufile_rdma.so.1"],
+        "libmpi.so.40": [f"{sp}/nvidia/nvshmem/lib/nvshmem_bootstrap_mpi.so.4"],
+        "libpmix.so.2": [f"{sp}/nvidia/nvshmem/lib/nvshmem_bootstrap_pmix.so.4"],
+    }
+    env["needed_libraries"] = sorted(env["needed_by"])
+    results = run(m, "libraries", root=tmp_path)
+    assert [r.status for r in results] == [pf.WARN], results
+    warn = results[0].detail
+    assert "libibverbs.so.1" in warn and "nvshmem_transport_ibrc" in warn and "libmpi.so.40" in warn
+    assert "libcuda" not in warn and "libnvidia-ml" not in warn
+    env["needed_libraries"] = ["libcuda.so.1", "libnvidia-ml.so.1"]
+    (r,) = run(m, "libraries", root=tmp_path)
+    assert r.status == pf.PASS and "from the NVIDIA driver (driver check): libcuda.so.1, libnvidia-ml.so.1" in r.detail
+    # the same library needed by vLLM's own code is required
+    env["needed_libraries"] = ["libibverbs.so.1"]
+    env["needed_by"]["libibverbs.so.1"].append(f"{sp}/vllm/_C.abi3.so")
+    statuses = {r.status for r in run(m, "libraries", root=tmp_path)}
+    assert statuses == {pf.FAIL}
+
+
 def test_libraries_live_ld_cache():
     m = cpu_manifest()
     assert one(m, "libraries").status == pf.PASS       # libc.so.6 via ldconfig -p

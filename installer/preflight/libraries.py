@@ -57,27 +57,49 @@ def system_libraries(root: Path = Path("/")) -> set[str]:
     return names
 
 
-def _library_packages() -> dict[str, dict[str, str]]:
+def _data() -> dict:
     try:
-        return json.loads(LIBRARY_PACKAGES.read_text())["libraries"]
-    except (OSError, ValueError, KeyError):
+        return json.loads(LIBRARY_PACKAGES.read_text())
+    except (OSError, ValueError):
         return {}
 
 
-# A missing library is fatal unless every file needing it is a known optional part: stdlib extras a server
-# never uses (Tk, NIS, curses, readline, dbm), Intel OpenMP offload/SYCL plugins that ship with intel-openmp
-# and are loaded only on request, numba's alternative thread pools. Anything else (vLLM's and torch's
-# compiled code, the interpreter, stdlib modules such as _sqlite3 that vLLM imports) is required.
-_OPTIONAL_NEEDERS = ("/lib-dynload/_tkinter", "/lib-dynload/nis.", "/lib-dynload/readline.", "/lib-dynload/_curses",
-                     "/lib-dynload/_dbm", "/lib-dynload/_gdbm", "lib/libomptarget", "lib/libur_", "lib/libpi_",
-                     "lib/libarcher", "lib/libsycl", "/numba/np/ufunc/omppool", "/numba/np/ufunc/tbbpool")
+def _library_packages() -> dict[str, dict[str, str]]:
+    return _data().get("libraries") or {}
+
+
+def driver_provided() -> frozenset[str]:
+    """Sonames the NVIDIA driver installs (``libcuda.so.1``, ``libnvidia-ml.so.1``, ...): the driver check's."""
+    return frozenset((_data().get("driver_provided") or {}).get("sonames") or ())
+
+
+def optional_fragments() -> tuple[str, ...]:
+    """Path fragments of files loaded only on request (plugins, stdlib extras): see library_packages.json.
+
+    A missing library is fatal unless every file needing it is such an optional part: stdlib extras a server
+    never uses (Tk, NIS, curses, readline, dbm), Intel OpenMP offload/SYCL plugins, numba's alternative
+    thread pools, NVSHMEM's network transports and MPI/PMIx bootstraps, cuFile's RDMA plugin. Anything else
+    (vLLM's and torch's compiled code, the interpreter, stdlib modules such as _sqlite3) is required.
+    """
+    return tuple((_data().get("optional_needers") or {}).get("fragments") or ())
 
 
 def _core_needers(env: EnvironmentRecord, lib: str) -> list[str]:
     needers = env.needed_by.get(lib)
     if not needers:  # bundles without needed_by: treat every library as required
         return ["(unknown)"]
-    return [f for f in needers if not any(o in f"/{f}" for o in _OPTIONAL_NEEDERS)]
+    optional = optional_fragments()
+    return [f for f in needers if not any(o in f"/{f}" for o in optional)]
+
+
+def classify(env: EnvironmentRecord, provided: set[str]) -> tuple[list[str], list[str], list[str]]:
+    """(driver's, optional, missing-and-required) among the env's needed libraries this server lacks."""
+    absent = [lib for lib in env.needed_libraries if lib not in provided]
+    drv = driver_provided()
+    driver = [lib for lib in absent if lib in drv]
+    optional = [lib for lib in absent if lib not in drv and not _core_needers(env, lib)]
+    required = [lib for lib in absent if lib not in drv and lib not in optional]
+    return driver, optional, required
 
 
 def check_libraries(ctx: _Context) -> list[CheckResult]:
@@ -90,12 +112,14 @@ def check_libraries(ctx: _Context) -> list[CheckResult]:
     for env in envs:
         name = env.name
         needed = list(env.needed_libraries)
-        missing = [lib for lib in needed if lib not in provided]
-        if not missing:
-            out.append(CheckResult("libraries", PASS, f"all {len(needed)} needed system libraries found"
-                                   + (f" ({', '.join(needed)})" if needed else ""), subject=name))
+        driver, optional, missing = classify(env, provided)
+        if not optional and not missing:
+            found = [lib for lib in needed if lib not in driver]
+            out.append(CheckResult("libraries", PASS, f"all {len(found)} needed system libraries found"
+                                   + (f" ({', '.join(found)})" if found else "")
+                                   + (f"; from the NVIDIA driver (driver check): {', '.join(driver)}"
+                                      if driver else ""), subject=name))
             continue
-        optional = [lib for lib in missing if not _core_needers(env, lib)]
         if optional:
             out.append(CheckResult(
                 "libraries", WARN,
@@ -103,7 +127,6 @@ def check_libraries(ctx: _Context) -> list[CheckResult]:
                     f"{lib} (needed by {', '.join(env.needed_by.get(lib, ())[:2])})"
                     for lib in optional),
                 "ignore unless you use those parts; otherwise install the libraries", name))
-            missing = [lib for lib in missing if lib not in optional]
             if not missing:
                 continue
         described, debian, rhel = [], [], []
