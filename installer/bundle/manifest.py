@@ -531,9 +531,14 @@ class VllmInfo(_Record):
 
 @dataclass(frozen=True)
 class EnvironmentRecord(_Record):
+    """A packed environment (``artifact`` + ``content_hash``), or one the server already has (``existing``:
+    the absolute prefix holding ``bin/python`` with vLLM; nothing is carried, the installer checks it)."""
+
     name: str
-    artifact: str
-    content_hash: str
+    artifact: str | None = None
+    content_hash: str | None = None
+    existing: str | None = None
+    compiler: str | None = None  # a C compiler carried in the environment, relative to its prefix
     python: str | None = None
     platform: str | None = None
     cuda: str | None = None
@@ -552,9 +557,20 @@ class EnvironmentRecord(_Record):
     @classmethod
     def read(cls, r: _Reader) -> EnvironmentRecord:
         name = r.str("name", NAME_RE, what="environment name")
-        artifact = r.relpath("artifact")
-        if artifact != f"envs/{name}.tar.zst":
-            r.fail(("artifact",), f"{artifact!r} is not envs/{name}.tar.zst")
+        existing = r.str("existing", None, optional=True, what="path")
+        if existing is not None:
+            bad = abs_path_problem(existing)
+            if bad:
+                r.fail(("existing",), bad)
+            for key in ("artifact", "content_hash", "lock", "needed_libraries", "needed_by"):
+                if r.obj.get(key):
+                    r.fail((key,), f"an existing environment ({existing}) has no {key}: nothing is carried")
+            artifact = content_hash = None
+        else:
+            artifact = r.relpath("artifact")
+            if artifact != f"envs/{name}.tar.zst":
+                r.fail(("artifact",), f"{artifact!r} is not envs/{name}.tar.zst")
+            content_hash = r.str("content_hash", SHA256_RE, what="content hash (64 hex digits)")
         needed_by = r.child("needed_by", optional=True)
         nb: dict[str, tuple[str, ...]] = {}
         if needed_by is not None:
@@ -570,8 +586,8 @@ class EnvironmentRecord(_Record):
                 r.fail(("lock",), f"expected an object, found {_kind(lock)}")
             _check_json_value(r, lock, ("lock",))
         return cls(
-            name=name, artifact=artifact,
-            content_hash=r.str("content_hash", SHA256_RE, what="content hash (64 hex digits)"),
+            name=name, artifact=artifact, content_hash=content_hash, existing=existing,
+            compiler=r.relpath("compiler", optional=True, what="compiler path"),
             python=r.str("python", PYTHON_RE, optional=True, what="Python version"),
             platform=r.str("platform", choices=PLATFORMS, optional=True),
             cuda=r.str("cuda", CUDA_RE, optional=True, what="CUDA version (like 12.8)"),
@@ -591,6 +607,10 @@ class EnvironmentRecord(_Record):
     @property
     def is_cpu(self) -> bool:
         return not self.cuda
+
+    @property
+    def is_existing(self) -> bool:
+        return self.existing is not None
 
 
 @dataclass(frozen=True)
@@ -847,7 +867,7 @@ class Manifest(_Record):
             if ref is not None and ref.artifact not in listed:
                 r.fail((key, "artifact"), f"{ref.artifact!r} is not listed in artifacts")
         for i, e in enumerate(self.environments):
-            if e.artifact not in listed:
+            if e.artifact is not None and e.artifact not in listed:
                 r.fail(("environments", i, "artifact"), f"{e.artifact!r} is not listed in artifacts")
 
     # -- writing

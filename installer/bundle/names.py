@@ -21,6 +21,9 @@ VOLUME_PREFIX = "vol"
 VOLUME_INDEX = "VOLUME.sha256"
 SPLIT_INFO = "SPLIT.json"
 
+# the PATH every service and preflight probe runs with after the environment's own bin/
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
 ARTIFACT_KINDS = ("bootstrap", "installer", "runtime", "environment", "model")
 BUFSIZE = 1 << 20
 

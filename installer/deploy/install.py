@@ -235,6 +235,12 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
         for env in m.get("environments") or []:
             tgt = env_dir(env)
             rec["envs"][env["name"]] = tgt
+            if env.get("existing"):  # the server's own: checked by the preflight, never created or removed
+                if not inst.env_placed(tgt, env):
+                    raise InstallError(f"environment {env['name']}: {tgt}/bin/python is not there",
+                                       hint="install vLLM there first, or fix environments[].existing")
+                say(f"environment {env['name']}: the server's existing environment {tgt}")
+                continue
             if inst.env_placed(tgt, env):
                 say(f"environment {env['name']}: already installed at {tgt} (reused)")
             else:
@@ -577,6 +583,10 @@ def _installed_env(inst: Installer, env_name: str | None) -> tuple[str, dict]:
             for e in inst.stored_manifest(bid).get("environments") or []:
                 if e["name"] == env_name:
                     return path, e
+        elif path:
+            for e in inst.stored_manifest(bid).get("environments") or []:
+                if e["name"] == env_name and e.get("existing") == path and inst.env_placed(path, e):
+                    return path, e
             meta = (rec.get("env_meta") or {}).get(env_name)
             if meta:
                 return path, meta
@@ -633,6 +643,9 @@ def _plan(inst: Installer, bundle: Bundle, bid: str, active: str | None) -> Plan
     plan = Plan(bid)
     for env in m.get("environments") or []:
         tgt = env_dir(env)
+        if env.get("existing"):
+            plan.add("use", f"environment {env['name']} -> {tgt} (already on this server)")
+            continue
         plan.add("reuse" if inst.env_placed(tgt, env) else "unpack", f"environment {env['name']} -> {tgt}")
     for model in m.get("models") or []:
         tgt = model_dir(model)

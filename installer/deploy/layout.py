@@ -69,6 +69,9 @@ def bundle_id(bundle: Bundle) -> str:
 
 
 def env_dir(env: Mapping) -> str:
+    """Where an environment lives on the target: its versioned dir, or the prefix of an ``existing`` one."""
+    if env.get("existing"):
+        return str(env["existing"])  # validated as a plain absolute path by the MANIFEST rules
     h = str(env.get("content_hash") or "")
     if not re.fullmatch(r"[0-9a-f]{16,64}", h):
         raise BundleError(f"environment {env.get('name')!r}: missing or malformed content_hash")

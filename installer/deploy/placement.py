@@ -337,7 +337,10 @@ class Installer:
 
     # ------------------------------------------------------------------ environments
     def env_placed(self, target: str, env: Mapping) -> bool:
-        """Installed and committed, and its marker names the same content."""
+        """Installed and committed, and its marker names the same content (an ``existing`` environment: its
+        python is there; the preflight checked that it imports vLLM)."""
+        if env.get("existing"):
+            return os.access(self.t.host(target) / "bin" / "python", os.X_OK)
         return self.in_use(target) and _marker_ok(self.t.host(target), env)
 
     def env_complete(self, target: str) -> bool:

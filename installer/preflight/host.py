@@ -109,6 +109,8 @@ def check_disk(ctx: _Context) -> list[CheckResult]:
     envs = models = 0
     present = []
     for env in ctx.envs.values():
+        if env.is_existing:  # nothing is unpacked
+            continue
         target = ctx.install_dir / "envs" / env.name / env.content_hash[:16]
         if target.is_dir():
             present.append(env.name)

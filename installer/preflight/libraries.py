@@ -103,7 +103,7 @@ def classify(env: EnvironmentRecord, provided: set[str]) -> tuple[list[str], lis
 
 
 def check_libraries(ctx: _Context) -> list[CheckResult]:
-    envs = [e for e in ctx.envs.values()]
+    envs = [e for e in ctx.envs.values() if not e.is_existing]  # the server's own: the environment check
     if not envs:
         return []
     provided = system_libraries(ctx.root)

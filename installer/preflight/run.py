@@ -19,6 +19,7 @@ from installer.preflight.gpu import check_compute_capability, check_driver, chec
 from installer.preflight.host import check_api_keys, check_arch, check_disk, check_glibc, check_ports, check_systemd
 from installer.preflight.libraries import check_libraries
 from installer.preflight.nvidia import GpuInfo, detect_gpus
+from installer.preflight.toolchain import check_compiler, check_environment
 
 
 def run_preflight(manifest: Manifest | Mapping, *, root: Path = Path("/"), skip: Iterable[str] = frozenset(),
@@ -52,5 +53,5 @@ _CHECK_FUNCS = {
     "driver": check_driver, "gpus": check_gpus, "tp-heads": check_tp_heads, "gpu-memory": check_gpu_memory,
     "compute-capability": check_compute_capability, "glibc": check_glibc, "arch": check_arch,
     "disk": check_disk, "ports": check_ports, "api-keys": check_api_keys, "systemd": check_systemd,
-    "libraries": check_libraries,
+    "libraries": check_libraries, "environment": check_environment, "compiler": check_compiler,
 }

@@ -9,6 +9,7 @@ from pathlib import Path
 from installer.bundle import manifest as records
 from installer.bundle.manifest import EnvironmentRecord, ServiceRecord
 from installer.errors import UsageError
+from installer.preflight.toolchain import service_compiler
 from installer.service.paths import (
     _PLAIN_VALUE_RE,
     DEFAULT_ENTRYPOINT,
@@ -53,6 +54,14 @@ def _command(env: EnvironmentRecord, env_prefix: Path) -> tuple[str, str]:
     return str(env_prefix / "bin" / "python"), DEFAULT_ENTRYPOINT
 
 
+def _has_package(env: EnvironmentRecord, prefix: str) -> bool:
+    """Whether the environment's lock lists a conda or pip package whose name starts with ``prefix``
+    (an ``existing`` environment has no lock: assumed without)."""
+    lock = env.lock or {}
+    return any(str(p.get("name", "")).lower().replace("_", "-").startswith(prefix)
+               for section in ("conda", "pip") for p in (lock.get(section) or ()) if isinstance(p, Mapping))
+
+
 def render_env_file(
     service: ServiceRecord | Mapping,
     env_meta: EnvironmentRecord | Mapping,
@@ -62,6 +71,7 @@ def render_env_file(
     hf_cache: Path | None,
     bundle: records.BundleInfo | Mapping | None = None,
     key_via_credential: bool = False,
+    root: Path = Path("/"),
 ) -> str:
     """The text of ``/etc/llm/<service>.env`` (read by systemd and by the ``llm-serve`` launcher).
 
@@ -71,6 +81,7 @@ def render_env_file(
     The API key itself never appears: only ``LLM_API_KEY_FILE``, read by the launcher at start. With
     ``key_via_credential`` the key reaches the service through ``LoadCredential=`` (:func:`render_key_dropin`
     sets ``LLM_API_KEY_FILE`` to the credential) and the env file does not name the operator's file.
+    ``root`` is the server's root (where a GPU service's C compiler is looked up, ``/`` but in tests).
     """
     svc = as_service(service)
     env = as_env(env_meta)
@@ -120,6 +131,14 @@ def render_env_file(
     put("HF_HOME", cache / "huggingface")  # writable: trust-remote-code modules land in HF_HOME/modules
     if hf_cache is not None:
         put("HF_HUB_CACHE", hf_cache)
+    if not cpu:
+        # GPU starts compile (Triton launcher, torch.compile, CUDA graphs): the caches live with the instance,
+        # so the post-install check's start warms the first real one; the compiler is named, not guessed
+        put("TRITON_CACHE_DIR", cache / "triton")
+        put("TORCHINDUCTOR_CACHE_DIR", cache / "inductor")
+        if not _has_package(env, "flashinfer"):
+            put("VLLM_USE_FLASHINFER_SAMPLER", 0)  # vLLM's sampler imports flashinfer otherwise
+        put("CC", service_compiler(Path(root), svc, env, Path(env_prefix))[0])
     # the launcher's inputs
     put("LLM_PYTHON", python)
     put("LLM_ENTRYPOINT", module)

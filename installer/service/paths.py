@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from installer.bundle import manifest as records
+from installer.bundle import names
 from installer.bundle.manifest import EnvironmentRecord, ServiceRecord
 from installer.errors import UsageError
 
@@ -55,7 +56,7 @@ CACHE_ROOT = Path("/var/cache/llm")  # CacheDirectory=llm/%i
 DEFAULT_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
 
 
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SYSTEM_PATH = names.SYSTEM_PATH
 
 
 UNITS_SRC = Path(__file__).resolve().parent / "units"

@@ -119,7 +119,8 @@ def render_instance(root: Path, m: Manifest, svc: records.ServiceRecord, paths: 
     env = as_env(env_meta)
     via_credential = credentials and svc.api_key_file is not None
     text = render_env_file(svc, env, env_prefix=paths.env_prefix, model_path=paths.model_path,
-                           hf_cache=paths.hf_cache, bundle=m.bundle, key_via_credential=via_credential)
+                           hf_cache=paths.hf_cache, bundle=m.bundle, key_via_credential=via_credential,
+                           root=root)
     return InstanceFiles(
         env_file=text,
         devices_dropin=render_devices_dropin(env, nvidia_modprobe=nvidia_modprobe),
