@@ -137,7 +137,8 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
                        models=[{"name": m["name"], "commit": m["commit"], "files": len(m["files"]),
                                 "size": m["size"]} for m in model_entries],
                        environments=[{"name": e["name"], "cuda_runtime": e["cuda_runtime"],
-                                      "min_driver": e["min_driver"], "size": e["archive_size"]}
+                                      "min_driver": e["min_driver"], "size": e.get("archive_size"),
+                                      **({"existing": e["existing"]} if e.get("existing") else {})}
                                      for e in env_entries],
                        timings=timings)
 
@@ -163,13 +164,16 @@ def _assemble(opts: BuildOptions, manifest: Manifest, store: ContentStore, key, 
                  size=copied, source=store.blob(sha), hint=CORRUPT_HINT)
         runtime = None
         env_entries = []
-        for i, (spec, built, packed) in enumerate(built_envs):
+        for spec, built, packed in built_envs:
+            if packed is None:
+                env_entries.append(_existing_entry(spec, manifest))
+                continue
             rel = fmt.env_artifact(spec.name)
             _link_or_copy(Path(packed.path), w.path(rel))
             w.record(rel, kind="environment", sha256=packed.sha256, size=packed.size, source=packed.path,
                      hint="the packed environment in the build cache is damaged; build again (it is repacked)")
             on_damage[rel] = _discard_packed(Path(packed.path))
-            if i == 0:
+            if runtime is None:  # the installer runs on the first packed environment's interpreter
                 from packager.env.runtime import cut_runtime
                 rrel = fmt.runtime_artifact(spec.name)
                 rt = cut_runtime(built, w.path(rrel))  # written now, hashed as it was written
@@ -282,6 +286,9 @@ def _build_env(spec: EnvSpec, manifest: Manifest, opts: BuildOptions, log):
     from packager.env.build import build_env
     from packager.env.pack import cached_pack
 
+    if spec.existing is not None:
+        log(f"environment {spec.name}: the target's existing {spec.existing} (nothing is built or carried)")
+        return spec, None, None
     work = opts.work or Path(os.environ.get("LLM_PACK_WORK", cache_root() / "envs"))
     t = time.monotonic()
     built = build_env(spec, manifest.target, work, progress=opts.progress)
@@ -316,6 +323,20 @@ def _env_entry(spec: EnvSpec, built, packed, manifest: Manifest) -> dict:
         "needed_libraries": list(built.needed_libraries),
         "needed_by": {k: list(v) for k, v in sorted(built.needed_by.items())},
         "lock": built.lock,
+    }
+
+
+def _existing_entry(spec: EnvSpec, manifest: Manifest) -> dict:
+    from installer.preflight import cuda
+
+    return {
+        "name": spec.name,
+        "existing": spec.existing,
+        "platform": manifest.target.platform,
+        "cuda": spec.cuda,
+        "cuda_runtime": spec.cuda,
+        "min_driver": cuda.min_driver(spec.cuda) if spec.cuda else None,
+        "driver_floor": cuda.driver_floor(spec.cuda) if spec.cuda else None,
     }
 
 

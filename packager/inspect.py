@@ -17,7 +17,8 @@ def describe(path: Path) -> dict:
     envs = [{"name": e["name"], "python": e.get("python"), "cuda": e.get("cuda"),
              "cuda_runtime": e.get("cuda_runtime"), "min_driver": e.get("min_driver"),
              "driver_floor": e.get("driver_floor"), "glibc": e.get("glibc"), "platform": e.get("platform"),
-             "archive_size": b.artifact(e["artifact"]).size, "unpacked_size": e.get("unpacked_size"),
+             "archive_size": b.artifact(e["artifact"]).size if e.get("artifact") else None,
+             "existing": e.get("existing"), "unpacked_size": e.get("unpacked_size"),
              "vllm": (e.get("vllm") or {}).get("version"),
              "packages": {"conda": len((e.get("lock") or {}).get("conda", [])),
                           "pip": len((e.get("lock") or {}).get("pip", []))},
@@ -47,6 +48,9 @@ def render(info: dict) -> str:
     for e in info["environments"]:
         cuda = (f"CUDA {e['cuda_runtime']} (driver >= {e['min_driver']}, >= {e['driver_floor']} with "
                 "minor-version compatibility)") if e["cuda_runtime"] else "CPU only"
+        if e.get("existing"):
+            out.append(f"  {e['name']}: the server's existing {e['existing']} (checked at install), {cuda}")
+            continue
         out.append(f"  {e['name']}: python {e['python']}, {cuda}, vLLM {e['vllm'] or '-'}, "
                    f"{e['packages']['conda']} conda + {e['packages']['pip']} pip packages, "
                    f"{_h(e['archive_size'])} packed / {_h(e['unpacked_size'])} unpacked")

@@ -69,6 +69,8 @@ ENV_SCHEMA = _obj({
     "conda": _strlist("conda match specs"),
     "pip": PIP_SCHEMA,
     "prefix": _str("pack this existing environment instead of building one"),
+    "existing": _str("an environment the target server already has (absolute prefix holding bin/python with "
+                     "vLLM): nothing is carried; the installer checks that it imports vLLM", pattern=r"^/.*$"),
     "download_kernels": {"type": "boolean", "description": "run `vllm download-kernels` at build time"},
 }, ("name",), "a conda environment (with vLLM) built for the target")
 
@@ -302,6 +304,16 @@ def _cross_checks(chk: _Checker, root: yaml.Node, data: dict, base: Path) -> Non
                 seen[name] = i
     for i, env in enumerate(envs):
         env = env or {}
+        if env.get("existing") is not None:
+            for key in ("conda", "pip", "channels", "python", "prefix", "download_kernels"):
+                if key in env:
+                    add(["environments", i, key], f"{key!r} cannot be combined with 'existing' (the server's "
+                                                  "own environment is used as it is)")
+            from installer.bundle.manifest import abs_path_problem
+
+            bad = abs_path_problem(str(env["existing"]))
+            if bad:
+                add(["environments", i, "existing"], bad)
         if env.get("prefix") is not None:
             for key in ("conda", "pip", "channels", "python"):
                 if key in env:
@@ -318,8 +330,10 @@ def _cross_checks(chk: _Checker, root: yaml.Node, data: dict, base: Path) -> Non
             except Exception as e:  # UsageError with the list of known versions
                 add(["environments", i, "cuda"], getattr(e, "message", str(e)) +
                     " — pick a listed CUDA version, or add its minimum driver (NVIDIA's release notes) to the table")
-        if env.get("prefix") is None and not env.get("conda") and not env.get("python"):
-            add(["environments", i], "an environment needs 'conda' specs (and usually 'python') or a 'prefix'")
+        if env.get("prefix") is None and env.get("existing") is None and not env.get("conda") \
+                and not env.get("python"):
+            add(["environments", i], "an environment needs 'conda' specs (and usually 'python'), a 'prefix' "
+                                    "or 'existing'")
     for i, m in enumerate(models):
         m = m or {}
         src = m.get("source")
@@ -453,7 +467,7 @@ def _to_spec(path: Path, d: dict, warnings: tuple[str, ...] = ()) -> Manifest:
                         find_links=_tuple(pip.get("find_links")), no_index=bool(pip.get("no_index", False)),
                         remove=_tuple(pip.get("remove"))),
             prefix=(base / e["prefix"]).resolve() if e.get("prefix") else None,
-            download_kernels=bool(e.get("download_kernels", True))))
+            download_kernels=bool(e.get("download_kernels", True)), existing=e.get("existing")))
     models = [ModelSpec(name=m["name"], source=m["source"], repo=m.get("repo"), revision=m.get("revision"),
                         path=(base / m["path"]).resolve() if m.get("path") else None,
                         allow_patterns=_tuple(m.get("allow_patterns")),

@@ -48,6 +48,7 @@ class EnvSpec:
     pip: PipSpec = field(default_factory=PipSpec)
     prefix: Path | None = None  # pack an existing environment instead of building one
     download_kernels: bool = True  # run `vllm download-kernels` when the installed vLLM has it
+    existing: str | None = None  # the target's own environment (absolute prefix): nothing built or carried
 
 
 @dataclass(frozen=True)

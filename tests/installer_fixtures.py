@@ -185,6 +185,7 @@ class BundleSpec:
     runtime: bool = True
     models: list[Model] = field(default_factory=list)
     services: list[dict] = field(default_factory=list)
+    extra_envs: list[dict] = field(default_factory=list)  # e.g. {"name": ..., "existing": "/opt/venv"}
 
 
 def make_bundle(out_dir: Path, spec: BundleSpec, keys: Keys | None) -> Path:
@@ -209,6 +210,7 @@ def make_bundle(out_dir: Path, spec: BundleSpec, keys: Keys | None) -> Path:
                     rrel, kind="runtime", sha256=_sha(spec.env.runtime), size=spec.env.runtime.stat().st_size
                 )
                 runtime = {"artifact": rrel, "python": spec.env.python}
+        envs += [dict(e) for e in spec.extra_envs]
         models = []
         for m in spec.models:
             files = []

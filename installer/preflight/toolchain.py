@@ -30,11 +30,12 @@ import importlib.util, json, sys, sysconfig
 out = {"python": "%d.%d.%d" % sys.version_info[:3], "include": sysconfig.get_paths()["include"]}
 for mod in ("vllm", "torch", "triton", "flashinfer"):
     out[mod] = importlib.util.find_spec(mod) is not None
-try:
-    import vllm
-    out["vllm_version"] = getattr(vllm, "__version__", None)
-except Exception as e:
-    out["vllm_error"] = "%s: %s" % (type(e).__name__, e)
+if out["vllm"]:
+    try:
+        import vllm
+        out["vllm_version"] = getattr(vllm, "__version__", None)
+    except Exception as e:
+        out["vllm_error"] = "vLLM does not import: %s: %s" % (type(e).__name__, e)
 print(json.dumps(out))
 """
 
