@@ -6,7 +6,8 @@ It is never downloaded: everything is generated from a seed, and the same seed g
 
 Shape choices that matter for vLLM: ``head_dim`` is 32 because the vLLM CPU attention backend refuses 16
 (the server passes /health and then dies on the first request); ``vocab_size`` equals the tokenizer's size
-exactly so every id the model can sample decodes to text.
+exactly so every id the model can sample decodes to text. ``gpu=True`` writes the GPU shape instead
+(``GPU_HEADS``: 2 heads of 64, the head size FlashAttention 3 takes on Hopper).
 
 Only numpy and `tokenizers` are needed (no torch): safetensors is a JSON header plus raw little-endian bytes,
 and bfloat16 is the upper half of float32 (rounded to nearest even).
@@ -27,6 +28,9 @@ NUM_LAYERS = 2
 NUM_HEADS = 4
 NUM_KV_HEADS = 2
 HEAD_DIM = 32  # vLLM CPU attention refuses 16
+# (num_attention_heads, num_key_value_heads, head_dim) for GPUs: FlashAttention 3 on Hopper takes head_dim 64
+# (not 32); 2 x 64 keeps hidden_size = heads x head_dim, which vLLM's Qwen2 assumes
+GPU_HEADS = (2, 1, 64)
 INTERMEDIATE_SIZE = 256
 VOCAB_TARGET = 512  # tokenizer size including the special tokens
 MAX_POSITIONS = 2048
@@ -144,7 +148,8 @@ def _token_classes(tokenizer_text: str, vocab_size: int) -> np.ndarray:
     return classes
 
 
-def _weights(token_classes: np.ndarray, seed: int) -> dict[str, tuple[list[int], np.ndarray]]:
+def _weights(token_classes: np.ndarray, seed: int, heads: tuple[int, int, int] = (NUM_HEADS, NUM_KV_HEADS, HEAD_DIM),
+             ) -> dict[str, tuple[list[int], np.ndarray]]:
     """Random Qwen2 weights (float32 here; written as bf16), in a fixed order.
 
     One deliberate, non-random detail keeps the demo's output readable: hidden channel 0 carries each token's
@@ -166,7 +171,7 @@ def _weights(token_classes: np.ndarray, seed: int) -> dict[str, tuple[list[int],
         w[0] = channel0
         return w
 
-    q_out, kv_out = NUM_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM
+    q_out, kv_out = heads[0] * heads[2], heads[1] * heads[2]
     w: dict[str, np.ndarray] = {}
     embed = normal(vocab_size, HIDDEN_SIZE)
     embed[:, 0] = CLASS_SCALE * token_classes
@@ -209,23 +214,24 @@ def _safetensors_bytes(weights: dict[str, tuple[list[int], np.ndarray]]) -> byte
     return struct.pack("<Q", len(head)) + head + b"".join(blobs)
 
 
-def _config(vocab_size: int) -> dict[str, object]:
+def _config(vocab_size: int, heads: tuple[int, int, int] = (NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)) -> dict[str, object]:
+    num_heads, num_kv_heads, head_dim = heads
     return {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
         "attention_dropout": 0.0,
         "bos_token_id": SPECIAL_TOKENS.index(ENDOFTEXT),
         "eos_token_id": SPECIAL_TOKENS.index(IM_END),
-        "head_dim": HEAD_DIM,
+        "head_dim": head_dim,
         "hidden_act": "silu",
         "hidden_size": HIDDEN_SIZE,
         "initializer_range": INIT_STD,
         "intermediate_size": INTERMEDIATE_SIZE,
         "max_position_embeddings": MAX_POSITIONS,
         "max_window_layers": NUM_LAYERS,
-        "num_attention_heads": NUM_HEADS,
+        "num_attention_heads": num_heads,
         "num_hidden_layers": NUM_LAYERS,
-        "num_key_value_heads": NUM_KV_HEADS,
+        "num_key_value_heads": num_kv_heads,
         "rms_norm_eps": 1e-06,
         "rope_theta": 10000.0,
         "sliding_window": None,
@@ -277,7 +283,7 @@ def _write(path: Path, data: bytes) -> None:
         raise
 
 
-def make_tiny_model(dest: Path, *, seed: int = 0) -> Path:
+def make_tiny_model(dest: Path, *, seed: int = 0, gpu: bool = False) -> Path:
     """Write the tiny Qwen2 chat model into ``dest`` (created if missing) and return ``dest``.
 
     Files: config.json, generation_config.json, tokenizer.json, tokenizer_config.json, model.safetensors
@@ -289,12 +295,13 @@ def make_tiny_model(dest: Path, *, seed: int = 0) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     tokenizer_text = _tokenizer_json()
     vocab_size = Tokenizer.from_str(tokenizer_text).get_vocab_size(with_added_tokens=True)
+    heads = GPU_HEADS if gpu else (NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)
     files = {
-        "config.json": _json_text(_config(vocab_size)).encode(),
+        "config.json": _json_text(_config(vocab_size, heads)).encode(),
         "generation_config.json": _json_text(_generation_config()).encode(),
         "tokenizer.json": tokenizer_text.encode(),
         "tokenizer_config.json": _json_text(_tokenizer_config()).encode(),
-        "model.safetensors": _safetensors_bytes(_weights(_token_classes(tokenizer_text, vocab_size), seed)),
+        "model.safetensors": _safetensors_bytes(_weights(_token_classes(tokenizer_text, vocab_size), seed, heads)),
     }
     for name, data in files.items():
         _write(dest / name, data)
@@ -308,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devkit.tiny_model", description=main.__doc__)
     parser.add_argument("dest", type=Path, help="directory to write the model into (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    parser.add_argument("--gpu", action="store_true", help="the GPU shape (head_dim 64 for FlashAttention 3)")
     args = parser.parse_args(argv)
-    print(make_tiny_model(args.dest, seed=args.seed))
+    print(make_tiny_model(args.dest, seed=args.seed, gpu=args.gpu))
     return 0
 
 

@@ -52,7 +52,7 @@ def check_glibc(ctx: _Context) -> list[CheckResult]:
     have = glibc_version(ctx.root)
     target_floor = ctx.manifest.target.glibc
     out = []
-    for env in ctx.envs.values():
+    for env in (e for e in ctx.envs.values() if not e.is_existing):  # the server's own: not built for it
         name = env.name
         floor = env.glibc or target_floor
         if not floor:
@@ -79,7 +79,7 @@ def check_arch(ctx: _Context) -> list[CheckResult]:
     wanted: dict[str, str] = {}
     if target.arch or target.platform:
         wanted["target"] = target.arch or _ARCH_OF_PLATFORM.get(target.platform, target.platform)
-    for env in ctx.envs.values():
+    for env in (e for e in ctx.envs.values() if not e.is_existing):  # the server's own: not built for it
         if env.platform:
             wanted[env.name] = _ARCH_OF_PLATFORM.get(env.platform, env.platform)
     have = _machine()

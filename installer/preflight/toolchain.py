@@ -23,6 +23,7 @@ from installer.bundle.names import SYSTEM_PATH
 from installer.preflight.context import FAIL, PASS, WARN, CheckResult, _Context
 
 COMPILERS = ("cc", "gcc", "clang")  # what Triton looks for on PATH, in its order
+SERVICE_USER = "llm"
 PROBE_TIMEOUT_S = 300  # importing vLLM (and torch) on a cold page cache can take a minute
 
 _PROBE = r"""
@@ -57,15 +58,42 @@ def clean_env(prefix: Path, home: str) -> dict[str, str]:
             "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
 
+def _unprivileged() -> tuple[int | None, int]:
+    """(uid, gid) the probe runs as when we are root: the service user ``llm``, else ``nobody``."""
+    if os.geteuid() != 0:
+        return None, os.getegid()
+    import pwd
+
+    for name in (SERVICE_USER, "nobody"):
+        try:
+            pw = pwd.getpwnam(name)
+            return pw.pw_uid, pw.pw_gid
+        except KeyError:
+            continue
+    return 65534, 65534
+
+
 def probe_env(prefix: Path) -> EnvProbe:
-    """Run ``prefix/bin/python`` once: its version, include dir, and whether vLLM imports (and its version)."""
+    """Run ``prefix/bin/python`` once, as the service user would (``llm``, or ``nobody`` before the install
+    creates it): its version, include dir, and whether vLLM imports (and its version)."""
     python = Path(prefix) / "bin" / "python"
     if not os.access(python, os.X_OK):
         return EnvProbe(error=f"{python} is not there (or not executable)")
+    uid, gid = _unprivileged()
     with tempfile.TemporaryDirectory(prefix="llm-probe-") as home:
+        if uid is not None:
+            os.chown(home, uid, gid)
+
+        def drop() -> None:  # as the service user (or nobody before it exists): what it cannot read fails here
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+
         try:
             p = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, cwd=home,
-                               env=clean_env(Path(prefix), home), timeout=PROBE_TIMEOUT_S, check=False)
+                               env=clean_env(Path(prefix), home), timeout=PROBE_TIMEOUT_S, check=False,
+                               preexec_fn=drop)
         except (OSError, subprocess.TimeoutExpired) as e:
             return EnvProbe(error=f"{python} did not run: {e}")
     try:
@@ -104,15 +132,21 @@ def check_environment(ctx: _Context) -> list[CheckResult]:
                                    f"{env.existing}/bin/python {'is there' if ok else 'is not there'} "
                                    "(not run: the root is not this server)", "" if ok else remedy, env.name))
             continue
+        python = prefix / "bin" / "python"
+        if not os.access(python, os.X_OK):
+            out.append(CheckResult("environment", FAIL, f"{env.existing}: {python} is not there (or not "
+                                   "executable)", remedy, env.name))
+            continue
+        shut = _unreachable(prefix / "bin") or _unreachable(python.resolve().parent)
+        if shut is not None:
+            out.append(CheckResult("environment", FAIL, f"{env.existing}: the service user cannot enter {shut} "
+                                   f"(mode {oct(shut.stat().st_mode & 0o777)}) on the way to {python.resolve()}",
+                                   f"move the environment (and its python) out of {shut}, or `chmod o+x {shut}`",
+                                   env.name))
+            continue
         probe = probe_env(prefix)
         if probe.error:
             out.append(CheckResult("environment", FAIL, f"{env.existing}: {probe.error}", remedy, env.name))
-            continue
-        shut = _unreachable(prefix / "bin")
-        if shut is not None:
-            out.append(CheckResult("environment", FAIL, f"{env.existing}: the service user cannot enter {shut} "
-                                   f"(mode {oct(shut.stat().st_mode & 0o777)})",
-                                   f"move the environment out of {shut}, or `chmod o+x {shut}`", env.name))
             continue
         out.append(CheckResult("environment", PASS, f"{env.existing}: python {probe.python}, vLLM "
                                f"{probe.vllm_version} ({', '.join(sorted(probe.has - {'vllm'})) or 'no torch'})",
