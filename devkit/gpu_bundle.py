@@ -41,6 +41,8 @@ def write_manifest(path: Path, *, channel: Path, model_dir: Path, existing: str 
         "services": [{
             "name": SERVICE, "model": "tiny", "environment": "site", "served_model_name": "tiny",
             "port": PORT, "gpus": [0], "max_model_len": 512, "dtype": "bfloat16", "gpu_memory_utilization": 0.3,
+            # the lent GPU machines share NVLink fabric with others: multicast stays off in every process
+            "env": {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"},
         }],
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))

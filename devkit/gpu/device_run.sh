@@ -3,7 +3,7 @@
 # Run from the repository root; everything it prints is kept under $OUT (tests/fixtures/gpu/ keeps a copy).
 #
 #   bash devkit/gpu/device_run.sh probe      what the server has (driver, compiler, python headers, tools)
-#   bash devkit/gpu/device_run.sh stash DIR  copy carried files (.gpucarry/*) to DIR outside the tree
+#   bash devkit/gpu/device_run.sh stash      copy carried files (.gpucarry/{parts,vols}) to /opt/{parts,vols}
 #   bash devkit/gpu/device_run.sh kit        check and unpack the carried vLLM kit, install it as /opt/vllm-venv
 #   bash devkit/gpu/device_run.sh install    join the carried volumes, install.sh (preflight on the real GPU)
 #   bash devkit/gpu/device_run.sh serve      start llm@tiny-gpu as its unit says (devkit/unit_runner.py), cold
@@ -36,8 +36,13 @@ probe() {
     id llm 2>&1; df -h / /opt /var 2>/dev/null | tail -n +2
 }
 
-stash() { # DIR: carried parts live outside the tree (the next call replaces the carried folder)
-    mkdir -p "$1" && cp -a "$REPO"/.gpucarry/. "$1"/ && ls -la "$1"
+stash() { # carried files live outside the tree (the next call replaces the carried folder)
+    local d
+    for d in parts vols; do
+        if [ -d "$REPO/.gpucarry/$d" ]; then
+            mkdir -p "/opt/$d" && cp -a "$REPO/.gpucarry/$d/." "/opt/$d/" && ls -la "/opt/$d"
+        fi
+    done
 }
 
 kit() {
@@ -79,7 +84,7 @@ for p in os.listdir("/proc"):
             comm = open(f"/proc/{p}/comm").read().strip()
         except OSError:
             continue
-        if "EngineCore" in comm:
+        if "EngineCor" in comm:  # comm is cut at 15 characters: "VLLM::EngineCor"
             print(p)
             break
 EOF
@@ -128,8 +133,7 @@ export PYTHONPATH="$REPO"
 for step in "$@"; do
     case "$step" in
         probe | kit | install | serve) "$step" 2>&1 | tee -a "$OUT/$step.txt" ;;
-        stash) ;;
-        /*) stash "$step" ;;
+        stash) stash ;;
         *) say "unknown step $step"; exit 2 ;;
     esac
 done
