@@ -3,9 +3,9 @@
 For servers (or lent GPU machines) that have no systemd as PID 1: reads the installed template unit and the
 instance's drop-ins, and runs ``ExecStartPre=``/``ExecStart=`` as the unit's ``User=``/``Group=`` with only the
 variables of its ``EnvironmentFile=``/``Environment=`` (like systemd: nothing inherited), in its
-``WorkingDirectory=`` with its ``UMask=``, after creating its ``CacheDirectory=`` owned by the user. It restarts
-the service like ``Restart=always`` with ``RestartSec=``, except for an exit status in
-``RestartPreventExitStatus=``, and logs each start and exit with a timestamp (what the journal would say).
+``WorkingDirectory=`` with its ``UMask=`` and ``LimitNOFILE=`` (capped at the hard limit), after creating its
+``CacheDirectory=`` owned by the user. It restarts the service like ``Restart=always`` with ``RestartSec=``,
+except for an exit status in ``RestartPreventExitStatus=``, and logs each start and exit with a timestamp.
 
 The hardening options (namespaces, seccomp, device policy) are systemd's and are not applied here.
 
@@ -113,8 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     if not exec_start:
         raise SystemExit("unit_runner: the unit has no ExecStart=")
 
+    nofile = first("LimitNOFILE")
+
     def as_user() -> None:
         os.setsid()
+        if nofile:
+            import resource
+
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            want = int(nofile.split(":")[0])
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
         os.setgroups([])
         os.setgid(gid)
         os.setuid(user.pw_uid)
