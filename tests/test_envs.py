@@ -239,13 +239,14 @@ def test_driver_table_is_nvidias_with_its_source():
     assert cuda.table()["source"].startswith("https://docs.nvidia.com/cuda/")
     expected = {"11.8": "520.61.05", "12.0": "525.60.13", "12.1": "530.30.02", "12.2": "535.54.03",
                 "12.3": "545.23.06", "12.4": "550.54.14", "12.5": "555.42.02", "12.6": "560.28.03",
-                "12.8": "570.26", "12.9": "575.51.03", "13.0": "580.65.06"}
+                "12.8": "570.26", "12.9": "575.51.03", "13.0": "580.65.06", "13.1": "590.44.01",
+                "13.2": "595.45.04", "13.3": "610.43.02"}
     assert {c: cuda.min_driver(c) for c in expected} == expected
     assert cuda.min_driver("12.4.127") == "550.54.14"  # patch level ignored
     assert cuda.min_driver("12.7") == "570.26"  # unlisted minor: the next newer release, never too low
     assert [cuda.driver_floor(c) for c in ("11.8", "12.9", "13.0")] == ["450.80.02", "525.60.13", "580.65.06"]
-    with pytest.raises(UsageError, match="CUDA 13.1 is not in the driver table") as ei:
-        cuda.min_driver("13.1")
+    with pytest.raises(UsageError, match="CUDA 13.9 is not in the driver table") as ei:
+        cuda.min_driver("13.9")
     assert "cuda_drivers.json" in ei.value.hint
     with pytest.raises(UsageError):
         cuda.driver_floor("14.0")

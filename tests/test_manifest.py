@@ -43,7 +43,7 @@ def test_good_manifest_loads_with_defaults(tmp_path: Path) -> None:
     assert m.environments == ()
 
 
-@pytest.mark.parametrize("name", ["qwen3-32b", "deepseek-r1-1.5b", "glm-4-9b-chat"])
+@pytest.mark.parametrize("name", ["qwen3-32b", "deepseek-r1-1.5b", "glm-4-9b-chat", "qwen3-8b-existing-vllm"])
 def test_shipped_manifests_are_valid(name: str) -> None:
     m = load_manifest(ROOT / "manifests" / f"{name}.yaml")
     assert m.services and m.models and m.environments
@@ -52,6 +52,8 @@ def test_shipped_manifests_are_valid(name: str) -> None:
 def test_shipped_manifests_match_the_deployments() -> None:
     q = load_manifest(ROOT / "manifests" / "qwen3-32b.yaml").services[0]
     assert (q.name, q.port, q.gpus, q.tensor_parallel_size, q.max_model_len) == ("qwen3-32b", 11434, (1, 2), 2, 18480)
+    e = load_manifest(ROOT / "manifests" / "qwen3-8b-existing-vllm.yaml")
+    assert [(x.name, x.existing) for x in e.environments] == [("installer-py", None), ("site-vllm", "/opt/vllm-venv")]
     d = load_manifest(ROOT / "manifests" / "deepseek-r1-1.5b.yaml")
     assert d.models[0].source == "modelscope"
     s = d.services[0]
@@ -109,8 +111,8 @@ services:
      "is not a conda environment"),
     ("bundle: {name: x, version: '1'}\nenvironments: [{name: e, cuda: '12.8'}]\n",
      "needs 'conda' specs"),
-    ("bundle: {name: x, version: '1'}\nenvironments: [{name: e, cuda: '13.1', conda: [python]}]\n",
-     "CUDA 13.1 is not in the driver table"),
+    ("bundle: {name: x, version: '1'}\nenvironments: [{name: e, cuda: '13.9', conda: [python]}]\n",
+     "CUDA 13.9 is not in the driver table"),
     ("bundle: {name: x, version: '1'}\nmodels: [{name: m, source: local, path: nope}]\n", "is not a directory"),
     ("bundle: {name: x, version: '1', name: y}\nmodels: [{name: m, source: local, path: .}]\n", "duplicate key"),
 ])
