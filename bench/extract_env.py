@@ -3,6 +3,7 @@
 Usage:
     python bench/extract_env.py ARCHIVE.tar.zst [--rounds N] [--workdir DIR]
     python bench/extract_env.py --from-dir DIR          # pack DIR into a .tar + .tar.zst first
+    python bench/extract_env.py --from-dir DIR --frames 2 --frames 4   # and as pack build frames it
 
 The baseline is a plain `tar -xf` of the same archive already decompressed (what the issue asks us to
 compare with), measured in the same run, on the same filesystem. The order of the contenders rotates from
@@ -54,6 +55,42 @@ def _pack(src: Path, work: Path) -> Path:
     return zst
 
 
+def _pack_framed(src: Path, work: Path) -> tuple[Path, list]:
+    """The tree as `pack build` frames it: directories and symlinks in frame 0, then regular files in frames of
+    packager.env.pack.FRAME_BYTES of tar each (independent zstd frames, each hashed)."""
+    import zstandard
+
+    from installer.unpack.frames import Frame
+    from packager.env.pack import FRAME_BYTES, _FrameHasher
+    from packager.env.tarstream import TarStream
+
+    entries = sorted(p for p in src.rglob("*"))
+    zst = work / "framed.tar.zst"
+    buf = bytearray(1 << 20)
+    with open(zst, "wb") as raw:
+        hw = _FrameHasher(raw)
+        with zstandard.ZstdCompressor(level=3, threads=-1).stream_writer(hw, closefd=False) as zw:
+            tar = TarStream(zw)
+            for p in entries:
+                rel = p.relative_to(src).as_posix()
+                if p.is_symlink():
+                    tar.add_symlink(rel, os.readlink(p))
+                elif p.is_dir():
+                    tar.add_dir(rel)
+            start = tar.offset
+            for p in entries:
+                if p.is_file() and not p.is_symlink():
+                    if tar.offset > start and (start == 0 or tar.offset - start >= FRAME_BYTES):
+                        zw.flush(zstandard.FLUSH_FRAME)
+                        hw.end_frame()
+                        start = tar.offset
+                    st = p.stat()
+                    tar.add_file(p.relative_to(src).as_posix(), str(p), st.st_size, st.st_mode, buf)
+            tar.close()
+        hw.end_frame()
+    return zst, [Frame(*f) for f in hw.frames]
+
+
 def _sha256(p: Path) -> str:
     h = hashlib.sha256()
     with open(p, "rb") as f:
@@ -74,6 +111,9 @@ def main() -> int:
         action="append",
         help="writer threads of installer.unpack to measure (repeatable; default: the default)",
     )
+    ap.add_argument("--frames", type=int, action="append",
+                    help="with --from-dir: also measure the framed archive (what pack build writes) decoded by "
+                    "N threads (repeatable)")
     ap.add_argument(
         "--read-ahead",
         action="store_true",
@@ -82,8 +122,12 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-extract-", dir=args.workdir))
     try:
+        framed = None
         if args.from_dir:
             zst = _pack(args.from_dir, work)
+            if args.frames:
+                framed = _pack_framed(args.from_dir, work)
+                print(f"framed archive: {len(framed[1])} frames, {framed[0].stat().st_size / 1e6:.0f} MB")
         elif args.archive:
             zst = args.archive
         else:
@@ -101,6 +145,8 @@ def main() -> int:
             times[f"installer.unpack (.tar.zst) w={w}"] = []
             if args.read_ahead:
                 times[f"installer.unpack (.tar.zst) ra w={w}"] = []
+        for j in (args.frames or []) if framed else []:
+            times[f"installer.unpack frames j={j}"] = []
         members = 0
         labels = list(times)
         for r in range(args.rounds):
@@ -112,6 +158,13 @@ def main() -> int:
                 if label.startswith("tar"):
                     dest.mkdir()
                     subprocess.run(["tar", "-xf", str(tar), "-C", str(dest)], check=True)
+                elif " frames " in label:
+                    from installer.unpack.frames import extract_frames
+
+                    path, frames = framed
+                    res = extract_frames(path, dest, frames, expected_size=path.stat().st_size,
+                                         workers=int(label.rsplit("j=", 1)[1]))
+                    members = res.members
                 else:
                     w = int(label.rsplit("w=", 1)[1])
                     res = extract_archive(

@@ -323,6 +323,7 @@ def _env_entry(spec: EnvSpec, built, packed, manifest: Manifest) -> dict:
         "needed_libraries": list(built.needed_libraries),
         "needed_by": {k: list(v) for k, v in sorted(built.needed_by.items())},
         "lock": built.lock,
+        "frames": [{"offset": o, "size": n, "sha256": h} for o, n, h in packed.frames],
     }
 
 

@@ -108,7 +108,7 @@ def _repack_with(src: Path, dest: Path, pad_bytes: int, salt: str) -> tuple[int,
     n = size = 0
     with (
         open(src, "rb") as f,
-        zstandard.ZstdDecompressor().stream_reader(f) as zr,
+        zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True) as zr,
         open(dest, "wb") as out,
         zstandard.ZstdCompressor(level=1).stream_writer(out) as zw,
     ):

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.timeout(600)
 def unpack(archive: Path, dest: Path) -> None:
     """What the installer does on the target: stream-decompress, extract with tarfile's data filter."""
     dest.mkdir(parents=True)
-    with open(archive, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as zr:
+    with open(archive, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True) as zr:
         with tarfile.open(fileobj=zr, mode="r|") as t:
             t.extractall(dest, filter="data")
 
@@ -62,7 +62,7 @@ def test_pack_result_describes_the_archive(packed):
     data = packed.path.read_bytes()
     assert packed.size == len(data)
     assert packed.sha256 == hashlib.sha256(data).hexdigest()
-    with open(packed.path, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as zr:
+    with open(packed.path, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True) as zr:
         with tarfile.open(fileobj=zr, mode="r|") as t:
             members = list(t)
     assert packed.files == len(members)
@@ -73,14 +73,18 @@ def test_pack_result_describes_the_archive(packed):
 def test_archive_is_deterministic_and_normalised(packed, built_env, tmp_path):
     again = pack_env(built_env, tmp_path / "again.tar.zst", threads=1)
     assert again.sha256 == packed.sha256  # same bytes whatever the thread count
-    with open(packed.path, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as zr:
+    with open(packed.path, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True) as zr:
         with tarfile.open(fileobj=zr, mode="r|") as t:
             members = list(t)
     names = [m.name for m in members]
     generated = ["bin/activate", "bin/activate.fish", "bin/conda-unpack", "bin/conda_unpack_progress.py",
                  "bin/deactivate"]
     assert names[-5:] == generated  # conda-pack's files come last, sorted
-    assert names[:-5] == sorted(names[:-5])
+    # first the directories and symlinks (frame 0), then the regular files (later frames), each sorted
+    kinds = [m.isreg() for m in members[:-5]]
+    assert kinds == sorted(kinds)
+    cut = kinds.index(True)
+    assert names[:cut] == sorted(names[:cut]) and names[cut:-5] == sorted(names[cut:-5])
     assert len(set(names)) == len(names)
     assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" and m.gname == "" for m in members)
     assert all(m.mode in (0o644, 0o755) for m in members if m.isfile())
@@ -168,7 +172,7 @@ def test_absolute_symlinks_are_made_relative_and_escaping_ones_refused(built_env
     os.symlink(prefix / "share" / "llmtest" / "prefix.txt", prefix / "share" / "abs-link")
     b = inspect_env(EnvSpec(name="links", prefix=prefix), TARGET)
     res = pack_env(b, tmp_path / "links.tar.zst")
-    with open(res.path, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as zr:
+    with open(res.path, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True) as zr:
         with tarfile.open(fileobj=zr, mode="r|") as t:
             links = {m.name: m.linkname for m in t if m.issym()}
     assert links["share/abs-link"] == "llmtest/prefix.txt"
@@ -211,7 +215,8 @@ def test_runtime_runs_relocated_and_unpacks_the_env(built_env, packed, tmp_path)
     # what install.sh will do with it: stream-unpack the env archive with this python + zstandard
     dest = tmp_path / "env-by-runtime"
     code = ("import sys, tarfile, zstandard\n"
-            "with open(sys.argv[1], 'rb') as f, zstandard.ZstdDecompressor().stream_reader(f) as z:\n"
+            "with open(sys.argv[1], 'rb') as f, \\\n"
+            "        zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True) as z:\n"
             "    tarfile.open(fileobj=z, mode='r|').extractall(sys.argv[2], filter='data')\n")
     run(py, "-I", "-c", code, packed.path, dest, cwd="/")
     run(dest / "bin" / "python", dest / "bin" / "conda-unpack")

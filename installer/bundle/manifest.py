@@ -530,6 +530,15 @@ class VllmInfo(_Record):
 
 
 @dataclass(frozen=True)
+class EnvFrame(_Record):
+    """One independent zstd frame of an environment archive: its byte range and sha256."""
+
+    offset: int
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class EnvironmentRecord(_Record):
     """A packed environment (``artifact`` + ``content_hash``), or one the server already has (``existing``:
     the absolute prefix holding ``bin/python`` with vLLM; nothing is carried, the installer checks it)."""
@@ -553,6 +562,8 @@ class EnvironmentRecord(_Record):
     needed_libraries: tuple[str, ...] = ()
     needed_by: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: _FrozenDict())
     lock: Mapping | None = None
+    # the archive's independent zstd frames, decoded in parallel (installer/unpack/frames.py)
+    frames: tuple[EnvFrame, ...] = ()
 
     @classmethod
     def read(cls, r: _Reader) -> EnvironmentRecord:
@@ -579,6 +590,18 @@ class EnvironmentRecord(_Record):
                 if not isinstance(paths, list):
                     r.fail(("needed_by", lib), f"expected a list, found {_kind(paths)}")
                 nb[lib] = tuple(r.check_str(p, ("needed_by", lib, i), None) for i, p in enumerate(paths))
+        frames = []
+        for i, fr in enumerate(r.list("frames", optional=True) or []):
+            fr_r = _Reader(fr, r.path + ("frames", i), r.source)
+            frames.append(EnvFrame(offset=fr_r.int("offset"), size=fr_r.int("size", minimum=1),
+                                   sha256=fr_r.str("sha256", SHA256_RE, what="sha256")))
+        pos = 0
+        for i, fr in enumerate(frames):
+            if fr.offset != pos:
+                r.fail(("frames", i, "offset"), f"frame {i} starts at {fr.offset}, expected {pos} (no gaps)")
+            pos += fr.size
+        if frames and existing is not None:
+            r.fail(("frames",), "an existing environment has no archive")
         vllm = r.child("vllm", optional=True)
         lock = r.raw("lock", optional=True)
         if lock is not None:
@@ -602,6 +625,7 @@ class EnvironmentRecord(_Record):
             needed_libraries=r.str_list("needed_libraries", SONAME_RE, what="library name"),
             needed_by=_FrozenDict(nb),
             lock=_freeze(lock) if lock is not None else None,
+            frames=tuple(frames),
         )
 
     @property

@@ -53,6 +53,7 @@ from installer.deploy.layout import (
 from installer.errors import InstallError
 from installer.sizes import human_size
 from installer.unpack import CopyCancelled, copy_verified, extract_archive
+from installer.unpack.frames import Frame, extract_frames
 
 VERIFIED_LOG = ".llm-verified"  # in a staged model dir: "sha256 size path" per verified, synced file
 
@@ -361,14 +362,19 @@ class Installer:
         self.say(f"environment {env['name']}: verifying and unpacking {art.path} ({human_size(art.size)})")
         self.doing = f"unpacking {art.path} into {final.parent}"
         try:
-            res = extract_archive(
-                bundle.path_of(art),
-                partial,
-                expected_sha256=art.sha256,
-                expected_size=art.size,
-                display_name=art.path,
-                workers=workers,
-            )
+            frames = [Frame(int(x["offset"]), int(x["size"]), str(x["sha256"])) for x in env.get("frames") or []]
+            if frames:  # independent zstd frames, each hashed: decoded on every core
+                res = extract_frames(bundle.path_of(art), partial, frames, expected_size=art.size,
+                                     display_name=art.path)
+            else:
+                res = extract_archive(
+                    bundle.path_of(art),
+                    partial,
+                    expected_sha256=art.sha256,
+                    expected_size=art.size,
+                    display_name=art.path,
+                    workers=workers,
+                )
             os.chmod(partial, 0o755)
             self.say(
                 f"environment {env['name']}: {res.members} files in {res.seconds:.1f} s; running conda-unpack"

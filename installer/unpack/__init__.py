@@ -1,6 +1,7 @@
 """Safe extraction and verified copy: every byte hashed on the way, one rule set for archive members.
 
-archive.py (:func:`extract_archive`), copy.py (:func:`copy_verified`), members.py (:func:`check_member`),
+archive.py (:func:`extract_archive`), frames.py (:func:`extract_frames`, parallel), copy.py
+(:func:`copy_verified`), members.py (:func:`check_member`),
 source.py (reading bundle files without following links), writer.py (creating the members).
 """
 

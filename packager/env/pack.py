@@ -30,6 +30,7 @@ What this means for the target (the installer):
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import os
 import stat
@@ -49,6 +50,9 @@ TEXT_IN_MEMORY_MAX = 32 << 20  # unmanaged text files up to this size are held f
 EXCLUDE_TOP = {"CACHEDIR.TAG"}
 
 
+FRAME_BYTES = 32 << 20  # tar bytes per zstd frame: the installer decodes frames in parallel
+
+
 @dataclass(frozen=True)
 class PackResult:
     path: Path
@@ -58,6 +62,28 @@ class PackResult:
     files: int  # members (files, links, empty dirs)
     seconds: float = 0.0
     reused: bool = False
+    frames: tuple[tuple[int, int, str], ...] = ()  # (offset, size, sha256) of each zstd frame, in order
+
+
+class _FrameHasher:
+    """Between the compressor and the file: hashes the whole archive and each frame's byte range."""
+
+    def __init__(self, raw) -> None:
+        self.whole = HashingWriter(raw)
+        self.frames: list[tuple[int, int, str]] = []
+        self._start = 0
+        self._sha = hashlib.sha256()
+
+    def write(self, b) -> int:
+        n = self.whole.write(b)
+        self._sha.update(memoryview(b)[:n])
+        return n
+
+    def end_frame(self) -> None:
+        size = self.whole.size - self._start
+        if size:
+            self.frames.append((self._start, size, self._sha.hexdigest()))
+        self._start, self._sha = self.whole.size, hashlib.sha256()
 
 
 class _Watch:
@@ -177,12 +203,31 @@ def pack_env(built: BuiltEnv, dest: Path, *, level: int = 3, threads: int = 0) -
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as raw:
-            hw = HashingWriter(raw)
+            hw = _FrameHasher(raw)
             cctx = zstandard.ZstdCompressor(level=level, threads=threads if threads > 0 else -1,
                                             write_checksum=True)
             with cctx.stream_writer(hw, write_size=CHUNK, closefd=False) as zw:
                 tar = TarStream(zw)
+                frame_start = 0
+
+                def frame_boundary(force: bool = False) -> None:
+                    nonlocal frame_start
+                    if tar.offset > frame_start and (force or tar.offset - frame_start >= FRAME_BYTES):
+                        zw.flush(zstandard.FLUSH_FRAME)
+                        hw.end_frame()
+                        frame_start = tar.offset
+
+                # frame 0: directories and symlinks; every later frame: regular files only (parallel-safe)
+                kinds = {f.target: _kind(f.source) for f in files}
                 for f in files:
+                    if kinds[f.target] != "file":
+                        _add(tar, f, prefix, prefix_b, buf, records, packages, BIN_DIR, rewrite_conda_meta,
+                             rewrite_shebang)
+                frame_boundary(force=True)
+                for f in files:
+                    if kinds[f.target] != "file":
+                        continue
+                    frame_boundary()
                     if f.target in restore:
                         _add_restored(tar, f, prefix_b, restore[f.target], records)
                         continue
@@ -193,15 +238,26 @@ def pack_env(built: BuiltEnv, dest: Path, *, level: int = 3, threads: int = 0) -
                 packer.prefixes, packer.packages = records, packages
                 packer.finish()
                 for target in sorted(capture.entries):
+                    frame_boundary()
                     data, mode = capture.entries[target]
                     tar.add_bytes(target, data, mode)
                 tar.close()
+            hw.end_frame()
         os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return PackResult(dest, hw.sha.hexdigest(), hw.size, tar.data_bytes, tar.members, time.monotonic() - t0)
+    return PackResult(dest, hw.whole.sha.hexdigest(), hw.whole.size, tar.data_bytes, tar.members,
+                      time.monotonic() - t0, frames=tuple(hw.frames))
+
+
+def _kind(path: str) -> str:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "file"  # _add reports it
+    return "link" if stat.S_ISLNK(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "file"
 
 
 def _add_restored(tar: TarStream, f, prefix_b: bytes, placeholder: str, records: list) -> None:
@@ -317,13 +373,15 @@ def cached_pack(built: BuiltEnv, cache_dir: Path, *, level: int = 3, threads: in
             rec = json.loads(rec_path.read_text())
             st = path.stat()
             if (rec["content_hash"] == built.content_hash and rec["size"] == st.st_size
-                    and rec["mtime_ns"] == st.st_mtime_ns):
-                return PackResult(path, rec["sha256"], rec["size"], rec["unpacked_size"], rec["files"], 0.0, True)
+                    and rec["mtime_ns"] == st.st_mtime_ns and rec.get("frames")):
+                return PackResult(path, rec["sha256"], rec["size"], rec["unpacked_size"], rec["files"], 0.0, True,
+                                  frames=tuple(tuple(x) for x in rec["frames"]))
         except (OSError, ValueError, KeyError):
             pass
     res = pack_env(built, path, level=level, threads=threads)
     rec = {"content_hash": built.content_hash, "sha256": res.sha256, "size": res.size,
-           "unpacked_size": res.unpacked_size, "files": res.files, "mtime_ns": path.stat().st_mtime_ns}
+           "unpacked_size": res.unpacked_size, "files": res.files, "mtime_ns": path.stat().st_mtime_ns,
+           "frames": [list(x) for x in res.frames]}
     tmp = rec_path.with_name(rec_path.name + ".tmp")
     tmp.write_text(json.dumps(rec, sort_keys=True, indent=1) + "\n")
     os.replace(tmp, rec_path)

@@ -1,0 +1,189 @@
+"""Parallel verified extraction of an environment archive written as independent zstd frames.
+
+``pack build`` writes ``envs/<env>.tar.zst`` as one valid ``.tar.zst`` (``tar -I zstd -xf`` reads it) made of
+independent zstd frames, each starting at a tar member, and lists every frame's byte range and sha256 in
+MANIFEST.json (``environments[].frames``, covered by the signature). Frame 0 holds the directories and
+symlinks; every later frame holds regular files only. So:
+
+- frame 0 is extracted first, alone; then the other frames are read, hashed, decompressed and written by
+  ``workers`` threads at once (zstd, sha256 and the file system calls release the GIL);
+- every byte of the archive belongs to exactly one frame and is hashed by the thread that uses it; nothing
+  leaves the destination directory before every frame's hash matched (the caller renames it only then;
+  on any failure it is removed here);
+- a later frame may not hold a link or a directory, may not name a file twice (``O_EXCL``) and may not write
+  through a symlink (the rules of :func:`installer.unpack.members.check_member`, with frame 0's symlinks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from installer.errors import BundleError, IntegrityError, UnsafeArchiveError
+from installer.unpack.archive import ExtractResult, _is_stream_error
+from installer.unpack.source import CHUNK, _Plain, open_regular
+from installer.unpack.writer import _Writer
+
+
+@dataclass(frozen=True)
+class Frame:
+    offset: int
+    size: int
+    sha256: str
+
+
+def default_workers() -> int:
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _RangeSource:
+    """Reads exactly ``size`` bytes at ``offset`` of an open file, hashing them (``os.pread``: no shared position)."""
+
+    def __init__(self, fd: int, offset: int, size: int, stop: threading.Event) -> None:
+        self.fd, self.pos, self.end = fd, offset, offset + size
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.stop = stop
+
+    def read(self, n: int = -1) -> bytes:
+        if self.stop.is_set():
+            raise _Cancelled
+        want = self.end - self.pos if n is None or n < 0 else min(n, self.end - self.pos)
+        if want <= 0:
+            return b""
+        data = os.pread(self.fd, min(want, CHUNK), self.pos)
+        if not data:
+            raise BundleError("the archive ended early (it changed while being read?)")
+        self.pos += len(data)
+        self.size += len(data)
+        self.sha.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+class _FilesOnlyWriter(_Writer):
+    """A later frame's writer: regular files only, each created new (``O_EXCL``), never through a link."""
+
+    def _open(self, path: str, mode: int) -> int:
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        except FileExistsError:
+            rel = os.path.relpath(path, self.dest)
+            raise UnsafeArchiveError(self.archive, rel, "named twice (in two parts of the archive)") from None
+
+
+def check_frames(frames: Sequence[Frame], size: int, name: str) -> None:
+    """The frames cover the archive exactly, in order, with nothing between them."""
+    pos = 0
+    for i, f in enumerate(frames):
+        if f.offset != pos or f.size <= 0:
+            raise BundleError(f"{name}: frame {i} starts at byte {f.offset}, expected {pos}",
+                              hint="the manifest was not produced by `pack build`; do not install this bundle")
+        pos += f.size
+    if pos != size:
+        raise IntegrityError(name, expected=f"{pos} bytes (its frames)", actual=f"{size} bytes", what="size")
+
+
+def extract_frames(archive: str | os.PathLike[str], dest: str | os.PathLike[str], frames: Sequence[Frame], *,
+                   expected_size: int, display_name: str | None = None, workers: int | None = None) -> ExtractResult:
+    """Extract a framed archive into ``dest`` (new or empty), every frame verified; ``dest`` removed on failure."""
+    import zstandard
+
+    archive, dest = Path(archive), Path(dest)
+    name = display_name or archive.name
+    t0 = time.perf_counter()
+    f = open_regular(archive)
+    try:
+        size = os.fstat(f.fileno()).st_size
+        if size != expected_size:
+            raise IntegrityError(name, expected=str(expected_size), actual=str(size), what="size")
+        check_frames(frames, size, name)
+        dest.mkdir(parents=True, exist_ok=True)
+        if any(dest.iterdir()):
+            raise BundleError(f"{dest}: extraction target is not empty")
+        stop = threading.Event()
+        first = _Writer(name, dest, min(4, default_workers()))
+        counts = [(0, 0)] * len(frames)
+
+        def one(i: int) -> None:
+            fr = frames[i]
+            src = _RangeSource(f.fileno(), fr.offset, fr.size, stop)
+            w = first if i == 0 else _FilesOnlyWriter(name, dest, 0)
+            if i:
+                w.symlinks, w.dirs = first.symlinks, first.dirs  # read-only after frame 0 (dirs: set.add is atomic)
+            members = out = 0
+            try:
+                reader = zstandard.ZstdDecompressor().stream_reader(src, read_size=CHUNK)
+                fileobj = _Plain(lambda: reader.read(CHUNK))
+                with tarfile.open(fileobj=fileobj, mode="r|") as tar:  # type: ignore[call-overload]
+                    for m in tar:
+                        if i and not m.isreg():
+                            raise UnsafeArchiveError(name, m.name, "a link or directory after the first part")
+                        members += 1
+                        out += w.add(m, tar.fileobj)
+                while fileobj.read(CHUNK):
+                    pass
+                w.close()
+                src.drain()
+            except (BundleError, _Cancelled):
+                w.close_quietly()
+                raise
+            except Exception as e:
+                w.close_quietly()
+                if stop.is_set():
+                    raise _Cancelled from e
+                src.drain()  # a corrupt frame: its hash tells corruption from a broken build
+                _check(name, i, src, fr, cause=e)
+                if _is_stream_error(e):
+                    raise BundleError(f"{name}: part {i} cannot be read ({type(e).__name__}: {e})",
+                                      hint="its hash matches MANIFEST.json, so it was built broken; rebuild "
+                                      "the bundle") from e
+                raise
+            _check(name, i, src, fr)
+            counts[i] = (members, out)
+
+        try:
+            one(0)
+            n = workers or default_workers()
+            errors: list[BaseException] = []
+            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="llm-frame") as pool:
+                futures = [pool.submit(one, i) for i in range(1, len(frames))]
+                for fut in futures:
+                    try:
+                        fut.result()
+                    except BaseException as e:
+                        stop.set()
+                        errors.append(e)
+            real = [e for e in errors if not isinstance(e, _Cancelled)]
+            if real or errors:
+                raise (real or errors)[0]
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+    finally:
+        f.close()
+    whole = hashlib.sha256(b"".join(bytes.fromhex(x.sha256) for x in frames)).hexdigest()
+    return ExtractResult(sha256=whole, size=size, members=sum(c[0] for c in counts),
+                         bytes_out=sum(c[1] for c in counts), seconds=time.perf_counter() - t0)
+
+
+def _check(name: str, i: int, src: _RangeSource, fr: Frame, cause: BaseException | None = None) -> None:
+    digest = src.sha.hexdigest()
+    if src.size != fr.size or digest != fr.sha256:
+        raise IntegrityError(f"{name} (part {i}, bytes {fr.offset}-{fr.offset + fr.size - 1})",
+                             expected=fr.sha256, actual=digest) from cause
