@@ -17,7 +17,10 @@ from pathlib import Path
 from installer.bundle import MANIFEST_NAME, TRUSTED_KEYS, Bundle
 from installer.deploy import install as activate
 from installer.deploy import layout, lifecycle
+from installer.deploy.installed import preflight_manifest
+from installer.deploy.plan import quick_check
 from installer.errors import LlmPackError, SignatureError, UsageError
+from installer.unpack import DEFAULT_WORKERS
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -77,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-downgrade", action="store_true", help="install an older version over a newer one")
     p.add_argument("--bootstrap", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--health-timeout", type=float, default=900.0, metavar="SECONDS")
-    p.add_argument("--workers", type=int, default=activate.DEFAULT_WORKERS, help=argparse.SUPPRESS)
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help=argparse.SUPPRESS)
     p = sub.add_parser("check", help="preflight only: is this server ready for the bundle?")
     _common(p)
     _bundle_args(p)
@@ -261,9 +264,9 @@ def _run(args: argparse.Namespace, say) -> dict:
     if args.command == "check":
         from installer import preflight
 
-        activate.quick_check(bundle)
+        quick_check(bundle)
         results = preflight.run_preflight(
-            activate.preflight_manifest(root, bundle.manifest),
+            preflight_manifest(root, bundle.manifest),
             root=root,
             skip=args.skip_check,
             install_dir=Path(root) / layout.INSTALL_DIR.lstrip("/"),

@@ -1,4 +1,4 @@
-"""Error types shared by the packager and the installer.
+"""Error types of the installer, and the base classes the packager shares (packager/errors.py adds its own).
 
 Every error the tool raises on purpose derives from :class:`LlmPackError`. Subclasses also
 inherit the matching builtin so callers can catch them naturally, and they carry data
@@ -32,7 +32,10 @@ class UsageError(LlmPackError, ValueError):
 
 
 class ManifestError(UsageError):
-    """The YAML manifest is invalid. ``problems`` lists every problem found."""
+    """The YAML manifest is invalid. ``problems`` lists every problem found.
+
+    Raised by the build host only (packager/manifest.py, which imports it from here); it belongs with
+    packager/errors.py and moves there together with that import."""
 
     def __init__(self, path: str, problems: list[str]) -> None:
         self.path = path
@@ -74,22 +77,6 @@ class UnsafeArchiveError(BundleError):
         self.reason = reason
         super().__init__(f"{archive}: refusing member {member!r}: {reason}",
                          hint="the archive was not produced by `pack build`; do not install it")
-
-
-class SourceError(LlmPackError):
-    """A model source (hub, local dir) failed: unknown repo/revision, auth, network."""
-
-
-class NotFoundError(SourceError, FileNotFoundError):
-    """A repo, revision or file does not exist at the source."""
-
-
-class AuthError(SourceError, PermissionError):
-    """The source refused access (gated or private repo)."""
-
-
-class EnvironmentBuildError(LlmPackError):
-    """Solving, installing or packing a conda environment failed."""
 
 
 class PreflightError(LlmPackError):

@@ -1,4 +1,4 @@
-"""The one place that writes, replaces, renames and syncs on the target (stdlib only).
+"""The one place that writes, replaces, renames, removes and syncs on the target (stdlib only).
 
 Every durable step of an install goes through here, so that (a) each one is atomic (a temp file or link in
 the same directory, then ``rename``), (b) data and the directory entries that name it reach the disk before
@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -134,3 +135,11 @@ def sync_fs(path: Path) -> None:
     finally:
         os.close(fd)
     crash_point(f"syncfs {path}")
+
+
+def remove_path(p: Path) -> None:
+    """Delete a file, a link (not what it points to) or a directory tree (not a durable step: no crash point)."""
+    if p.is_symlink() or p.is_file():
+        p.unlink()
+    elif p.is_dir():
+        shutil.rmtree(p)

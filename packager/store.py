@@ -35,7 +35,8 @@ import re
 import uuid
 from pathlib import Path
 
-from installer.errors import IntegrityError, NotFoundError, UsageError
+from installer.errors import IntegrityError, UsageError
+from packager.errors import NotFoundError
 from packager.hashing import copy_and_hash, sha256_file
 
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)

@@ -451,8 +451,8 @@ def test_bad_shard_stops_the_copy_at_once(root, tmp_path, t1_parts, keys):
 def test_failed_check_after_the_switch_rolls_back(root, bundles, keys):
     """Item 6: what the installer does when the new version fails its post-start check (on a live server):
     one switch back to the version that was active, the new one's files dropped, the previous kept."""
-    from installer.deploy.install import _roll_back_failed
     from installer.deploy.placement import Installer
+    from installer.deploy.switch import roll_back_failed
 
     install(root, bundles["v1"], keys)
     old_line = dict(state(root)["lines"]["demo"])
@@ -460,7 +460,7 @@ def test_failed_check_after_the_switch_rolls_back(root, bundles, keys):
     new = state(root)["lines"]["demo"]["active"]
     said: list[str] = []
     inst = Installer(root, said.append)
-    _roll_back_failed(inst, "demo", new, old_line, said.append)
+    roll_back_failed(inst, "demo", new, old_line, said.append)
     s = state(root)
     assert s["lines"]["demo"]["active"] == old_line["active"] and s["lines"]["demo"]["previous"] is None
     assert new not in s["bundles"]

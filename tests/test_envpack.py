@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from installer.errors import EnvironmentBuildError
 from packager.env.build import build_env, inspect_env
 from packager.env.pack import cached_pack, pack_env
 from packager.env.runtime import cut_runtime
+from packager.errors import EnvironmentBuildError
 from packager.spec import EnvSpec, PipSpec
 from tests.conda.fixtures import (  # noqa: F401  (fixtures)
     TARGET,

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from installer.errors import EnvironmentBuildError, UsageError
+from installer.errors import UsageError
 from packager.env.build import build_env, inspect_env
 from packager.env.elf import GLIBC_SONAMES, read_elf
 from packager.env.solve import solve
+from packager.errors import EnvironmentBuildError
 from packager.spec import EnvSpec, PipSpec, TargetSpec
 from tests.conda.fixtures import (  # noqa: F401  (fixtures)
     TARGET,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from devkit.nspawn import Container, ContainerCommandError, reap_stale
-from devkit.nspawn.container import base_dir
+from devkit.nspawn.workdirs import base_dir
 from tests.nspawn import fixtures
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

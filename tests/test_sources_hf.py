@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from devkit.hub import GeneratedContent, HubServer
-from installer.errors import AuthError, IntegrityError, NotFoundError, SourceError
+from installer.errors import IntegrityError
+from packager.errors import AuthError, NotFoundError, SourceError
 from packager.sources import get_source
 from packager.spec import ModelSpec
 from packager.store import ContentStore

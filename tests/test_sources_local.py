@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub.utils import filter_repo_objects
 
-from installer.errors import IntegrityError, NotFoundError, SourceError, UsageError
+from installer.errors import IntegrityError, UsageError
+from packager.errors import NotFoundError, SourceError
 from packager.sources import get_source
 from packager.sources.base import content_hash, filter_paths
 from packager.sources.local import LocalSource

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from devkit.hub import GeneratedContent, HubServer
-from installer.errors import AuthError, IntegrityError, NotFoundError
+from installer.errors import IntegrityError
+from packager.errors import AuthError, NotFoundError
 from packager.sources import get_source
 from packager.sources.base import content_hash
 from packager.spec import ModelSpec

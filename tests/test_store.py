@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from installer.errors import IntegrityError, NotFoundError, UsageError
+from installer.errors import IntegrityError, UsageError
+from packager.errors import NotFoundError
 from packager.hashing import copy_and_hash, git_blob_sha1_and_sha256, hash_files, sha256_file
 from packager.store import ContentStore, default_store_root, place_file
 

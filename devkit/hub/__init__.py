@@ -11,6 +11,7 @@ and ``tests.hub.fixtures.hub_env`` (HF_HOME / MODELSCOPE_CACHE / store in tmp, t
 """
 
 from devkit.hub.content import BytesContent, Content, FileContent, GeneratedContent
-from devkit.hub.server import HubFile, HubServer, Request
+from devkit.hub.repos import HubFile, Request
+from devkit.hub.server import HubServer
 
 __all__ = ["BytesContent", "Content", "FileContent", "GeneratedContent", "HubFile", "HubServer", "Request"]

@@ -8,13 +8,10 @@ with Container(ensure_rootfs(), binds=[(usb_dir, "/media/usb", True)]) as c:
     print(c.journal("llm@tiny"))
 """
 
-from devkit.nspawn.container import (
-    Container,
-    ContainerCommandError,
-    ContainerError,
-    reap_stale,
-)
+from devkit.nspawn.container import Container
+from devkit.nspawn.errors import ContainerCommandError, ContainerError
 from devkit.nspawn.rootfs import PACKAGES, RootfsBuildError, default_cache_dir, ensure_rootfs
+from devkit.nspawn.workdirs import reap_stale
 
 __all__ = [
     "PACKAGES",

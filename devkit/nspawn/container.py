@@ -17,55 +17,27 @@ owner died (a crashed or killed pytest) are killed and removed by the next ``Con
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
-import tarfile
 import tempfile
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
+from devkit.nspawn.commands import Commands
+from devkit.nspawn.errors import ContainerError
 from devkit.nspawn.overlay import extract, golden_tree, overlay_options, overlay_supported
-
-SANE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-DEFAULT_BASE_DIR = Path("/var/tmp/llm-pack-nspawn")
-STATE_FILE = "state.json"
+from devkit.nspawn.processes import children, kill_if, proc_id
+from devkit.nspawn.workdirs import base_dir, reap_stale, remove_tree, write_state
 
 _live: weakref.WeakSet[Container] = weakref.WeakSet()
 
 
-class ContainerError(RuntimeError):
-    """The container could not be started, reached, or stopped. The message carries the console tail."""
-
-
-class ContainerCommandError(subprocess.CalledProcessError):
-    """A command run inside the container failed; str() shows the command and the tail of its output."""
-
-    def __str__(self) -> str:
-        def tail(data: str | bytes | None) -> str:
-            if not data:
-                return ""
-            text = data if isinstance(data, str) else data.decode(errors="replace")
-            return text[-4000:]
-
-        cmd = self.cmd if isinstance(self.cmd, str) else shlex.join(self.cmd)
-        return (
-            f"command in container exited with {self.returncode}: {cmd}\n"
-            f"--- stdout ---\n{tail(self.stdout)}\n--- stderr ---\n{tail(self.stderr)}"
-        )
-
-
-def base_dir() -> Path:
-    return Path(os.environ.get("LLM_TEST_NSPAWN_DIR", DEFAULT_BASE_DIR))
-
-
-class Container:
+class Container(Commands):
     """A booted Debian with systemd as PID 1, no network, and optional bind mounts from the host.
 
     ``with Container(tar) as c:`` starts it and waits until systemd is running; leaving the block
@@ -133,7 +105,7 @@ class Container:
         self.dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=base))
         self.root = self.dir / "rootfs"
         self.root.mkdir()
-        _write_state(self.dir, {"owner": _proc_id(os.getpid())})
+        write_state(self.dir, {"owner": proc_id(os.getpid())})
         _live.add(self)
 
         t0 = time.monotonic()
@@ -160,14 +132,14 @@ class Container:
             )  # fmt: skip
         finally:
             console.close()
-        _write_state(self.dir, {"owner": _proc_id(os.getpid()), "nspawn": _proc_id(self._proc.pid)})
+        write_state(self.dir, {"owner": proc_id(os.getpid()), "nspawn": proc_id(self._proc.pid)})
         self._leader = self._find_leader(timeout=30.0)
-        _write_state(
+        write_state(
             self.dir,
             {
-                "owner": _proc_id(os.getpid()),
-                "nspawn": _proc_id(self._proc.pid),
-                "leader": _proc_id(self._leader),
+                "owner": proc_id(os.getpid()),
+                "nspawn": proc_id(self._proc.pid),
+                "leader": proc_id(self._leader),
             },
         )
 
@@ -206,7 +178,7 @@ class Container:
                 raise ContainerError(
                     f"systemd-nspawn exited with {self._proc.returncode} before booting\n{self.console()}"
                 )
-            for child in _children(self._proc.pid):
+            for child in children(self._proc.pid):
                 try:
                     comm = Path(f"/proc/{child}/comm").read_text().strip()
                     ns = os.readlink(f"/proc/{child}/ns/pid")
@@ -256,7 +228,7 @@ class Container:
                 except subprocess.TimeoutExpired:
                     self._kill()
             elif self._leader is not None:
-                _kill_if(self._leader, None)
+                kill_if(self._leader, None)
         finally:
             if self._proc is not None:
                 try:
@@ -269,7 +241,7 @@ class Container:
                 os.close(self._golden_fd)
                 self._golden_fd = None
             if self.dir is not None and not self.keep:
-                _remove_tree(self.dir)
+                remove_tree(self.dir)
             self.timings["stop_s"] = time.monotonic() - t0
             _live.discard(self)
             self._proc = None
@@ -278,100 +250,14 @@ class Container:
     def _kill(self) -> None:
         # SIGKILL to the PID namespace's init kills every process in it, nsenter'd ones included.
         if self._leader is not None:
-            _kill_if(self._leader, None)
+            kill_if(self._leader, None)
         if self._proc is not None:
             try:
                 self._proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
 
-    # -- using it ----------------------------------------------------------------------------------
-
-    def run(
-        self,
-        cmd: Sequence[str] | str,
-        *,
-        check: bool = True,
-        timeout: float | None = 120.0,
-        env: Mapping[str, str] | None = None,
-        input: str | bytes | None = None,
-        cwd: str | None = None,
-        text: bool = True,
-    ) -> subprocess.CompletedProcess:
-        """Run ``cmd`` as root inside all of the container's namespaces, with a clean environment.
-
-        A string is run by ``/bin/bash -c``. The environment is PATH, HOME, LANG and ``env``; nothing
-        of the host's leaks in. On timeout the whole command (its process group) is killed.
-        """
-        argv = ["/bin/bash", "-c", cmd] if isinstance(cmd, str) else list(cmd)
-        envv = {"PATH": SANE_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb", **(env or {})}
-        full = ["nsenter", "-t", str(self.leader_pid), "-a", "--", "/usr/bin/env", "-i"]
-        if cwd is not None:
-            full.append(f"--chdir={cwd}")
-        full += [f"{k}={v}" for k, v in envv.items()] + argv
-        if isinstance(input, str) and not text:
-            input = input.encode()
-        proc = subprocess.Popen(
-            full, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=text, start_new_session=True,
-        )  # fmt: skip
-        try:
-            out, err = proc.communicate(input, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _killpg(proc.pid)
-            out, err = proc.communicate()
-            raise subprocess.TimeoutExpired(cmd, timeout or 0, output=out, stderr=err) from None
-        except BaseException:
-            _killpg(proc.pid)
-            proc.wait()
-            raise
-        res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-        if check and proc.returncode != 0:
-            raise ContainerCommandError(proc.returncode, cmd, out, err)
-        return res
-
-    def copy_in(self, host_path: Path, container_path: str, *, mode: int | None = None) -> None:
-        """Copy a file or directory tree from the host to ``container_path`` (owned by root).
-
-        Streams a tar into the container's own ``tar``, so it sees the container's mounts
-        (``/run``, ``/tmp``, binds) exactly as processes inside do.
-        """
-        host_path = Path(host_path)
-        if not host_path.exists():
-            raise FileNotFoundError(host_path)
-        dest = PurePosixPath(container_path)
-        if not dest.is_absolute():
-            raise ValueError(f"container path must be absolute: {container_path}")
-        self.run(["mkdir", "-p", str(dest.parent)])
-        full = [
-            "nsenter", "-t", str(self.leader_pid), "-a", "--", "/usr/bin/env", "-i", f"PATH={SANE_PATH}",
-            "tar", "-x", "-f", "-", "--no-same-owner", "-C", str(dest.parent),
-        ]  # fmt: skip
-        proc = subprocess.Popen(full, stdin=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        assert proc.stdin is not None
-        try:
-            with tarfile.open(fileobj=proc.stdin, mode="w|") as tf:
-                tf.add(host_path, arcname=dest.name)
-        except BrokenPipeError:
-            pass
-        finally:
-            proc.stdin.close()
-        err = proc.stderr.read() if proc.stderr else b""
-        if proc.wait() != 0:
-            msg = err.decode(errors="replace")
-            raise ContainerError(f"copying {host_path} to {container_path} failed: {msg}")
-        if mode is not None:
-            self.run(["chmod", f"{mode:o}", str(dest)])
-
-    def write_file(self, container_path: str, content: str | bytes, mode: int = 0o644) -> None:
-        """Create (or replace) a small file inside the container."""
-        data = content.encode() if isinstance(content, str) else content
-        dest = PurePosixPath(container_path)
-        self.run(
-            ["sh", "-c", 'mkdir -p "$(dirname "$1")" && cat > "$1" && chmod "$2" "$1"', "sh", str(dest),
-             f"{mode:o}"],
-            input=data, text=False,
-        )  # fmt: skip
+    # -- its files ----------------------------------------------------------------------------------
 
     @property
     def host_root(self) -> Path:
@@ -410,22 +296,6 @@ class Container:
             rel = "/" + os.path.relpath(dirpath, upper)
             out.extend(os.path.normpath(f"{rel}/{n}") for n in dirnames + filenames)
         return sorted(out)
-
-    def journal(self, unit: str | None = None, *, lines: int | None = None, output: str = "short-iso") -> str:
-        """The container's journal, for one unit if given (``journalctl -u unit``)."""
-        cmd = ["journalctl", "--no-pager", "-o", output]
-        if unit is not None:
-            cmd += ["-u", unit]
-        if lines is not None:
-            cmd += ["-n", str(lines)]
-        return self.run(cmd, check=False, timeout=30).stdout
-
-    def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return self.run(["systemctl", *args], check=check, timeout=60)
-
-    def show(self, unit: str, prop: str) -> str:
-        """One property of a unit, e.g. ``show("x.service", "MainPID")``."""
-        return self.run(["systemctl", "show", "-P", prop, unit], timeout=30).stdout.strip()
 
     def console(self) -> str:
         """The tail of the container's console (boot messages, nspawn errors)."""
@@ -473,115 +343,6 @@ def _resolve_in_root(root: Path, path: str) -> Path:
             continue
         resolved.append(part)
     return root.joinpath(*resolved)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(x) for x in text.split()]
-
-
-def _start_time(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def _proc_id(pid: int) -> list[int]:
-    """A (pid, start time) pair: survives PID reuse."""
-    return [pid, _start_time(pid) or 0]
-
-
-def _alive(ident: Sequence[int] | None) -> bool:
-    return bool(ident) and _start_time(ident[0]) == ident[1]
-
-
-def _kill_if(pid: int, ident: Sequence[int] | None) -> None:
-    if ident is not None and not _alive(ident):
-        return
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _killpg(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _write_state(d: Path, state: dict) -> None:
-    tmp = d / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, d / STATE_FILE)
-
-
-def _mounts_under(path: Path) -> list[str]:
-    prefix = str(path.resolve()) + "/"
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mnt = line.split()[4].replace("\\040", " ")
-            if mnt.startswith(prefix) or mnt == prefix[:-1]:
-                found.append(mnt)
-    return found
-
-
-def _remove_tree(d: Path) -> None:
-    # nspawn's mounts live in its private mount namespace; if one ever leaked into ours, unmount it
-    # rather than deleting through it into the host.
-    for mnt in sorted(_mounts_under(d), key=len, reverse=True):
-        subprocess.run(["umount", "-l", mnt], check=False, capture_output=True)
-    if _mounts_under(d):
-        raise ContainerError(f"refusing to delete {d}: it still has mounts under it")
-    shutil.rmtree(d, ignore_errors=True)
-    if d.exists():  # e.g. chattr +i left by a test
-        subprocess.run(["chattr", "-R", "-i", str(d)], check=False, capture_output=True)
-        shutil.rmtree(d)
-
-
-def reap_stale(base: Path | None = None, max_age_no_state: float = 600.0) -> list[Path]:
-    """Kill and remove containers whose owning process is gone (crashed runs); return what was removed."""
-    base = base if base is not None else base_dir()
-    removed: list[Path] = []
-    if not base.is_dir():
-        return removed
-    for d in base.iterdir():
-        if not d.is_dir() or d.is_symlink() or d.name.startswith("."):
-            continue
-        try:
-            state = json.loads((d / STATE_FILE).read_text())
-        except (OSError, ValueError):
-            state = None
-        if state is None:
-            try:
-                age = time.time() - d.stat().st_mtime
-            except OSError:
-                continue
-            if age < max_age_no_state:
-                continue  # maybe being created right now
-        elif _alive(state.get("owner")):
-            continue
-        else:
-            for key in ("leader", "nspawn"):
-                ident = state.get(key)
-                if ident:
-                    _kill_if(ident[0], ident)
-            deadline = time.monotonic() + 10
-            while any(_alive(state.get(k)) for k in ("leader", "nspawn")) and time.monotonic() < deadline:
-                time.sleep(0.05)
-        try:
-            _remove_tree(d)
-            removed.append(d)
-        except (OSError, ContainerError):
-            continue
-    return removed
 
 
 @atexit.register

@@ -1,7 +1,7 @@
 """THE bundle format: on-disk names, typed MANIFEST records, hashing, signature checks, the reader.
 
 ``from installer.bundle import Bundle, MANIFEST_NAME, ...`` is the public face; the modules are
-names.py (every on-disk name), manifest.py (the MANIFEST.json records, the one schema), hashing.py,
+names.py (every on-disk name), manifest/ (the MANIFEST.json records, the one schema), hashing.py,
 signature.py and reader.py. Writing bundles is build-only: packager/bundle_writer.py.
 """
 

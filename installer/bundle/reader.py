@@ -85,7 +85,7 @@ class Bundle:
             hint = ("this looks like split volumes: run install.sh from the first volume"
                     if (root / SPLIT_INFO).exists() else "pass the directory `pack build` printed")
             raise BundleError(f"{root}: no {MANIFEST_NAME}: not a bundle", hint=hint) from e
-        # every field checked once, here (installer/bundle/manifest.py); the dict stays for older readers
+        # every field checked once, here (installer/bundle/manifest/); the dict stays for older readers
         records = ManifestRecords.from_json(raw, source=str(mpath))
         manifest = records.raw
         arts = tuple(Artifact.from_dict(a) for a in manifest.get("artifacts", []))

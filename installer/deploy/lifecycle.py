@@ -7,10 +7,12 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from installer import fsutil
 from installer.deploy import state as st
-from installer.deploy.install import activate_version, intact
+from installer.deploy.installed import intact
 from installer.deploy.layout import BUNDLE_RECORDS, LINES, STAGING, UNIT_VERSIONS, Say
-from installer.deploy.placement import Installer, remove_path
+from installer.deploy.placement import Installer
+from installer.deploy.switch import activate_version
 from installer.errors import InstallError
 
 
@@ -102,7 +104,7 @@ def uninstall(
                 systemd.remove_units(root, line["instances"])
             others = set().union(*(files_of(k) for k in inst.state["lines"] if k != n))
             for f in sorted(files_of(n) - others):
-                remove_path(inst.t.host(f))
+                fsutil.remove_path(inst.t.host(f))
             for bid, rec in list(inst.state["bundles"].items()):
                 if rec.get("name") == n:
                     inst.release(bid)
@@ -115,7 +117,7 @@ def uninstall(
             inst.clean_partials()
             inst.release("bootstrap")
             for target in list(inst.state["objects"]):  # anything left over (should be nothing)
-                remove_path(inst.t.host(target))
+                fsutil.remove_path(inst.t.host(target))
             inst.state["objects"] = {}
             if inst.state.get("user_created"):
                 remove, why = systemd.user_removal_decision(root, sorted(key_files))
@@ -127,9 +129,9 @@ def uninstall(
                 (root / systemd.SYSUSERS_CONF).unlink(missing_ok=True)
             for rec in inst.state["bundles"].values():  # committed but never switched to (a crash)
                 for f in rec.get("unit_files") or []:
-                    remove_path(inst.t.host(f))
+                    fsutil.remove_path(inst.t.host(f))
             for stale in (BUNDLE_RECORDS, STAGING, LINES, UNIT_VERSIONS):
-                remove_path(inst.t.host(stale))
+                fsutil.remove_path(inst.t.host(stale))
             st.state_path(root).unlink(missing_ok=True)
             (root / st.STATE_DIR / st.LOCK_FILE).unlink(missing_ok=True)
             inst.prune_dirs()

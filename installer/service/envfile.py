@@ -158,7 +158,7 @@ def render_env_file(
     for i, arg in enumerate(svc.vllm_args, start=1):
         put(f"LLM_ARG_{i}", arg)
     # the manifest's own variables last: they win over the defaults above (names and values are checked
-    # by the service rules, installer/bundle/manifest.py)
+    # by the service rules, installer/bundle/manifest/services.py)
     for key, value in svc.env.items():
         put(key, value)
 

@@ -265,7 +265,7 @@ def curl_example(service: ServiceRecord | Mapping, *, max_tokens: int = 64) -> s
         separators=(",", ":"),
     )
     parts = [f"curl -sS {shlex.quote(url)}", "-H 'Content-Type: application/json'"]
-    if svc.api_key_file:  # a checked plain path (installer/bundle/manifest.py): nothing in it for the shell
+    if svc.api_key_file:  # a checked plain path (installer/bundle/manifest/): nothing in it for the shell
         parts.append(f'-H "Authorization: Bearer $(sudo cat {shlex.quote(svc.api_key_file)})"')
     parts.append(f"-d {shlex.quote(body)}")
     return " \\\n  ".join(parts)

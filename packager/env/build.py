@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from installer.errors import EnvironmentBuildError
 from installer.preflight.cuda import compare_versions
 from packager.env.elf import scan_tree
 from packager.env.facts import (
@@ -26,6 +25,7 @@ from packager.env.facts import (
 from packager.env.install import clear_prefix, install
 from packager.env.pip import download_kernels, pip_install, pip_uninstall
 from packager.env.solve import conda_specs, solve
+from packager.errors import EnvironmentBuildError
 from packager.spec import EnvSpec, TargetSpec
 
 HASH_FORMAT = 1

@@ -9,9 +9,10 @@ import os
 import re
 from pathlib import Path
 
-from installer.errors import EnvironmentBuildError, UsageError
+from installer.errors import UsageError
 from installer.preflight.cuda import compare_versions, major_minor, min_driver
 from packager.env.solve import CUDA_CONDA_PACKAGES
+from packager.errors import EnvironmentBuildError
 from packager.spec import EnvSpec
 
 VLLM_COMMAND = ["bin/python", "-m", "vllm.entrypoints.openai.api_server"]

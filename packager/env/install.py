@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from installer.errors import EnvironmentBuildError
+from packager.errors import EnvironmentBuildError
 
 
 def clear_prefix(prefix: Path) -> None:

@@ -39,10 +39,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from installer.errors import EnvironmentBuildError
 from packager.env.build import BuiltEnv
 from packager.env.placeholder import PlaceholderRestorer
 from packager.env.tarstream import TarStream
+from packager.errors import EnvironmentBuildError
 from packager.tarball import HashingWriter
 
 CHUNK = 1 << 20

@@ -13,12 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from installer.errors import EnvironmentBuildError
 from packager.env.build import BuiltEnv
 from packager.env.elf import GLIBC_SONAMES, read_elf
 from packager.env.install import run_env
 from packager.env.pack import PackResult
 from packager.env.pip import pip_args
+from packager.errors import EnvironmentBuildError
 from packager.tarball import write_tar_gz
 
 RUNTIME_SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "idlelib", "tkinter", "turtledemo",

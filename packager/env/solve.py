@@ -6,7 +6,8 @@ import asyncio
 import re
 from pathlib import Path
 
-from installer.errors import EnvironmentBuildError, UsageError
+from installer.errors import UsageError
+from packager.errors import EnvironmentBuildError
 from packager.spec import EnvSpec, TargetSpec
 
 LINUX_VERSION = "4.18"  # kernel assumed for __linux (RHEL/Rocky 8, the glibc 2.28 generation)

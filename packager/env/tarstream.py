@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tarfile
 
-from installer.errors import EnvironmentBuildError
+from packager.errors import EnvironmentBuildError
 
 
 class TarStream:

@@ -22,7 +22,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from installer.errors import LlmPackError, SourceError
+from installer.errors import LlmPackError
+from packager.errors import SourceError
 
 if TYPE_CHECKING:
     from packager.spec import ModelSpec

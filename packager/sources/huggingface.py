@@ -43,7 +43,8 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile
 from tqdm import tqdm as _tqdm
 
-from installer.errors import AuthError, IntegrityError, LlmPackError, NotFoundError, SourceError, UsageError
+from installer.errors import IntegrityError, LlmPackError, UsageError
+from packager.errors import AuthError, NotFoundError, SourceError
 from packager.hashing import git_blob_sha1_and_sha256
 from packager.sources.base import (
     COMMIT_RE,

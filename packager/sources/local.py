@@ -31,7 +31,8 @@ import os
 from contextlib import closing
 from pathlib import Path
 
-from installer.errors import IntegrityError, NotFoundError, SourceError, UsageError
+from installer.errors import IntegrityError, UsageError
+from packager.errors import NotFoundError, SourceError
 from packager.hashing import hash_files
 from packager.sources.base import PinnedModel, Progress, RemoteFile, content_hash, filter_paths
 from packager.spec import ModelSpec

@@ -44,7 +44,8 @@ from modelscope_hub.errors import (
     PermissionDeniedError,
 )
 
-from installer.errors import AuthError, IntegrityError, LlmPackError, NotFoundError, SourceError, UsageError
+from installer.errors import IntegrityError, LlmPackError, UsageError
+from packager.errors import AuthError, NotFoundError, SourceError
 from packager.sources.base import (
     COMMIT_RE,
     PinnedModel,

@@ -1,0 +1,309 @@
+"""Staging a bundle's parts under ``/var/lib/llm/staging`` (:class:`Staging`, a part of
+:class:`~installer.deploy.placement.Installer`): environments extracted while their archive is hashed and
+conda-unpacked for their final path, model files copied and hashed in one pass (a re-run copies only what
+is not verified yet), HF cache views and the bootstrap copy; and whether what is in place still matches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
+
+from installer import fsutil
+from installer.bundle import MANIFEST_NAME, Bundle, check_relpath, sha256_file
+from installer.deploy.conda_unpack import run_conda_unpack
+from installer.deploy.layout import (
+    ENV_MARKER,
+    INSTALLERS,
+    RUNTIMES,
+    STAGING,
+    Say,
+    Target,
+    env_dir,
+    files_digest,
+    hf_repo_dir,
+    model_dir,
+    model_version,
+    staged,
+)
+from installer.errors import InstallError
+from installer.sizes import human_size
+from installer.unpack import CopyCancelled, copy_verified, extract_archive
+
+VERIFIED_LOG = ".llm-verified"  # in a staged model dir: "sha256 size path" per verified, synced file
+
+
+class Staging:
+    """Preparing and verifying parts in the staging tree; mixed into
+    :class:`~installer.deploy.placement.Installer` (which provides ``in_use`` and the state)."""
+
+    t: Target
+    state: dict
+    say: Say
+    doing: str | None
+
+    # ------------------------------------------------------------------ environments
+    def env_placed(self, target: str, env: Mapping) -> bool:
+        """Installed and committed, and its marker names the same content."""
+        return self.in_use(target) and _marker_ok(self.t.host(target), env)
+
+    def env_complete(self, target: str) -> bool:
+        return (self.t.host(target) / ENV_MARKER).is_file()
+
+    def stage_env(self, bundle: Bundle, env: Mapping, workers: int) -> None:
+        """Extract (hashing the archive), conda-unpack for the final path, mark complete, in the staging tree."""
+        target = env_dir(env)
+        final = self.t.host(staged(target))
+        if _marker_ok(final, env):
+            self.say(f"environment {env['name']}: verified and unpacked by an earlier run (reused)")
+            return
+        if final.exists():
+            shutil.rmtree(final)
+        art = bundle.artifact(str(env["artifact"]))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        self.say(f"environment {env['name']}: verifying and unpacking {art.path} ({human_size(art.size)})")
+        self.doing = f"unpacking {art.path} into {final.parent}"
+        try:
+            res = extract_archive(
+                bundle.path_of(art),
+                partial,
+                expected_sha256=art.sha256,
+                expected_size=art.size,
+                display_name=art.path,
+                workers=workers,
+            )
+            os.chmod(partial, 0o755)
+            self.say(
+                f"environment {env['name']}: {res.members} files in {res.seconds:.1f} s; running conda-unpack"
+            )
+            run_conda_unpack(partial, target)
+            marker = {
+                "environment": env["name"],
+                "content_hash": env["content_hash"],
+                "artifact_sha256": art.sha256,
+            }
+            fsutil.sync_fs(partial)
+            fsutil.write_atomic(partial / ENV_MARKER, json.dumps(marker, indent=1, sort_keys=True) + "\n")
+            fsutil.rename(partial, final)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+
+    # ------------------------------------------------------------------ models
+    def model_placed(self, target: str, model: Mapping) -> bool:
+        """Committed with the digest of this file list (or a re-hash confirms it), every file its size."""
+        obj = self.state["objects"].get(target) or {}
+        files = list(model.get("files") or [])
+        d = self.t.host(target)
+        if not obj.get("users") or not d.is_dir() or not _sizes_ok(d, files):
+            return False
+        digest = files_digest(files)
+        if obj.get("digest") == digest:
+            return True
+        if obj.get("digest") is None:  # recorded by an older installer: re-hash once, then remember
+            for f in files:
+                if sha256_file(d / f["path"])[0] != f["sha256"]:
+                    return False
+            obj["digest"] = digest
+            return True
+        return False
+
+    def stage_model(self, bundle: Bundle, model: Mapping, workers: int) -> None:
+        """Copy and hash every file into the staging tree; the first bad file stops the others (fail fast).
+
+        Each verified file is synced and logged (``.llm-verified``): a re-run copies only the rest.
+        """
+        target = model_dir(model)
+        final = self.t.host(staged(target))
+        files = list(model.get("files") or [])
+        src_dir = str(model.get("dir") or f"models/{model['name']}")
+        arts = [(f, bundle.artifact(f"{src_dir}/{check_relpath(f['path'], what='model file')}")) for f in files]
+        final.mkdir(parents=True, exist_ok=True)
+        log = final / VERIFIED_LOG
+        done = _read_verified(log)
+        todo = [(f, a) for f, a in arts if not _verified_here(final, f, done)]
+        if not todo:
+            self.say(f"model {model['name']}: verified by an earlier run (reused)")
+            return
+        if len(todo) < len(arts):
+            self.say(f"model {model['name']}: {len(arts) - len(todo)} of {len(arts)} files verified by an "
+                     "earlier run (kept)")
+        total = sum(a.size for _, a in todo)
+        self.say(f"model {model['name']}: verifying and copying {len(todo)} files ({human_size(total)})")
+        self.doing = f"copying model {model['name']} into {final}"
+        for f, _ in todo:
+            (final / f["path"]).parent.mkdir(parents=True, exist_ok=True)
+        stop = threading.Event()
+        lock = threading.Lock()
+
+        def one(f: Mapping, a) -> None:
+            if stop.is_set():
+                return
+            dst = final / f["path"]
+            try:
+                copy_verified(bundle.path_of(a), dst, expected_sha256=a.sha256, expected_size=a.size,
+                              display_name=a.path, stop=stop)
+            except CopyCancelled:
+                return  # another file failed: its error is the one reported
+            except BaseException:
+                stop.set()  # in the worker itself: no other file starts after this one failed
+                raise
+            fsutil.fsync_file(dst)
+            with lock, open(log, "a", encoding="utf-8") as lf:
+                lf.write(f"{a.sha256} {a.size} {f['path']}\n")
+                lf.flush()
+                os.fsync(lf.fileno())
+            fsutil.crash_point(f"verified {dst}")
+
+        pool = ThreadPoolExecutor(max_workers=max(1, workers))
+        try:
+            jobs = [pool.submit(one, f, a) for f, a in sorted(todo, key=lambda fa: -fa[1].size)]
+            finished, _ = wait(jobs, return_when=FIRST_EXCEPTION)
+            for j in finished:
+                if j.exception() is not None:
+                    stop.set()
+                    raise j.exception()  # type: ignore[misc]
+        except BaseException:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        for d in [final, *(p for p in final.rglob("*") if p.is_dir())]:
+            os.chmod(d, 0o755)
+
+    def finish_staged_model(self, model: Mapping) -> None:
+        """Drop the verified-files log before the directory goes into place (vLLM gets only model files)."""
+        (self.t.host(staged(model_dir(model))) / VERIFIED_LOG).unlink(missing_ok=True)
+
+    def stage_hf_view(self, model: Mapping, mdir: str, bid: str) -> str:
+        """``models--org--name/snapshots/<sha>/<file>`` (relative links to the real files) and ``refs/main``,
+        in this bundle's own HF cache: nothing is shared with another bundle. Returns the repo dir."""
+        repo = model.get("repo") or model["name"]
+        rdir = hf_repo_dir(bid, repo)
+        ver = model_version(model)
+        snap = f"{rdir}/snapshots/{ver}"
+        host_snap = self.t.host(staged(snap))
+        if host_snap.exists():
+            shutil.rmtree(host_snap)
+        host_snap.mkdir(parents=True)
+        for f in model.get("files") or []:
+            link = host_snap / f["path"]
+            link.parent.mkdir(parents=True, exist_ok=True)
+            rel = posixpath.relpath(f"{mdir}/{f['path']}", posixpath.dirname(f"{snap}/{f['path']}"))
+            os.symlink(rel, link)
+        refs = self.t.host(staged(f"{rdir}/refs"))
+        refs.mkdir(parents=True, exist_ok=True)
+        (refs / "main").write_text(ver)
+        return rdir
+
+    # ------------------------------------------------------------------ bootstrap copy
+    def stage_bootstrap(self, bundle: Bundle, bootstrap: Path) -> list[tuple[str, str]]:
+        """Stage the verified runtime, installer and install.sh (kept so rollback/uninstall/status work
+        without the bundle). install.sh is copied and hashed against its MANIFEST entry, like every other
+        artifact. Returns [(base, target)] of the copies that are not in place yet or are reused."""
+        m = bundle.manifest
+        out = []
+        runtime = m.get("runtime") or None
+        if runtime and (bootstrap / "runtime").is_dir():
+            tgt = f"{RUNTIMES}/{bundle.artifact(runtime['artifact']).sha256[:16]}"
+
+            def fill_runtime(d: Path) -> None:
+                shutil.copytree(bootstrap / "runtime", d, symlinks=True, dirs_exist_ok=True)
+
+            self._stage_dir(tgt, fill_runtime)
+            out.append((RUNTIMES, tgt))
+        inst_art = (m.get("installer") or {}).get("artifact")
+        if inst_art and (bootstrap / "installer").is_dir():
+            tgt = f"{INSTALLERS}/{bundle.artifact(inst_art).sha256[:16]}"
+
+            def fill_installer(d: Path) -> None:
+                shutil.copytree(bootstrap / "installer" / "installer", d / "installer", symlinks=True,
+                                ignore=shutil.ignore_patterns("__pycache__"))
+                try:
+                    sh = bundle.artifact("install.sh")
+                except Exception as e:
+                    raise InstallError(f"{bundle.root}: install.sh is not listed in {MANIFEST_NAME}",
+                                       hint="the bundle was not produced by `pack build`") from e
+                copy_verified(bundle.path_of(sh), d / "install.sh", expected_sha256=sh.sha256,
+                              expected_size=sh.size, display_name=sh.path, mode=0o755)
+
+            self._stage_dir(tgt, fill_installer)
+            out.append((INSTALLERS, tgt))
+        return out
+
+    def _stage_dir(self, tgt: str, fill: Callable[[Path], None]) -> None:
+        if self.in_use(tgt) and self.t.host(tgt).is_dir():
+            return
+        final = self.t.host(staged(tgt))
+        if final.is_dir():
+            shutil.rmtree(final)  # cheap to redo: copied from install.sh's private, verified dir
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        try:
+            fill(tmp)
+            os.chmod(tmp, 0o755)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def remove_staging(self) -> None:
+        p = self.t.host(STAGING)
+        if p.is_dir():
+            shutil.rmtree(p)
+
+
+def _marker_ok(d: Path, env: Mapping) -> bool:
+    try:
+        marker = json.loads((d / ENV_MARKER).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return marker.get("content_hash") == env.get("content_hash")
+
+
+def _sizes_ok(d: Path, files: list) -> bool:
+    for f in files:
+        p = d / f["path"]
+        try:
+            if p.is_symlink() or p.stat().st_size != int(f["size"]):
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _read_verified(log: Path) -> set[tuple[str, int, str]]:
+    out = set()
+    try:
+        text = log.read_text(encoding="utf-8")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and len(parts[0]) == 64 and parts[1].isdigit():
+            out.add((parts[0], int(parts[1]), parts[2]))
+    return out
+
+
+def _verified_here(d: Path, f: Mapping, done: set) -> bool:
+    """The log says this file was copied with this hash and synced, and it is still that size."""
+    if (str(f["sha256"]), int(f["size"]), str(f["path"])) not in done:
+        return False
+    p = d / f["path"]
+    try:
+        return not p.is_symlink() and p.stat().st_size == int(f["size"])
+    except OSError:
+        return False
+
+
+def model_intact(d: Path, files: list) -> bool:
+    """Every file present with its size (a cheap look, for plans; reuse needs :meth:`Installer.model_placed`)."""
+    return d.is_dir() and _sizes_ok(d, files)
