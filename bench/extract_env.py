@@ -91,6 +91,33 @@ def _pack_framed(src: Path, work: Path) -> tuple[Path, list]:
     return zst, [Frame(*f) for f in hw.frames]
 
 
+def make_tree(dest: Path, files: int, total: int, seed: int = 1) -> Path:
+    """A synthetic tree shaped like a vLLM environment: many small files (.py, metadata) in nested package dirs,
+    a few hundred large shared libraries holding most of the bytes; content about 3-4x compressible."""
+    import random
+
+    rng = random.Random(seed)
+    big = max(1, files // 200)  # ~0.5% of the files hold ~85% of the bytes (.so files)
+    small_total = total * 15 // 100
+    sizes = [max(1, int(rng.expovariate(1.0) * small_total / (files - big))) for _ in range(files - big)]
+    sizes += [max(1, (total - small_total) // big)] * big
+    rng.shuffle(sizes)
+    chunk = bytes(rng.getrandbits(8) for _ in range(1 << 16))
+    text = (b"def f(x):\n    return x * 2  # comment\n" * 2000)[: 1 << 16]
+    for i, n in enumerate(sizes):
+        d = dest / f"pkg{i % 97}" / f"sub{i % 13}"
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / f"f{i}.{'so' if n > 1 << 20 else 'py'}", "wb") as f:
+            left = n
+            while left > 0:  # a quarter random bytes, the rest text: compresses ~3.5x like an env
+                part = chunk if rng.random() < 0.25 else text
+                f.write(part[: min(left, len(part))])
+                left -= len(part)
+    for i in range(files // 100):  # and symlinks, like bin/python -> python3.X
+        (dest / f"pkg{i % 97}" / f"link{i}").symlink_to(f"sub{i % 13}")
+    return dest
+
+
 def _sha256(p: Path) -> str:
     h = hashlib.sha256()
     with open(p, "rb") as f:
@@ -111,6 +138,7 @@ def main() -> int:
         action="append",
         help="writer threads of installer.unpack to measure (repeatable; default: the default)",
     )
+    ap.add_argument("--synthetic", metavar="FILES:BYTES", help="make a tree of that shape first (e.g. 57141:3519M)")
     ap.add_argument("--frames", type=int, action="append",
                     help="with --from-dir: also measure the framed archive (what pack build writes) decoded by "
                     "N threads (repeatable)")
@@ -123,6 +151,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-extract-", dir=args.workdir))
     try:
         framed = None
+        if args.synthetic:
+            n, size = args.synthetic.split(":")
+            mult = {"K": 1e3, "M": 1e6, "G": 1e9}.get(size[-1].upper(), 1)
+            t = time.perf_counter()
+            args.from_dir = make_tree(work / "tree", int(n), int(float(size.rstrip("KMGkmg")) * mult))
+            print(f"synthetic tree: {n} files, {size} in {time.perf_counter() - t:.1f} s")
         if args.from_dir:
             zst = _pack(args.from_dir, work)
             if args.frames:

@@ -222,6 +222,12 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
         for env in m.get("environments") or []:
             tgt = env_dir(env)
             rec["envs"][env["name"]] = tgt
+            if env.get("existing"):  # the server's own: checked by the preflight, never created or removed
+                if not inst.env_placed(tgt, env):
+                    raise InstallError(f"environment {env['name']}: {tgt}/bin/python is not there",
+                                       hint="install vLLM there first, or fix environments[].existing")
+                say(f"environment {env['name']}: the server's existing environment {tgt}")
+                continue
             if inst.env_placed(tgt, env):
                 say(f"environment {env['name']}: already installed at {tgt} (reused)")
             else:

@@ -44,6 +44,10 @@ def installed_env(inst: Installer, env_name: str | None) -> tuple[str, dict]:
             meta = (rec.get("env_meta") or {}).get(env_name)
             if meta:
                 return path, meta
+        elif path:  # the server's own environment, used by an installed bundle
+            for e in inst.stored_manifest(bid).get("environments") or []:
+                if e["name"] == env_name and e.get("existing") == path and inst.env_placed(path, e):
+                    return path, e
     raise InstallError(
         f"environment {env_name!r} is neither in this bundle nor installed here",
         hint="install the bundle that carries that environment first",

@@ -31,6 +31,9 @@ def make_plan(inst: Installer, bundle: Bundle, bid: str, active: str | None) -> 
     plan = Plan(bid)
     for env in m.get("environments") or []:
         tgt = env_dir(env)
+        if env.get("existing"):
+            plan.add("use", f"environment {env['name']} -> {tgt} (already on this server)")
+            continue
         plan.add("reuse" if inst.env_placed(tgt, env) else "unpack", f"environment {env['name']} -> {tgt}")
     for model in m.get("models") or []:
         tgt = model_dir(model)

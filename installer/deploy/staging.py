@@ -36,6 +36,7 @@ from installer.deploy.layout import (
 from installer.errors import InstallError
 from installer.sizes import human_size
 from installer.unpack import CopyCancelled, copy_verified, extract_archive
+from installer.unpack.frames import Frame, extract_frames
 
 VERIFIED_LOG = ".llm-verified"  # in a staged model dir: "sha256 size path" per verified, synced file
 
@@ -51,7 +52,10 @@ class Staging:
 
     # ------------------------------------------------------------------ environments
     def env_placed(self, target: str, env: Mapping) -> bool:
-        """Installed and committed, and its marker names the same content."""
+        """Installed and committed, and its marker names the same content (an ``existing`` environment: its
+        python is there; the preflight checked that it imports vLLM)."""
+        if env.get("existing"):
+            return os.access(self.t.host(target) / "bin" / "python", os.X_OK)
         return self.in_use(target) and _marker_ok(self.t.host(target), env)
 
     def env_complete(self, target: str) -> bool:
@@ -72,14 +76,19 @@ class Staging:
         self.say(f"environment {env['name']}: verifying and unpacking {art.path} ({human_size(art.size)})")
         self.doing = f"unpacking {art.path} into {final.parent}"
         try:
-            res = extract_archive(
-                bundle.path_of(art),
-                partial,
-                expected_sha256=art.sha256,
-                expected_size=art.size,
-                display_name=art.path,
-                workers=workers,
-            )
+            frames = [Frame(int(x["offset"]), int(x["size"]), str(x["sha256"])) for x in env.get("frames") or []]
+            if frames:  # independent zstd frames, each hashed: decoded on every core
+                res = extract_frames(bundle.path_of(art), partial, frames, expected_size=art.size,
+                                     display_name=art.path)
+            else:
+                res = extract_archive(
+                    bundle.path_of(art),
+                    partial,
+                    expected_sha256=art.sha256,
+                    expected_size=art.size,
+                    display_name=art.path,
+                    workers=workers,
+                )
             os.chmod(partial, 0o755)
             self.say(
                 f"environment {env['name']}: {res.members} files in {res.seconds:.1f} s; running conda-unpack"

@@ -29,7 +29,7 @@ from installer.bundle.manifest.document import (
     TargetInfo,
     as_manifest,
 )
-from installer.bundle.manifest.environments import EnvironmentRecord, VllmInfo, as_environment
+from installer.bundle.manifest.environments import EnvFrame, EnvironmentRecord, VllmInfo, as_environment
 from installer.bundle.manifest.fields import ManifestFieldError
 from installer.bundle.manifest.models import HEX40_RE, HEX64_RE, ModelFile, ModelRecord
 from installer.bundle.manifest.rules import (
@@ -92,7 +92,7 @@ __all__ = [
     "HOSTNAME_RE", "LOOPBACK_HOSTS", "MAX_TEXT", "MODULE_RE", "NAME_RE", "PATH_PART_RE", "PLATFORMS", "PYTHON_RE",
     "REPO_RE", "REVISION_RE", "RUNTIME_ARTIFACT_RE", "RUNTIME_PYTHON_RE", "SERVED_NAME_RE", "SERVE_BY",
     "SERVICE_FIELDS", "SHA256_RE", "SONAME_RE", "SOURCES", "TOOL_RE", "URL_RE", "VERSION_RE", "WILDCARD_HOSTS",
-    "ArtifactRecord", "ArtifactRef", "BundleInfo", "EnvironmentRecord", "Manifest", "ManifestFieldError",
+    "ArtifactRecord", "ArtifactRef", "BundleInfo", "EnvFrame", "EnvironmentRecord", "Manifest", "ManifestFieldError",
     "ModelFile", "ModelRecord", "Problem", "ServiceRecord", "TargetInfo", "VllmInfo", "abs_path_problem",
     "as_environment", "as_manifest", "as_service", "control_char_problem", "field_path", "host_problem",
     "is_loopback", "port_conflicts", "relpath_problem", "service_problems", "service_warnings", "value_problem",

@@ -182,7 +182,7 @@ class Manifest(Record):
             if ref is not None and ref.artifact not in listed:
                 r.fail((key, "artifact"), f"{ref.artifact!r} is not listed in artifacts")
         for i, e in enumerate(self.environments):
-            if e.artifact not in listed:
+            if e.artifact is not None and e.artifact not in listed:
                 r.fail(("environments", i, "artifact"), f"{e.artifact!r} is not listed in artifacts")
 
     # -- writing

@@ -19,6 +19,7 @@ from installer.bundle.manifest.rules import (
     SHA256_RE,
     SONAME_RE,
     VERSION_RE,
+    abs_path_problem,
     relpath_problem,
     value_problem,
 )
@@ -52,10 +53,24 @@ class VllmInfo(Record):
 
 
 @dataclass(frozen=True)
+class EnvFrame(Record):
+    """One independent zstd frame of an environment archive: its byte range and sha256."""
+
+    offset: int
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class EnvironmentRecord(Record):
+    """A packed environment (``artifact`` + ``content_hash``), or one the server already has (``existing``:
+    the absolute prefix holding ``bin/python`` with vLLM; nothing is carried, the installer checks it)."""
+
     name: str
-    artifact: str
-    content_hash: str
+    artifact: str | None = None
+    content_hash: str | None = None
+    existing: str | None = None
+    compiler: str | None = None  # a C compiler carried in the environment, relative to its prefix
     python: str | None = None
     platform: str | None = None
     cuda: str | None = None
@@ -70,13 +85,36 @@ class EnvironmentRecord(Record):
     needed_libraries: tuple[str, ...] = ()
     needed_by: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: FrozenDict())
     lock: Mapping | None = None
+    # the archive's independent zstd frames, decoded in parallel (installer/unpack/frames.py)
+    frames: tuple[EnvFrame, ...] = ()
 
     @classmethod
     def read(cls, r: FieldReader) -> EnvironmentRecord:
         name = r.str("name", NAME_RE, what="environment name")
-        artifact = r.relpath("artifact")
-        if artifact != f"envs/{name}.tar.zst":
-            r.fail(("artifact",), f"{artifact!r} is not envs/{name}.tar.zst")
+        existing = r.str("existing", None, optional=True, what="path")
+        if existing is not None:
+            bad = abs_path_problem(existing)
+            if bad:
+                r.fail(("existing",), bad)
+            for key in ("artifact", "content_hash", "lock", "needed_libraries", "needed_by", "frames"):
+                if r.obj.get(key):
+                    r.fail((key,), f"an existing environment ({existing}) has no {key}: nothing is carried")
+            artifact = content_hash = None
+        else:
+            artifact = r.relpath("artifact")
+            if artifact != f"envs/{name}.tar.zst":
+                r.fail(("artifact",), f"{artifact!r} is not envs/{name}.tar.zst")
+            content_hash = r.str("content_hash", SHA256_RE, what="content hash (64 hex digits)")
+        frames = []
+        for i, fr in enumerate(r.list("frames", optional=True) or []):
+            fr_r = FieldReader(fr, r.path + ("frames", i), r.source)
+            frames.append(EnvFrame(offset=fr_r.int("offset"), size=fr_r.int("size", minimum=1),
+                                   sha256=fr_r.str("sha256", SHA256_RE, what="sha256")))
+        pos = 0
+        for i, fr in enumerate(frames):
+            if fr.offset != pos:
+                r.fail(("frames", i, "offset"), f"frame {i} starts at {fr.offset}, expected {pos} (no gaps)")
+            pos += fr.size
         needed_by = r.child("needed_by", optional=True)
         nb: dict[str, tuple[str, ...]] = {}
         if needed_by is not None:
@@ -92,8 +130,8 @@ class EnvironmentRecord(Record):
                 r.fail(("lock",), f"expected an object, found {kind_of(lock)}")
             check_json_value(r, lock, ("lock",))
         return cls(
-            name=name, artifact=artifact,
-            content_hash=r.str("content_hash", SHA256_RE, what="content hash (64 hex digits)"),
+            name=name, artifact=artifact, content_hash=content_hash, existing=existing,
+            compiler=r.relpath("compiler", optional=True, what="compiler path"),
             python=r.str("python", PYTHON_RE, optional=True, what="Python version"),
             platform=r.str("platform", choices=PLATFORMS, optional=True),
             cuda=r.str("cuda", CUDA_RE, optional=True, what="CUDA version (like 12.8)"),
@@ -108,11 +146,16 @@ class EnvironmentRecord(Record):
             needed_libraries=r.str_list("needed_libraries", SONAME_RE, what="library name"),
             needed_by=FrozenDict(nb),
             lock=freeze(lock) if lock is not None else None,
+            frames=tuple(frames),
         )
 
     @property
     def is_cpu(self) -> bool:
         return not self.cuda
+
+    @property
+    def is_existing(self) -> bool:
+        return self.existing is not None
 
 
 def as_environment(e: EnvironmentRecord | Mapping, *, path: tuple = ("environments", 0)) -> EnvironmentRecord:
