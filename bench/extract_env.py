@@ -102,7 +102,6 @@ def make_tree(dest: Path, files: int, total: int, seed: int = 1) -> Path:
     sizes = [max(1, int(rng.expovariate(1.0) * small_total / (files - big))) for _ in range(files - big)]
     sizes += [max(1, (total - small_total) // big)] * big
     rng.shuffle(sizes)
-    chunk = bytes(rng.getrandbits(8) for _ in range(1 << 16))
     text = (b"def f(x):\n    return x * 2  # comment\n" * 2000)[: 1 << 16]
     for i, n in enumerate(sizes):
         d = dest / f"pkg{i % 97}" / f"sub{i % 13}"
@@ -110,9 +109,9 @@ def make_tree(dest: Path, files: int, total: int, seed: int = 1) -> Path:
         with open(d / f"f{i}.{'so' if n > 1 << 20 else 'py'}", "wb") as f:
             left = n
             while left > 0:  # a quarter random bytes, the rest text: compresses ~3.5x like an env
-                part = chunk if rng.random() < 0.25 else text
-                f.write(part[: min(left, len(part))])
-                left -= len(part)
+                k = min(left, 1 << 16)
+                f.write(os.urandom(k) if rng.random() < 0.25 else text[:k])
+                left -= k
     for i in range(files // 100):  # and symlinks, like bin/python -> python3.X
         (dest / f"pkg{i % 97}" / f"link{i}").symlink_to(f"sub{i % 13}")
     return dest

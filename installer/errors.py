@@ -24,6 +24,16 @@ class LlmPackError(Exception):
             return f"{self.message}\n  hint: {self.hint}"
         return self.message
 
+    def __reduce__(self):  # picklable whatever a subclass's __init__ takes (errors cross process pools)
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type, args: tuple, state: dict) -> LlmPackError:
+    e = cls.__new__(cls)
+    Exception.__init__(e, *args)
+    e.__dict__.update(state)
+    return e
+
 
 class UsageError(LlmPackError, ValueError):
     """Bad input from the user (arguments, manifest values)."""

@@ -66,10 +66,12 @@ def test_frames_cover_the_archive_and_each_decodes_alone(framed):
     assert False in kinds[0] and all(k == {True} for k in kinds[1:])  # links/dirs first, then files only
 
 
-def test_parallel_extraction_equals_the_sequential_one(framed, tmp_path):
+@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
+def test_parallel_extraction_equals_the_sequential_one(framed, tmp_path, processes):
     seq, par = tmp_path / "seq", tmp_path / "par"
     extract_archive(framed.path, seq, expected_sha256=framed.sha256, expected_size=framed.size)
-    res = extract_frames(framed.path, par, frames_of(framed), expected_size=framed.size, workers=4)
+    res = extract_frames(framed.path, par, frames_of(framed), expected_size=framed.size, workers=4,
+                         processes=processes)
     assert tree(par) == tree(seq)
     assert res.members == framed.files and res.bytes_out == framed.unpacked_size
 
@@ -83,8 +85,9 @@ def test_gnu_tar_reads_a_framed_archive_whole(framed, tmp_path):
     assert tree(dest).keys() == tree(ref).keys()
 
 
+@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
-def test_a_damaged_frame_is_named_and_nothing_is_left(framed, tmp_path, where):
+def test_a_damaged_frame_is_named_and_nothing_is_left(framed, tmp_path, where, processes):
     bad = tmp_path / "bad.tar.zst"
     shutil.copyfile(framed.path, bad)
     fr = frames_of(framed)
@@ -97,7 +100,7 @@ def test_a_damaged_frame_is_named_and_nothing_is_left(framed, tmp_path, where):
         f.write(bytes([b[0] ^ 0x40]))
     dest = tmp_path / "dest"
     with pytest.raises(IntegrityError, match=f"part {k}, bytes {fr[k].offset}-"):
-        extract_frames(bad, dest, fr, expected_size=framed.size, workers=3)
+        extract_frames(bad, dest, fr, expected_size=framed.size, workers=3, processes=processes)
     assert not dest.exists()
 
 
@@ -142,11 +145,12 @@ def _framed(path: Path, parts: list[list[bytes]]) -> list[Frame]:
     ([[_member("lib", kind=tarfile.SYMTYPE, link="real")], [_member("lib/evil.so", b"x")]], "symlink"),
     ([[_member("x", b"1")], [_member("../escape", b"2")]], ".."),
 ])
-def test_hostile_framed_archives_are_refused(tmp_path, parts, says):
+@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
+def test_hostile_framed_archives_are_refused(tmp_path, parts, says, processes):
     arch = tmp_path / "h.tar.zst"
     frames = _framed(arch, parts)
     dest = tmp_path / "dest"
     with pytest.raises(UnsafeArchiveError, match=says):
-        extract_frames(arch, dest, frames, expected_size=arch.stat().st_size, workers=2)
+        extract_frames(arch, dest, frames, expected_size=arch.stat().st_size, workers=2, processes=processes)
     assert not dest.exists()
     assert not (tmp_path / "escape").exists()

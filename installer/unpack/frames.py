@@ -6,7 +6,8 @@ MANIFEST.json (``environments[].frames``, covered by the signature). Frame 0 hol
 symlinks; every later frame holds regular files only. So:
 
 - frame 0 is extracted first, alone; then the other frames are read, hashed, decompressed and written by
-  ``workers`` threads at once (zstd, sha256 and the file system calls release the GIL);
+  ``workers`` processes at once (each opens the archive itself; tar parsing is Python, so threads would
+  share one GIL);
 - every byte of the archive belongs to exactly one frame and is hashed by the thread that uses it; nothing
   leaves the destination directory before every frame's hash matched (the caller renames it only then;
   on any failure it is removed here);
@@ -23,7 +24,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,14 +100,62 @@ def check_frames(frames: Sequence[Frame], size: int, name: str) -> None:
         raise IntegrityError(name, expected=f"{pos} bytes (its frames)", actual=f"{size} bytes", what="size")
 
 
-def extract_frames(archive: str | os.PathLike[str], dest: str | os.PathLike[str], frames: Sequence[Frame], *,
-                   expected_size: int, display_name: str | None = None, workers: int | None = None) -> ExtractResult:
-    """Extract a framed archive into ``dest`` (new or empty), every frame verified; ``dest`` removed on failure."""
+def _extract_one(fd: int, i: int, fr: Frame, w: _Writer, name: str, stop: threading.Event) -> tuple[int, int]:
+    """Read, hash, decompress and write frame ``i`` with writer ``w``; (members, bytes written)."""
     import zstandard
 
+    src = _RangeSource(fd, fr.offset, fr.size, stop)
+    members = out = 0
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(src, read_size=CHUNK)
+        fileobj = _Plain(lambda: reader.read(CHUNK))
+        with tarfile.open(fileobj=fileobj, mode="r|") as tar:  # type: ignore[call-overload]
+            for m in tar:
+                if i and not m.isreg():
+                    raise UnsafeArchiveError(name, m.name, "a link or directory after the first part")
+                members += 1
+                out += w.add(m, tar.fileobj)
+        while fileobj.read(CHUNK):
+            pass
+        w.close()
+        src.drain()
+    except (BundleError, _Cancelled):
+        w.close_quietly()
+        raise
+    except Exception as e:
+        w.close_quietly()
+        if stop.is_set():
+            raise _Cancelled from e
+        src.drain()  # a corrupt frame: its hash tells corruption from a broken build
+        _check(name, i, src, fr, cause=e)
+        if _is_stream_error(e):
+            raise BundleError(f"{name}: part {i} cannot be read ({type(e).__name__}: {e})",
+                              hint="its hash matches MANIFEST.json, so it was built broken; rebuild the bundle") from e
+        raise
+    _check(name, i, src, fr)
+    return members, out
+
+
+def _in_process(archive: str, i: int, fr: Frame, dest: str, name: str, symlinks: frozenset[str]) -> tuple[int, int]:
+    """One later frame in a worker process (no GIL shared with the others): opens the archive itself."""
+    with open_regular(archive) as f:
+        w = _FilesOnlyWriter(name, Path(dest), 0)
+        w.symlinks = set(symlinks)
+        return _extract_one(f.fileno(), i, fr, w, name, threading.Event())
+
+
+def extract_frames(archive: str | os.PathLike[str], dest: str | os.PathLike[str], frames: Sequence[Frame], *,
+                   expected_size: int, display_name: str | None = None, workers: int | None = None,
+                   processes: bool = True) -> ExtractResult:
+    """Extract a framed archive into ``dest`` (new or empty), every frame verified; ``dest`` removed on failure.
+
+    Frame 0 first (this process); then the others on ``workers`` worker processes (``processes=False``:
+    threads, which share one GIL: tar parsing and per-file work do not scale on them).
+    """
     archive, dest = Path(archive), Path(dest)
     name = display_name or archive.name
     t0 = time.perf_counter()
+    n = workers or default_workers()
     f = open_regular(archive)
     try:
         size = os.fstat(f.fileno()).st_size
@@ -118,59 +167,39 @@ def extract_frames(archive: str | os.PathLike[str], dest: str | os.PathLike[str]
             raise BundleError(f"{dest}: extraction target is not empty")
         stop = threading.Event()
         first = _Writer(name, dest, min(4, default_workers()))
-        counts = [(0, 0)] * len(frames)
-
-        def one(i: int) -> None:
-            fr = frames[i]
-            src = _RangeSource(f.fileno(), fr.offset, fr.size, stop)
-            w = first if i == 0 else _FilesOnlyWriter(name, dest, 0)
-            if i:
-                w.symlinks, w.dirs = first.symlinks, first.dirs  # read-only after frame 0 (dirs: set.add is atomic)
-            members = out = 0
-            try:
-                reader = zstandard.ZstdDecompressor().stream_reader(src, read_size=CHUNK)
-                fileobj = _Plain(lambda: reader.read(CHUNK))
-                with tarfile.open(fileobj=fileobj, mode="r|") as tar:  # type: ignore[call-overload]
-                    for m in tar:
-                        if i and not m.isreg():
-                            raise UnsafeArchiveError(name, m.name, "a link or directory after the first part")
-                        members += 1
-                        out += w.add(m, tar.fileobj)
-                while fileobj.read(CHUNK):
-                    pass
-                w.close()
-                src.drain()
-            except (BundleError, _Cancelled):
-                w.close_quietly()
-                raise
-            except Exception as e:
-                w.close_quietly()
-                if stop.is_set():
-                    raise _Cancelled from e
-                src.drain()  # a corrupt frame: its hash tells corruption from a broken build
-                _check(name, i, src, fr, cause=e)
-                if _is_stream_error(e):
-                    raise BundleError(f"{name}: part {i} cannot be read ({type(e).__name__}: {e})",
-                                      hint="its hash matches MANIFEST.json, so it was built broken; rebuild "
-                                      "the bundle") from e
-                raise
-            _check(name, i, src, fr)
-            counts[i] = (members, out)
-
+        counts: list[tuple[int, int]] = []
         try:
-            one(0)
-            n = workers or default_workers()
+            counts.append(_extract_one(f.fileno(), 0, frames[0], first, name, stop))
+            rest = list(range(1, len(frames)))
+            if processes and n > 1 and len(rest) > 1:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+
+                fork = multiprocessing.get_context("fork")
+                pool = ProcessPoolExecutor(max_workers=min(n, len(rest)), mp_context=fork)
+                submit = lambda i: pool.submit(_in_process, os.fspath(archive), i, frames[i],  # noqa: E731
+                                               os.fspath(dest), name, frozenset(first.symlinks))
+            else:
+                pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="llm-frame")
+
+                def submit(i: int):
+                    w = _FilesOnlyWriter(name, dest, 0)
+                    w.symlinks, w.dirs = first.symlinks, first.dirs  # read-only now (set.add is atomic)
+                    return pool.submit(_extract_one, f.fileno(), i, frames[i], w, name, stop)
             errors: list[BaseException] = []
-            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="llm-frame") as pool:
-                futures = [pool.submit(one, i) for i in range(1, len(frames))]
+            with pool:
+                futures = [submit(i) for i in rest]
                 for fut in futures:
                     try:
-                        fut.result()
+                        counts.append(fut.result())
                     except BaseException as e:
-                        stop.set()
+                        if not errors:
+                            stop.set()
+                            for other in futures:
+                                other.cancel()
                         errors.append(e)
-            real = [e for e in errors if not isinstance(e, _Cancelled)]
-            if real or errors:
+            real = [e for e in errors if not isinstance(e, _Cancelled | CancelledError)]
+            if errors:
                 raise (real or errors)[0]
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
