@@ -171,6 +171,7 @@ def test_bash_reader_agrees_with_python_whatever_the_layout(tmp_path: Path, layo
     ('{"a": [1, 2}', "'}' closes a container it does not belong to"),
     ('{"a": "b', "does not end"),
     ('{"a": "b"}"', "ends inside or just after a string"),
+    ('{"a": "b"}\0{"c": 1}', "a NUL byte"),
     ('{"a": "b"} {}', "unexpected '{'"),
     ('{"a": tru e}', "'tru' is not a JSON value"),
     ('{"a": 01}', "'01' is not a JSON value"),

@@ -116,7 +116,7 @@ _json_done() {
 json_load() { # FILE -> 0 with JSON/JSON_KIND filled, or 1 with JSON_ERROR
     local -
     set -f
-    local LC_ALL=C IFS=$' \t\r\n' file=$1 seg tok str run here="" want=value depth=0 key="" i=0 n outside=1
+    local LC_ALL=C IFS=$' \t\r\n' file=$1 seg tok str run here="" want=value depth=0 key="" i=0 n size outside=1
     local -a parts=() toks=() ckind=() cpath=() ccount=()
     JSON=()
     JSON_KIND=()
@@ -129,11 +129,15 @@ json_load() { # FILE -> 0 with JSON/JSON_KIND filled, or 1 with JSON_ERROR
     # split at every '"': the pieces are, in turn, text between strings and the inside of a string (a piece
     # ending in an odd number of backslashes is followed by an escaped quote: the string goes on)
     IFS='"' read -r -d '' -a parts <"$file" || true
-    if [ "$(tail -c 1 -- "$file")" = '"' ]; then # read drops the empty piece after a last '"'
-        JSON_ERROR="the document ends inside or just after a string"
+    n=${#parts[@]}
+    # every byte must be in a piece or be one of the n-1 quotes between them: read stops at a NUL byte, and
+    # drops the empty piece after a last '"'
+    size=$(wc -c <"$file")
+    for seg in ${parts[@]+"${parts[@]}"}; do size=$((size - ${#seg})); done
+    if [ "$n" -gt 0 ] && [ "$size" != $((n - 1)) ]; then
+        JSON_ERROR="a NUL byte, or the document ends inside or just after a string"
         return 1
     fi
-    n=${#parts[@]}
     while [ "$i" -lt "$n" ]; do
         if [ "$outside" = 1 ]; then
             seg=${parts[i]}
