@@ -41,19 +41,6 @@ class UsageError(LlmPackError, ValueError):
     exit_code = 2
 
 
-class ManifestError(UsageError):
-    """The YAML manifest is invalid. ``problems`` lists every problem found.
-
-    Raised by the build host only (packager/manifest.py, which imports it from here); it belongs with
-    packager/errors.py and moves there together with that import."""
-
-    def __init__(self, path: str, problems: list[str]) -> None:
-        self.path = path
-        self.problems = list(problems)
-        body = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{path}: {len(self.problems)} problem(s) in the manifest:\n{body}")
-
-
 class BundleError(LlmPackError, ValueError):
     """A bundle is malformed (missing MANIFEST.json, unknown format version, unlisted file...)."""
 

@@ -93,7 +93,8 @@ def test_existing_record_reads_and_refuses_carried_parts():
 
 
 def test_pack_validate_existing(tmp_path):
-    from packager.manifest import ManifestError, load_manifest
+    from packager.errors import ManifestError
+    from packager.manifest import load_manifest
 
     base = """bundle: {name: gpu, version: "1"}
 target: {platform: linux-64, glibc: "2.28"}

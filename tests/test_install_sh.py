@@ -320,3 +320,51 @@ def test_shellcheck_clean():
 
     r = run_command(["shellcheck", INSTALLER_PKG / "bootstrap" / "install.sh"], check=False, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _other_layout(obj):
+    """The same JSON written another way: no whitespace, keys in reverse order, non-ASCII escaped."""
+    def rev(o):
+        if isinstance(o, dict):
+            return {k: rev(o[k]) for k in sorted(o, reverse=True)}
+        return [rev(v) for v in o] if isinstance(o, list) else o
+
+    return json.dumps(rev(obj), separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def test_a_manifest_and_split_json_in_another_layout_are_read_the_same(root, good, keys, tmp_path):
+    """install.sh does not depend on canonical_json's layout: a MANIFEST.json re-serialised compact (keys
+    reversed) and re-signed, split into volumes whose SPLIT.json is compact too, is verified and read as
+    the canonical one (the runtime, installer and install.sh found by their entries, then the dry run)."""
+    import hashlib
+
+    b = copy_bundle(good, tmp_path)
+    data = _other_layout(json.loads((b / "MANIFEST.json").read_bytes()))
+    assert b"\n" not in data and not data.startswith(b'{"format_version"')
+    (b / "MANIFEST.json").write_bytes(data)
+    (b / SIGNATURE_NAME).write_bytes(keys.private.sign(data))
+    vols = split_bundle(b, tmp_path / "usb", "6M")
+    info = vols[0] / "SPLIT.json"
+    compact = _other_layout(json.loads(info.read_bytes()))
+    info.write_bytes(compact)
+    index = vols[0] / "VOLUME.sha256"
+    lines = [f"{hashlib.sha256(compact).hexdigest()}  SPLIT.json" if ln.endswith("  SPLIT.json") else ln
+             for ln in index.read_text().splitlines()]
+    index.write_text("\n".join(lines) + "\n")
+    before = tree_snapshot(root)
+    r = sh(vols[0] / "install.sh", "--dry-run", "--root", root, "--pubkey", keys.pub, "--workdir", tmp_path / "w",
+           check=True)
+    assert f"bundle demo 1.0.0: signature verified with key {keys.fingerprint}" in r.stderr, r.stderr
+    assert "dry run: nothing was changed" in r.stdout
+    assert tree_snapshot(root) == before
+
+
+def test_a_signed_manifest_that_is_not_json_is_refused(root, keys, tmp_path, out):
+    mo = copy_bundle(models_only_bundle(out, keys), tmp_path)
+    data = (mo / "MANIFEST.json").read_bytes().rstrip().rstrip(b"}")  # cut short, then signed
+    (mo / "MANIFEST.json").write_bytes(data)
+    (mo / SIGNATURE_NAME).write_bytes(keys.private.sign(data))
+    before = tree_snapshot(root)
+    r = sh(mo / "install.sh", "--root", root, "--pubkey", keys.pub)
+    assert r.returncode == 1 and "MANIFEST.json: not valid JSON (the document ends early)" in r.stderr
+    assert "Traceback" not in r.stderr and tree_snapshot(root) == before

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from installer.errors import ManifestError
+from packager.errors import ManifestError
 from packager.manifest import load_manifest, schema_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,12 +135,102 @@ def test_published_schema_is_current_and_valid_json() -> None:
 
 
 def test_published_schema_accepts_shipped_manifests_with_jsonschema() -> None:
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
     import yaml
 
     schema = json.loads(schema_json())
     for f in sorted((ROOT / "manifests").glob("*.yaml")):
         jsonschema.validate(yaml.safe_load(f.read_text()), schema)
+
+
+def test_the_enforced_schema_is_the_shipped_file() -> None:
+    """One source: SCHEMA (packager/manifest/schema.py) is written out as the shipped file, and the validator
+    `load_manifest` uses was built from that published text; a change to either without the other fails here."""
+    from importlib import resources
+
+    import jsonschema
+
+    from packager.manifest import SCHEMA
+    from packager.manifest.validate import validator
+
+    shipped = json.loads(resources.files("packager").joinpath("schema/manifest.schema.json").read_text())
+    assert shipped == SCHEMA == validator().schema
+    jsonschema.Draft202012Validator.check_schema(shipped)
+    # a rule added to the shipped file only is a drift, caught above; and the validator really enforces it:
+    svc = SCHEMA["properties"]["services"]["items"]["properties"]
+    assert svc["port"]["maximum"] == 65535
+    assert not validator().is_valid({"bundle": {"name": "x", "version": "1"}, "services": [{"name": "s",
+                                     "model": "m", "port": 65536}]})
+
+
+def test_the_installer_never_imports_jsonschema() -> None:
+    """jsonschema is a build-host dependency: nothing under installer/ (shipped to the server) imports it."""
+    import ast
+
+    for f in sorted((ROOT / "installer").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(m.split(".")[0] == "jsonschema" for m in mods), f"{f} imports jsonschema"
+
+
+def test_a_type_error_deep_in_a_list_is_reported_at_its_line_and_column(tmp_path: Path) -> None:
+    text = """\
+bundle: {name: demo, version: "1.0"}
+models:
+  - {name: tiny, source: huggingface, repo: org/tiny}
+services:
+  - name: tiny
+    model: tiny
+    tensor_parallel_size: 3
+    gpus:
+      - 0
+      - one
+      - 2
+  - name: other
+    model: tiny
+    port: 8001
+    env: {A: "x", B: [1, 2]}
+"""
+    probs = _load_bad(tmp_path, text)
+    f = tmp_path / "m.yaml"
+    assert probs == [f"{f}:10:9: services[0].gpus[1]: expected integer, found a string 'one'",
+                     f"{f}:15:22: services[1].env.B: expected string or number or boolean, found a list"], probs
+
+
+def test_an_integer_is_never_a_float_and_a_pattern_is_matched_whole(tmp_path: Path) -> None:
+    """Two strictnesses of the target's loader that plain JSON Schema lacks (jsonschema takes 8000.0 as an
+    integer and matches '^...$' with search, which lets a trailing newline through)."""
+    text = GOOD.replace("port: 8000", "port: 8000.0")
+    col = text.splitlines()[5].index("8000.0") + 1
+    assert _load_bad(tmp_path, text) == [
+        f"{tmp_path / 'm.yaml'}:6:{col}: services[0].port: expected integer, found a number 8000.0"]
+    text = GOOD.replace('glibc: "2.28"', 'glibc: "2.28\\n"')
+    col = text.splitlines()[1].index('"2.28') + 1
+    probs = _load_bad(tmp_path, text)
+    assert [p for p in probs if "target.glibc" in p] == [
+        f"{tmp_path / 'm.yaml'}:2:{col}: target.glibc: '2.28\\n' contains a line break (at offset 4)"], probs
+    from packager.manifest.validate import validator  # the schema alone refuses it too (fullmatch)
+
+    doc = {"bundle": {"name": "x", "version": "1"}, "target": {"glibc": "2.28\n"}}
+    assert [e.validator for e in validator().iter_errors(doc)] == ["pattern"]
+
+
+def test_an_unknown_key_deep_down_gets_did_you_mean_at_the_key(tmp_path: Path) -> None:
+    text = """\
+bundle: {name: demo, version: "1.0"}
+environments:
+  - name: e
+    python: "3.12"
+    conda: [python]
+    pip:
+      packages: [vllm]
+      index_ulr: https://download.pytorch.org/whl/cpu
+"""
+    probs = _load_bad(tmp_path, text)
+    assert probs == [f"{tmp_path / 'm.yaml'}:8:7: environments[0].pip.index_ulr: unknown key 'index_ulr' "
+                     "(did you mean 'index_url'?); allowed: packages, index_url, extra_index_urls, find_links, "
+                     "no_index, remove"], probs
 
 
 @pytest.mark.parametrize("text,needle", [

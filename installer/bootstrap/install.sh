@@ -69,86 +69,231 @@ Examples:
 EOF
 }
 
-# ------------------------------------------------------------------ reading canonical MANIFEST.json
-# MANIFEST.json is written as json.dumps(indent=1, sort_keys=True): one key per line, nesting by indent.
-# Only the signed file is read, and only after its signature was checked.
+# ------------------------------------------------------------------ reading MANIFEST.json and SPLIT.json
+# A JSON reader in bash alone (no python, jq, sed or awk): json_load FILE reads a JSON document however it is
+# laid out (any whitespace, any key order) into JSON[PATH], PATH spelt as installer.bundle.manifest.field_path
+# spells it (format_version, bundle.name, artifacts[2].sha256, volume_names[0]), and JSON_KIND[PATH]: string,
+# number, boolean, null, object or array (JSON[PATH] of an object or array is its number of entries). A string
+# is kept as written between its quotes: escapes are not decoded (no field the bootstrap reads holds one, and
+# every path it uses is checked and refuses a backslash). What is not JSON, a raw control character in a string
+# and a key given twice are refused, with the reason in JSON_ERROR. The readers (json_value, json_list,
+# manifest_artifact) take the FILE too and load it unless it is the one loaded. MANIFEST.json is read only
+# after its signature was checked; SPLIT.json (not signed) only says where to look for the volumes, and each
+# name it gives is checked before use.
 
-json_unquote() { # "value", or "value",  ->  value
-    local v=$1
-    v=${v%,}
-    v=${v#\"}
-    v=${v%\"}
-    printf '%s' "$v"
+declare -gA JSON=() JSON_KIND=()
+JSON_FILE=""
+JSON_ERROR=""
+
+# _json_slot: the path of the next value of the innermost open container into `here` (json_load's locals)
+_json_slot() {
+    if [ "$depth" = 0 ]; then
+        here=""
+        return 0
+    fi
+    if [ "${ckind[depth]}" = array ]; then
+        here="${cpath[depth]}[${ccount[depth]}]"
+        ccount[depth]=$((ccount[depth] + 1))
+    elif [ -n "${cpath[depth]}" ]; then
+        here=${cpath[depth]}.$key
+    elif [ -n "$key" ]; then
+        here=$key
+    else
+        JSON_ERROR="an empty key at the top level"
+        return 1
+    fi
+    if [ -n "${JSON_KIND[$here]+x}" ]; then
+        JSON_ERROR="$here is given twice"
+        return 1
+    fi
 }
 
-# json_top_field FILE SECTION KEY: value of "KEY" inside the top-level object "SECTION" (empty if absent)
-json_top_field() {
-    local file=$1 section=$2 key=$3 line inside=0
-    while IFS= read -r line; do
-        if [ "$inside" = 0 ]; then
-            if [ "$line" = " \"$section\": {" ]; then inside=1; fi
-            continue
-        fi
-        case "$line" in
-        ' }' | ' },') return 0 ;;
-        "  \"$key\": "*)
-            json_unquote "${line#"  \"$key\": "}"
-            return 0
-            ;;
-        esac
-    done <"$file"
+# _json_done: a value is complete; then a ',' or the end of its container (or of the document) comes
+_json_done() {
+    if [ "$depth" = 0 ]; then want=end; else want=next; fi
 }
 
-# json_top_scalar FILE KEY: a top-level number/string
-json_top_scalar() {
-    local file=$1 key=$2 line
-    while IFS= read -r line; do
-        case "$line" in
-        " \"$key\": "*)
-            json_unquote "${line#" \"$key\": "}"
-            return 0
-            ;;
-        esac
-    done <"$file"
-}
-
-# json_top_list FILE KEY: the strings of a top-level list, one per line
-json_top_list() {
-    local file=$1 key=$2 line inside=0
-    while IFS= read -r line; do
-        if [ "$inside" = 0 ]; then
-            if [ "$line" = " \"$key\": [" ]; then inside=1; fi
-            continue
-        fi
-        case "$line" in
-        ' ]' | ' ],') return 0 ;;
-        '  "'*) json_unquote "${line#  }" && printf '\n' ;;
-        esac
-    done <"$file"
-}
-
-# manifest_artifact FILE PATH: "sha256 size" of the artifact PATH
-manifest_artifact() {
-    local file=$1 want=$2 line inside=0 path="" sha="" size=""
-    while IFS= read -r line; do
-        if [ "$inside" = 0 ]; then
-            if [ "$line" = ' "artifacts": [' ]; then inside=1; fi
-            continue
-        fi
-        case "$line" in
-        ' ]' | ' ],') return 1 ;;
-        '  {') path="" sha="" size="" ;;
-        '   "path": '*) path=$(json_unquote "${line#'   "path": '}") ;;
-        '   "sha256": '*) sha=$(json_unquote "${line#'   "sha256": '}") ;;
-        '   "size": '*) size=$(json_unquote "${line#'   "size": '}") ;;
-        '  }' | '  },')
-            if [ "$path" = "$want" ]; then
-                printf '%s %s\n' "$sha" "$size"
-                return 0
+json_load() { # FILE -> 0 with JSON/JSON_KIND filled, or 1 with JSON_ERROR
+    local -
+    set -f
+    local LC_ALL=C IFS=$' \t\r\n' file=$1 seg tok str run here="" want=value depth=0 key="" i=0 n size outside=1
+    local -a parts=() toks=() ckind=() cpath=() ccount=()
+    JSON=()
+    JSON_KIND=()
+    JSON_FILE=""
+    JSON_ERROR=""
+    if [ ! -f "$file" ] || [ ! -r "$file" ]; then
+        JSON_ERROR="cannot read $file"
+        return 1
+    fi
+    # split at every '"': the pieces are, in turn, text between strings and the inside of a string (a piece
+    # ending in an odd number of backslashes is followed by an escaped quote: the string goes on)
+    IFS='"' read -r -d '' -a parts <"$file" || true
+    n=${#parts[@]}
+    # every byte must be in a piece or be one of the n-1 quotes between them: read stops at a NUL byte, and
+    # drops the empty piece after a last '"'
+    size=$(wc -c <"$file")
+    for seg in ${parts[@]+"${parts[@]}"}; do size=$((size - ${#seg})); done
+    if [ "$n" -gt 0 ] && [ "$size" != $((n - 1)) ]; then
+        JSON_ERROR="a NUL byte, or the document ends inside or just after a string"
+        return 1
+    fi
+    while [ "$i" -lt "$n" ]; do
+        if [ "$outside" = 1 ]; then
+            seg=${parts[i]}
+            tok=${seg//[$' \t\r\n']/}
+            if [ "$want:$tok" = colon:: ]; then # the common cases first: a ':' or ',' alone between strings
+                want=value outside=0 i=$((i + 1))
+                continue
+            elif [ "$want:$tok" = next:, ]; then
+                if [ "${ckind[depth]}" = object ]; then want=key; else want=value; fi
+                outside=0 i=$((i + 1))
+                continue
             fi
+            for tok in '{' '}' '[' ']' ':' ','; do seg=${seg//"$tok"/" $tok "}; done
+            # shellcheck disable=SC2206  # split at JSON whitespace; globbing is off (set -f above)
+            toks=($seg)
+            for tok in ${toks[@]+"${toks[@]}"}; do
+                case "$want:$tok" in
+                value:'{' | first:'{' | value:'[' | first:'[')
+                    _json_slot || return 1
+                    if [ "$tok" = '{' ]; then run=object want=firstkey; else run=array want=first; fi
+                    if [ -n "$here" ]; then JSON_KIND[$here]=$run; fi
+                    depth=$((depth + 1))
+                    ckind[depth]=$run
+                    cpath[depth]=$here
+                    ccount[depth]=0
+                    ;;
+                firstkey:'}' | next:'}' | first:']' | next:']')
+                    if [ "${ckind[depth]}:$tok" != 'object:}' ] && [ "${ckind[depth]}:$tok" != 'array:]' ]; then
+                        JSON_ERROR="'$tok' closes a container it does not belong to"
+                        return 1
+                    fi
+                    if [ -n "${cpath[depth]}" ]; then JSON[${cpath[depth]}]=${ccount[depth]}; fi
+                    depth=$((depth - 1))
+                    _json_done
+                    ;;
+                next:,)
+                    if [ "${ckind[depth]}" = object ]; then want=key; else want=value; fi
+                    ;;
+                colon::) want=value ;;
+                value:* | first:*)
+                    if [[ $tok =~ ^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?$ ]]; then
+                        run=number
+                    elif [ "$tok" = true ] || [ "$tok" = false ]; then
+                        run=boolean
+                    elif [ "$tok" = null ]; then
+                        run=null
+                    else
+                        JSON_ERROR="'${tok:0:40}' is not a JSON value"
+                        return 1
+                    fi
+                    _json_slot || return 1
+                    if [ -n "$here" ]; then
+                        JSON[$here]=$tok
+                        JSON_KIND[$here]=$run
+                    fi
+                    _json_done
+                    ;;
+                *)
+                    JSON_ERROR="unexpected '${tok:0:40}' (expected: $want)"
+                    return 1
+                    ;;
+                esac
+            done
+            outside=0
+            i=$((i + 1))
+            continue
+        fi
+        str=${parts[i]}
+        while [ "${str: -1}" = "\\" ]; do # an odd number of backslashes: an escaped quote, the string goes on
+            run=${str##*[!\\]}
+            [ $((${#run} % 2)) = 1 ] || break
+            i=$((i + 1))
+            [ "$i" -lt "$n" ] || break
+            str+="\"${parts[i]}"
+        done
+        if [ $((i + 1)) -ge "$n" ]; then
+            JSON_ERROR="a string does not end"
+            return 1
+        fi
+        case "$str" in *[$'\x01'-$'\x1f']*)
+            JSON_ERROR="a control character in the string '${str:0:40}'"
+            return 1
             ;;
         esac
-    done <"$file"
+        case "$want" in
+        key | firstkey)
+            key=$str
+            ccount[depth]=$((ccount[depth] + 1))
+            want="colon"
+            ;;
+        value | first)
+            _json_slot || return 1
+            if [ -n "$here" ]; then
+                JSON[$here]=$str
+                JSON_KIND[$here]=string
+            fi
+            _json_done
+            ;;
+        *)
+            JSON_ERROR="unexpected string '${str:0:40}' (expected: $want)"
+            return 1
+            ;;
+        esac
+        outside=1
+        i=$((i + 1))
+    done
+    if [ "$want" != end ]; then
+        JSON_ERROR="the document ends early"
+        return 1
+    fi
+    JSON_FILE=$file
+}
+
+_json_use() { # FILE: loaded already, or load it now
+    [ "$JSON_FILE" = "$1" ] || json_load "$1"
+}
+
+# json_value FILE PATH: the string, number, boolean or null at PATH (nothing if absent or not a scalar)
+json_value() {
+    _json_use "$1" || return 1
+    [ -n "$2" ] || return 0
+    case "${JSON_KIND[$2]-}" in
+    string | number | boolean | null) printf '%s' "${JSON[$2]}" ;;
+    esac
+}
+
+# json_list FILE PATH: the strings and numbers of the list at PATH, one per line (nothing if any entry is
+# something else, or if there is no list there)
+json_list() {
+    local i=0 n p
+    _json_use "$1" || return 1
+    [ -n "$2" ] && [ "${JSON_KIND[$2]-}" = array ] || return 0
+    n=${JSON[$2]}
+    for ((i = 0; i < n; i++)); do
+        p="$2[$i]"
+        case "${JSON_KIND[$p]-}" in string | number) ;; *) return 1 ;; esac
+    done
+    for ((i = 0; i < n; i++)); do
+        p="$2[$i]"
+        printf '%s\n' "${JSON[$p]}"
+    done
+}
+
+# manifest_artifact FILE PATH: "sha256 size" of the artifacts[] entry of PATH (status 1: not listed)
+manifest_artifact() {
+    local want=$2 i n p
+    _json_use "$1" || return 1
+    [ "${JSON_KIND[artifacts]-}" = array ] || return 1
+    n=${JSON[artifacts]}
+    for ((i = 0; i < n; i++)); do
+        p="artifacts[$i]"
+        if [ "${JSON_KIND[$p.path]-}" = string ] && [ "${JSON[$p.path]}" = "$want" ]; then
+            printf '%s %s\n' "${JSON[$p.sha256]-}" "${JSON[$p.size]-}"
+            return 0
+        fi
+    done
     return 1
 }
 
@@ -177,6 +322,10 @@ fetch_verified() {
         "the bundle is incomplete or was not built by pack build"
     want_sha=${entry%% *}
     want_size=${entry##* }
+    if ! [[ $want_sha =~ ^[0-9a-f]{64}$ ]] || ! [[ $want_size =~ ^[0-9]+$ ]]; then
+        die "MANIFEST.json: the entry of $rel has no usable sha256 and size" \
+            "the bundle was not built by pack build"
+    fi
     if [ ! -f "$bundle/$rel" ] || [ -L "$bundle/$rel" ]; then
         die "$rel: not a regular file in the bundle (missing, a symlink or a special file)" \
             "copy the whole bundle directory again"
@@ -376,11 +525,12 @@ reassemble() { # FIRST_VOLUME OUT: check every volume against its VOLUME.sha256 
     if [ ! -f "$first/SPLIT.json" ] || [ -L "$first/SPLIT.json" ] || ! read_plain "$first/SPLIT.json" >"$info"; then
         die "$first/SPLIT.json: not a regular file" "copy the first volume again"
     fi
-    n=$(json_top_scalar "$info" volumes)
+    json_load "$info" || die "$first/SPLIT.json: not valid JSON ($JSON_ERROR)" "copy the first volume again"
+    n=$(json_value "$info" volumes)
     if ! [[ $n =~ ^[0-9]+$ ]] || [ "$n" -lt 1 ]; then
         die "$first/SPLIT.json: no volume count" "copy the first volume again"
     fi
-    mapfile -t names < <(json_top_list "$info" volume_names)
+    mapfile -t names < <(json_list "$info" volume_names)
     [ "${#names[@]}" = "$n" ] || die "$first/SPLIT.json: volume list does not match the count"
     for name in "${names[@]}"; do
         if ! [[ $name =~ ^[A-Za-z0-9][A-Za-z0-9._+-]*$ ]]; then
@@ -392,7 +542,7 @@ reassemble() { # FIRST_VOLUME OUT: check every volume against its VOLUME.sha256 
         safe_relpath "$line" || die "$first/SPLIT.json: unsafe split file name '$line'" \
             "the volumes were not written by pack split"
         split[$line]=1
-    done < <(json_top_list "$info" split_files)
+    done < <(json_list "$info" split_files)
     mkdir -p -- "$out"
     for ((i = 1; i <= n; i++)); do
         if [ "$i" = 1 ]; then
@@ -543,9 +693,11 @@ main() {
     trusted_keys
     fp=$(verify_signature "$WORK/verified")
     manifest=$WORK/verified/MANIFEST.json
-    [ "$(json_top_scalar "$manifest" format_version)" = 1 ] || die "unsupported bundle format (MANIFEST.json)" \
+    json_load "$manifest" || die "MANIFEST.json: not valid JSON ($JSON_ERROR)" \
+        "the bundle was built broken: rebuild it with pack build"
+    [ "$(json_value "$manifest" format_version)" = 1 ] || die "unsupported bundle format (MANIFEST.json)" \
         "use the install.sh that came with the bundle"
-    say "bundle $(json_top_field "$manifest" bundle name) $(json_top_field "$manifest" bundle version):" \
+    say "bundle $(json_value "$manifest" bundle.name) $(json_value "$manifest" bundle.version):" \
         "signature $([ "$fp" = insecure ] && echo 'NOT checked (--insecure)' || echo "verified with key $fp")"
 
     # 2. the bootstrap's own files: one read of each into WORK, then the hash, the member check and the
@@ -553,16 +705,16 @@ main() {
     if manifest_artifact "$manifest" install.sh >/dev/null; then
         fetch_verified "$bundle" "$manifest" install.sh "$WORK/install.sh"
     fi
-    inst_art=$(json_top_field "$manifest" installer artifact)
+    inst_art=$(json_value "$manifest" installer.artifact)
     safe_relpath "$inst_art" || die "MANIFEST.json names no usable installer archive"
     fetch_verified "$bundle" "$manifest" "$inst_art" "$WORK/verified/$inst_art"
     check_tar "$WORK/verified/$inst_art"
     extract_tar "$WORK/verified/$inst_art" "$WORK/installer"
     [ -f "$WORK/installer/installer/cli.py" ] || die "$inst_art does not hold the installer package"
 
-    rt_art=$(json_top_field "$manifest" runtime artifact)
+    rt_art=$(json_value "$manifest" runtime.artifact)
     if [ -n "$rt_art" ]; then
-        rt_py=$(json_top_field "$manifest" runtime python)
+        rt_py=$(json_value "$manifest" runtime.python)
         safe_relpath "$rt_art" || die "MANIFEST.json names an unusable runtime archive"
         [[ $rt_py =~ ^bin/python3(\.[0-9]+)?$ ]] || die "MANIFEST.json names an unusable runtime python: $rt_py"
         fetch_verified "$bundle" "$manifest" "$rt_art" "$WORK/verified/$rt_art"

@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from installer.bundle.manifest import Manifest  # noqa: E402
-from installer.errors import BundleError, ManifestError  # noqa: E402
+from installer.errors import BundleError  # noqa: E402
+from packager.errors import ManifestError  # noqa: E402
 from packager.manifest import load_manifest  # noqa: E402
 from tests.faults.test_manifest_fields import valid_manifest, valid_yaml_doc  # noqa: E402
 

@@ -17,7 +17,8 @@ import yaml
 
 from installer.bundle import Bundle, canonical_json
 from installer.bundle.manifest import Manifest, ManifestFieldError, field_path
-from installer.errors import BundleError, ManifestError
+from installer.errors import BundleError
+from packager.errors import ManifestError
 from packager.manifest import load_manifest
 from tests.installer_fixtures import keys, models_only_bundle, run_installer, tree_snapshot  # noqa: F401
 
