@@ -72,6 +72,8 @@ def methods(prefix: Path, out: Path) -> dict[str, list[str]]:
     return {
         "ours (zstd -3, all cores)": [sys.executable, "-c", OURS, str(prefix), str(out / "ours.tar.zst"), "3", "0",
                                       str(ROOT)],
+        "ours (zstd -1, all cores)": [sys.executable, "-c", OURS, str(prefix), str(out / "ours1.tar.zst"), "1",
+                                      "0", str(ROOT)],
         "conda-pack default (tar.gz)": [conda_pack, "-p", str(prefix), "-o", str(out / "conda-pack.tar.gz"),
                                         "--force", "--quiet"],
         "tar | zstd -T0 -3": ["bash", "-c", 'tar -C "$1" -cf - . | zstd -T0 -3 -q -f -o "$2"', "_", str(prefix),
@@ -79,7 +81,8 @@ def methods(prefix: Path, out: Path) -> dict[str, list[str]]:
     }
 
 
-OUTPUTS = {"ours (zstd -3, all cores)": "ours.tar.zst", "conda-pack default (tar.gz)": "conda-pack.tar.gz",
+OUTPUTS = {"ours (zstd -3, all cores)": "ours.tar.zst", "ours (zstd -1, all cores)": "ours1.tar.zst",
+           "conda-pack default (tar.gz)": "conda-pack.tar.gz",
            "tar | zstd -T0 -3": "tar.tar.zst"}
 
 
@@ -171,6 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
     if cp:
         ratios |= {"conda_pack_vs_ours_time": cp["wall_s"] / ours["wall_s"],
                    "ours_vs_conda_pack_size": ours["size_mb"] / cp["size_mb"]}
+    ours1 = best.get("ours (zstd -1, all cores)")
+    if ours1:
+        ratios |= {"ours1_vs_tar_zstd_time": ours1["wall_s"] / tz["wall_s"]}
+        if cp:
+            ratios |= {"conda_pack_vs_ours1_time": cp["wall_s"] / ours1["wall_s"],
+                       "ours1_vs_conda_pack_size": ours1["size_mb"] / cp["size_mb"]}
     print("\n" + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
     result = {"prefix": str(prefix), "files": files, "bytes": size, "cpus": os.cpu_count(),
               "methods": {k: {kk: vv for kk, vv in v.items() if kk != "stdout"} for k, v in best.items()},

@@ -39,7 +39,8 @@ def test_env_file_written_on_the_h200_is_what_the_code_renders(tmp_path):
     model = next(line.split("=", 1)[1] for line in recorded.splitlines() if line.startswith("LLM_MODEL="))
     ours = render_env_file(svc, env, env_prefix=Path(env.existing), model_path=model, hf_cache=None,
                            bundle=m.bundle, root=root)
-    assert ours == recorded
+    # one line was added after the run: the launcher's compiler guard (LLM_NEEDS_CC, exit 78 without one)
+    assert ours == recorded.replace("CC=/usr/bin/cc\n", "CC=/usr/bin/cc\nLLM_NEEDS_CC=1\n")
     for line in ("CC=/usr/bin/cc", "VLLM_USE_FLASHINFER_SAMPLER=0", "TRITON_CACHE_DIR=/var/cache/llm/tiny-gpu/triton",
                  "NCCL_NVLS_ENABLE=0", "HF_HUB_OFFLINE=1", "LLM_PYTHON=/opt/vllm-venv/bin/python"):
         assert line in ours.splitlines()

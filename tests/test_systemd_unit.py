@@ -464,11 +464,20 @@ def test_missing_key_file_at_start_is_a_clear_error(tmp_path):
     assert str(e.value).startswith("cannot read the API key file /etc/llm/keys/none.key: No such file")
 
 
-@pytest.mark.parametrize("case", ["no-python", "bad-python", "no-model", "unreadable-key", "empty-key"])
+@pytest.mark.parametrize("case", ["no-python", "bad-python", "no-model", "unreadable-key", "empty-key", "cc-missing",
+                                  "no-cc-on-path"])
 def test_launcher_config_errors_exit_78(tmp_path, case):
     env = {"PATH": os.environ["PATH"], "LLM_PYTHON": sys.executable, "LLM_MODEL": "/m"}
     key = tmp_path / "k"
-    if case == "no-python":
+    if case == "cc-missing":
+        env |= {"LLM_NEEDS_CC": "1", "CC": "/usr/bin/no-such-cc"}
+    elif case == "no-cc-on-path":
+        bindir = tmp_path / "bin"  # a PATH with bash and the commands the launcher uses, and no compiler
+        bindir.mkdir()
+        for tool in ("bash", "id"):
+            os.symlink(shutil.which(tool), bindir / tool)
+        env |= {"LLM_NEEDS_CC": "1", "PATH": str(bindir)}
+    elif case == "no-python":
         del env["LLM_PYTHON"]
     elif case == "bad-python":
         env["LLM_PYTHON"] = str(tmp_path / "nope")
@@ -484,6 +493,16 @@ def test_launcher_config_errors_exit_78(tmp_path, case):
     )
     assert r.returncode == 78, r.stderr
     assert r.stderr.startswith("llm-serve: ")
+    if case.startswith(("cc", "no-cc")):
+        assert len(r.stderr.strip().splitlines()) == 1 and "install gcc" in r.stderr and "GPU" in r.stderr
+
+
+def test_launcher_starts_a_gpu_instance_when_its_compiler_is_there(tmp_path):
+    env = {"PATH": os.environ["PATH"], "LLM_PYTHON": sys.executable, "LLM_MODEL": "/m", "LLM_NEEDS_CC": "1",
+           "CC": shutil.which("cc") or "/usr/bin/cc", "LLM_ENTRYPOINT": "platform"}  # `python -m platform`
+    r = subprocess.run(["bash", str(systemd.UNITS_SRC / "llm-serve")], env=env, capture_output=True, text=True,
+                       timeout=30)
+    assert "llm-serve: exec" in r.stderr and r.returncode != 78, r.stderr
 
 
 # --------------------------------------------------------------------------- unit files on disk

@@ -139,6 +139,7 @@ def render_env_file(
         if not _has_package(env, "flashinfer"):
             put("VLLM_USE_FLASHINFER_SAMPLER", 0)  # vLLM's sampler imports flashinfer otherwise
         put("CC", service_compiler(Path(root), svc, env, Path(env_prefix))[0])
+        put("LLM_NEEDS_CC", 1)  # the launcher refuses to start without one (exit 78, one line saying why)
     # the launcher's inputs
     put("LLM_PYTHON", python)
     put("LLM_ENTRYPOINT", module)
