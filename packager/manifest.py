@@ -19,6 +19,7 @@ import yaml
 
 from installer.bundle import manifest as records
 from installer.errors import ManifestError
+from packager.env.compiler import sysroot_version
 from packager.spec import BundleSpec, EnvSpec, Manifest, ModelSpec, PipSpec, ServiceSpec, TargetSpec
 
 
@@ -72,6 +73,8 @@ ENV_SCHEMA = _obj({
     "existing": _str("an environment the target server already has (absolute prefix holding bin/python with "
                      "vLLM): nothing is carried; the installer checks that it imports vLLM", pattern=r"^/.*$"),
     "download_kernels": {"type": "boolean", "description": "run `vllm download-kernels` at build time"},
+    "compiler": {"type": "boolean", "description": "carry a C compiler (conda-forge gcc + a sysroot for "
+                 "target.glibc; vLLM on CUDA compiles at every start); default: true when cuda is set"},
 }, ("name",), "a conda environment (with vLLM) built for the target")
 
 MODEL_SCHEMA = _obj({
@@ -305,7 +308,7 @@ def _cross_checks(chk: _Checker, root: yaml.Node, data: dict, base: Path) -> Non
     for i, env in enumerate(envs):
         env = env or {}
         if env.get("existing") is not None:
-            for key in ("conda", "pip", "channels", "python", "prefix", "download_kernels"):
+            for key in ("conda", "pip", "channels", "python", "prefix", "download_kernels", "compiler"):
                 if key in env:
                     add(["environments", i, key], f"{key!r} cannot be combined with 'existing' (the server's "
                                                   "own environment is used as it is)")
@@ -330,6 +333,12 @@ def _cross_checks(chk: _Checker, root: yaml.Node, data: dict, base: Path) -> Non
             except Exception as e:  # UsageError with the list of known versions
                 add(["environments", i, "cuda"], getattr(e, "message", str(e)) +
                     " — pick a listed CUDA version, or add its minimum driver (NVIDIA's release notes) to the table")
+        glibc = (data.get("target") or {}).get("glibc") or TargetSpec().glibc
+        if _wants_compiler(env) and env.get("prefix") is None and isinstance(glibc, str) \
+                and "target.glibc" not in chk.bad_paths and sysroot_version(glibc) is None:
+            add(["environments", i, "compiler"] if "compiler" in env else ["environments", i],
+                f"no conda-forge sysroot for target.glibc {glibc} (the oldest is 2.17) to carry the C compiler "
+                "a CUDA environment gets by default: raise target.glibc, or set compiler: false")
         if env.get("prefix") is None and env.get("existing") is None and not env.get("conda") \
                 and not env.get("python"):
             add(["environments", i], "an environment needs 'conda' specs (and usually 'python'), a 'prefix' "
@@ -387,6 +396,14 @@ def _cross_checks(chk: _Checker, root: yaml.Node, data: dict, base: Path) -> Non
         add(["services", where[a], "port"] if "port" in s else ["services", where[a]],
             f"port {s.get('port', records.DEFAULT_PORT)}{'' if 'port' in s else ' (the default)'} is already "
             f"used by services[{where[b]}]")
+
+
+def _wants_compiler(env: dict) -> bool:
+    """``compiler:`` as given, else the default: a C compiler for a built (or packed) CUDA environment."""
+    if env.get("existing") is not None:
+        return False
+    given = env.get("compiler")
+    return given if isinstance(given, bool) else isinstance(env.get("cuda"), str)
 
 
 def _is_dir(p: Path) -> bool:
@@ -467,7 +484,8 @@ def _to_spec(path: Path, d: dict, warnings: tuple[str, ...] = ()) -> Manifest:
                         find_links=_tuple(pip.get("find_links")), no_index=bool(pip.get("no_index", False)),
                         remove=_tuple(pip.get("remove"))),
             prefix=(base / e["prefix"]).resolve() if e.get("prefix") else None,
-            download_kernels=bool(e.get("download_kernels", True)), existing=e.get("existing")))
+            download_kernels=bool(e.get("download_kernels", True)), existing=e.get("existing"),
+            compiler=_wants_compiler(e)))
     models = [ModelSpec(name=m["name"], source=m["source"], repo=m.get("repo"), revision=m.get("revision"),
                         path=(base / m["path"]).resolve() if m.get("path") else None,
                         allow_patterns=_tuple(m.get("allow_patterns")),
