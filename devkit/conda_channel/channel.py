@@ -68,6 +68,16 @@ def _host_toolchain() -> tuple[str, str]:
     return gcc or "0", os.confstr("CS_GNU_LIBC_VERSION").split()[1]
 
 
+def _toolchain_packages() -> str:
+    """The Debian package versions the compiler package is cut from (a security update rebuilds it)."""
+    import subprocess
+
+    gcc_major = _host_toolchain()[0].split(".")[0]
+    r = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Version}\\n", f"gcc-{gcc_major}", "binutils",
+                        "libc6-dev", "linux-libc-dev"], capture_output=True, text=True, check=False)
+    return r.stdout
+
+
 def _compiler_recipes() -> dict[str, str]:
     from packager.env.compiler import sysroot_version
 
@@ -196,7 +206,7 @@ def recipe_hash() -> str:
     h.update(sys.version.encode())
     h.update(str(Path(sys.base_prefix).resolve()).encode())
     h.update((HERE / "copy_python.py").read_bytes())
-    h.update((HERE / "copy_gcc.py").read_bytes())
+    h.update((HERE / "copy_gcc.py").read_bytes() + _toolchain_packages().encode())
     h.update(HELLO_C.encode())
     for name, text in sorted(_recipes().items()):
         h.update(name.encode() + b"\0" + text.encode() + b"\0")
