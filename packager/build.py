@@ -295,6 +295,8 @@ def _build_env(spec: EnvSpec, manifest: Manifest, opts: BuildOptions, log):
     log(f"environment {spec.name}: python {built.python_version}, CUDA runtime {built.cuda_runtime or 'none (CPU)'}"
         f", {len(built.lock.get('conda', []))} conda + {len(built.lock.get('pip', []))} pip packages "
         f"({time.monotonic() - t:.1f}s)")
+    if built.compiler:
+        log(f"environment {spec.name}: carries its C compiler {built.compiler} (for Triton's launcher at GPU starts)")
     t = time.monotonic()
     packed = cached_pack(built, work / "packed")
     log(f"environment {spec.name}: packed {human_size(packed.size)} ({time.monotonic() - t:.1f}s)")
@@ -320,6 +322,7 @@ def _env_entry(spec: EnvSpec, built, packed, manifest: Manifest) -> dict:
         "unpacked_size": packed.unpacked_size,
         "files": packed.files,
         "vllm": built.vllm,
+        **({"compiler": built.compiler} if built.compiler else {}),
         "needed_libraries": list(built.needed_libraries),
         "needed_by": {k: list(v) for k, v in sorted(built.needed_by.items())},
         "lock": built.lock,

@@ -49,6 +49,9 @@ class EnvSpec:
     prefix: Path | None = None  # pack an existing environment instead of building one
     download_kernels: bool = True  # run `vllm download-kernels` when the installed vLLM has it
     existing: str | None = None  # the target's own environment (absolute prefix): nothing built or carried
+    # carry a C compiler (conda-forge gcc + sysroot; vLLM on CUDA compiles at start). The manifest's default is
+    # True for an environment with cuda: (packager.manifest); constructed directly, an EnvSpec asks for none
+    compiler: bool = False
 
 
 @dataclass(frozen=True)

@@ -197,6 +197,7 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
             "preflight failed: nothing was changed",
             hint="fix the FAIL lines above (or skip a check on purpose with --skip-check NAME)",
         )
+    skipped = preflight.parse_skip(opts.skip_checks)
     plan = make_plan(inst, bundle, bid, active)
     say(f"plan for {name} {bundle.version} ({bid}) under {inst.t.root}:\n{plan.render()}")
     if opts.dry_run:
@@ -231,7 +232,7 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
             if inst.env_placed(tgt, env):
                 say(f"environment {env['name']}: already installed at {tgt} (reused)")
             else:
-                inst.stage_env(bundle, env, opts.workers)
+                inst.stage_env(bundle, env, opts.workers, test_compiler="compiler" not in skipped)
                 new.append(tgt)
         for svc in m.get("services") or []:  # environments installed before (a model-only bundle uses them)
             en = svc.get("environment")

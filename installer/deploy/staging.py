@@ -61,8 +61,9 @@ class Staging:
     def env_complete(self, target: str) -> bool:
         return (self.t.host(target) / ENV_MARKER).is_file()
 
-    def stage_env(self, bundle: Bundle, env: Mapping, workers: int) -> None:
-        """Extract (hashing the archive), conda-unpack for the final path, mark complete, in the staging tree."""
+    def stage_env(self, bundle: Bundle, env: Mapping, workers: int, *, test_compiler: bool = True) -> None:
+        """Extract (hashing the archive), conda-unpack for the final path, build a shared object with the C
+        compiler it carries (``test_compiler``), mark complete, in the staging tree."""
         target = env_dir(env)
         final = self.t.host(staged(target))
         if _marker_ok(final, env):
@@ -94,6 +95,8 @@ class Staging:
                 f"environment {env['name']}: {res.members} files in {res.seconds:.1f} s; running conda-unpack"
             )
             run_conda_unpack(partial, target)
+            if env.get("compiler") and test_compiler:
+                self._test_compiler(env, partial, target)
             marker = {
                 "environment": env["name"],
                 "content_hash": env["content_hash"],
@@ -105,6 +108,21 @@ class Staging:
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
+
+    def _test_compiler(self, env: Mapping, prefix: Path, target: str) -> None:
+        """The preflight cannot run the carried compiler before the unpack: it is run here, once."""
+        from installer.preflight.toolchain import carried_compile_test
+
+        bad = carried_compile_test(prefix, str(env["compiler"]), env.get("python"))
+        if bad:
+            raise InstallError(
+                f"environment {env['name']}: its C compiler {target}/{env['compiler']} does not work on this "
+                f"server: {bad}",
+                hint="vLLM compiles Triton's launcher with it at every GPU start; rebuild the bundle for this "
+                "server (target.glibc), or give the services a compiler this server has (services[].env.CC) "
+                "and install with --skip-check compiler")
+        self.say(f"environment {env['name']}: its C compiler {env['compiler']} builds a shared object against "
+                 "its Python.h")
 
     # ------------------------------------------------------------------ models
     def model_placed(self, target: str, model: Mapping) -> bool:

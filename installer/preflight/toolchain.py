@@ -23,6 +23,7 @@ from installer.bundle.names import SYSTEM_PATH
 from installer.preflight.context import FAIL, PASS, WARN, CheckResult, _Context
 
 COMPILERS = ("cc", "gcc", "clang")  # what Triton looks for on PATH, in its order
+CARRIED = "the environment's own"  # service_compiler's origin for the compiler the environment carries
 SERVICE_USER = "llm"
 PROBE_TIMEOUT_S = 300  # importing vLLM (and torch) on a cold page cache can take a minute
 
@@ -172,7 +173,7 @@ def service_compiler(root: Path, service: ServiceRecord | None, env: Environment
     if service is not None and service.env.get("CC"):
         return str(service.env["CC"]), "services[].env.CC"
     if env.compiler and prefix is not None:
-        return f"{str(prefix).rstrip('/')}/{env.compiler}", "the environment's own"
+        return f"{str(prefix).rstrip('/')}/{env.compiler}", CARRIED
     found = find_on_path(root)
     if found:
         return found, "the server's"
@@ -197,6 +198,29 @@ def compile_test(cc: str, include: str | None, env: Mapping[str, str]) -> str | 
     return None
 
 
+def carried_compile_test(prefix: Path, compiler: str, python: str | None) -> str | None:
+    """Build a shared object with the compiler an unpacked environment carries (``compiler``, relative to
+    ``prefix``) against its own ``Python.h``, as Triton will at the service's start; None when it worked."""
+    short = ".".join(str(python or "").split(".")[:2])
+    include = Path(prefix) / "include" / f"python{short}"
+    if not short or not (include / "Python.h").is_file():
+        found = sorted(Path(prefix).glob("include/python3*/Python.h"))
+        include = found[0].parent if found else None
+    return compile_test(str(Path(prefix) / compiler), str(include) if include else None,
+                        clean_env(Path(prefix), "/"))
+
+
+def _env_prefix(env: EnvironmentRecord) -> Path | None:
+    """Where the environment is (or will be) on the server: the existing prefix, or its install dir."""
+    if env.is_existing:
+        return Path(env.existing)
+    if env.content_hash:
+        from installer.deploy.layout import env_dir
+
+        return Path(env_dir({"name": env.name, "content_hash": env.content_hash}))
+    return None
+
+
 def check_compiler(ctx: _Context) -> list[CheckResult]:
     out = []
     live = ctx.root.resolve() == Path("/")
@@ -204,10 +228,11 @@ def check_compiler(ctx: _Context) -> list[CheckResult]:
         env = ctx.env_of(svc)
         if env is None or env.is_cpu:
             continue
-        prefix = Path(env.existing) if env.is_existing else None
+        prefix = _env_prefix(env)
         cc, origin = service_compiler(ctx.root, svc, env, prefix)
         remedy = ("install a C compiler from the distribution's offline media (`apt-get install gcc` / "
-                  "`dnf install gcc`), carry one in the environment, or set services[].env.CC")
+                  "`dnf install gcc`), carry one in the environment (environments[].compiler: true, the "
+                  "default for a CUDA environment), or set services[].env.CC")
         if cc is None:
             out.append(CheckResult("compiler", FAIL, f"no C compiler for {svc.name} ({origin}): vLLM compiles "
                                    "Triton's launcher at every GPU start and the engine dies without one",
@@ -217,7 +242,7 @@ def check_compiler(ctx: _Context) -> list[CheckResult]:
             out.append(CheckResult("compiler", PASS, f"{cc} ({origin}; not run: the root is not this server)",
                                    subject=svc.name))
             continue
-        if env.compiler and not env.is_existing:
+        if origin == CARRIED and not env.is_existing:
             out.append(CheckResult("compiler", PASS, f"{cc} ({origin}: it runs once the environment is unpacked)",
                                    subject=svc.name))
             continue
@@ -225,7 +250,7 @@ def check_compiler(ctx: _Context) -> list[CheckResult]:
         if env.is_existing:
             probe = probe_env(ctx.root / env.existing.lstrip("/"))
             include = probe.include if probe.include and Path(probe.include, "Python.h").is_file() else None
-        penv = clean_env(prefix or Path("/nonexistent"), "/")
+        penv = clean_env(prefix if env.is_existing and prefix else Path("/nonexistent"), "/")
         bad = compile_test(cc, include, penv)
         if bad:
             out.append(CheckResult("compiler", FAIL, f"{svc.name}: {bad}", remedy, svc.name))

@@ -2,9 +2,10 @@
 
 Modules by job: ``solve`` (py-rattler against the target's virtual packages), ``install`` (py-rattler install,
 running the env's tools), ``pip`` (the pip layer, vLLM kernels), ``facts`` (lock entries, checks, CUDA and vLLM
-detection), ``build`` (the whole build and its reuse stamp: ``build_env``, ``inspect_env``), ``elf`` (the ELF
-scan), ``pack`` (``envs/<env>.tar.zst``, with ``tarstream`` and ``placeholder``), ``runtime`` (the installer
-runtime ``runtime/<env>.tar.gz``).
+detection), ``build`` (the whole build and its reuse stamp: ``build_env``, ``inspect_env``), ``compiler`` (the
+C compiler a CUDA environment carries: its conda specs and where it is), ``elf`` (the ELF scan), ``pack``
+(``envs/<env>.tar.zst``, with ``tarstream`` and ``placeholder``), ``runtime`` (the installer runtime
+``runtime/<env>.tar.gz``).
 
 
 - **Solve for the target, not the build host.** The conda part is solved with py-rattler against the

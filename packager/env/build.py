@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from installer.preflight.cuda import compare_versions
+from packager.env.compiler import check_compiler, compiler_specs
 from packager.env.elf import scan_tree
 from packager.env.facts import (
     check_conda_files,
@@ -61,6 +62,7 @@ class BuiltEnv:
     glibc_floor: str | None = None  # newest GLIBC_x.y symbol version the env's ELF files need
     target: TargetSpec = field(default_factory=TargetSpec)
     cuda_runtime_source: str | None = None  # where cuda_runtime was read, e.g. "torch 2.8.0+cu128"
+    compiler: str | None = None  # the C compiler the env carries, relative to the prefix (spec.compiler only)
     timings: dict = field(default_factory=dict, compare=False)  # seconds: solve, install, pip, inspect
 
     @property
@@ -78,6 +80,7 @@ def build_env(spec: EnvSpec, target: TargetSpec, work: Path, *, channels_overrid
     pkgs = Path(pkgs_dir) if pkgs_dir else work / "pkgs"
     channels = list(channels_override or spec.channels)
     specs = conda_specs(spec)
+    specs += compiler_specs(spec, target, specs)
     timings: dict[str, float] = {}
 
     t = time.monotonic()
@@ -117,7 +120,6 @@ def build_env(spec: EnvSpec, target: TargetSpec, work: Path, *, channels_overrid
     tmp.write_text(json.dumps({"key": key, "pip_report": report}))
     os.replace(tmp, stamp)
     return built
-    return _finish(spec, target, prefix, report, timings)
 
 
 def inspect_env(spec: EnvSpec, target: TargetSpec) -> BuiltEnv:
@@ -156,19 +158,21 @@ def _finish(spec: EnvSpec, target: TargetSpec, prefix: Path, report: dict, timin
             f"glibc {target.glibc}",
             hint=f"if every target server has glibc >= {scan.glibc}, raise target.glibc; otherwise pin the "
             "package that brought this file to a build for an older glibc (e.g. a manylinux_2_28 wheel)")
+    compiler = check_compiler(spec, target, prefix)
     timings["inspect"] = time.monotonic() - t
     return BuiltEnv(
         spec=spec, prefix=prefix, python_version=python_version, cuda_runtime=cuda_runtime, lock=lock,
         content_hash=content_hash(lock, target, spec), vllm=detect_vllm(site, pip_lock),
         needed_libraries=sorted(scan.needed), needed_by={k: v[:3] for k, v in scan.needed.items()},
         glibc_floor=scan.glibc, target=target,
-        cuda_runtime_source=cuda_source, timings=timings)
-
+        cuda_runtime_source=cuda_source, compiler=compiler, timings=timings)
 
 
 def content_hash(lock: dict, target: TargetSpec, spec: EnvSpec) -> str:
     spec_d = dataclasses.asdict(spec)
     spec_d["prefix"] = str(spec.prefix) if spec.prefix else None
+    if not spec.compiler:
+        del spec_d["compiler"]  # an environment without a compiler keeps the hash it had before the field
     doc = {"format": HASH_FORMAT, "lock": lock, "spec": spec_d,
            "target": {"platform": target.platform, "glibc": target.glibc}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()

@@ -20,7 +20,7 @@ from installer.bundle import manifest as records
 from packager.errors import ManifestError
 from packager.manifest.nodes import COMPOSER, MAX_NODES, NodeTree, TooBig, construct
 from packager.manifest.problems import Problems
-from packager.manifest.rules import cross_checks, manifest_warnings
+from packager.manifest.rules import cross_checks, manifest_warnings, wants_compiler
 from packager.manifest.schema import SCHEMA
 from packager.manifest.validate import check_schema
 from packager.spec import BundleSpec, EnvSpec, Manifest, ModelSpec, PipSpec, ServiceSpec, TargetSpec
@@ -91,7 +91,8 @@ def _to_spec(path: Path, d: dict, warnings: tuple[str, ...] = ()) -> Manifest:
                         find_links=_tuple(pip.get("find_links")), no_index=bool(pip.get("no_index", False)),
                         remove=_tuple(pip.get("remove"))),
             prefix=(base / e["prefix"]).resolve() if e.get("prefix") else None,
-            download_kernels=bool(e.get("download_kernels", True)), existing=e.get("existing")))
+            download_kernels=bool(e.get("download_kernels", True)), existing=e.get("existing"),
+            compiler=wants_compiler(e)))
     models = [ModelSpec(name=m["name"], source=m["source"], repo=m.get("repo"), revision=m.get("revision"),
                         path=(base / m["path"]).resolve() if m.get("path") else None,
                         allow_patterns=_tuple(m.get("allow_patterns")),

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from installer.bundle import manifest as records
+from packager.env.compiler import sysroot_version
 from packager.manifest.nodes import NodeTree
 from packager.manifest.problems import Problems, did_you_mean
+from packager.spec import TargetSpec
 
 
 def cross_checks(problems: Problems, tree: NodeTree, data: dict, base: Path) -> None:
@@ -33,7 +35,7 @@ def cross_checks(problems: Problems, tree: NodeTree, data: dict, base: Path) -> 
     for i, env in enumerate(envs):
         env = env or {}
         if env.get("existing") is not None:
-            for key in ("conda", "pip", "channels", "python", "prefix", "download_kernels"):
+            for key in ("conda", "pip", "channels", "python", "prefix", "download_kernels", "compiler"):
                 if key in env:
                     add(["environments", i, key], f"{key!r} cannot be combined with 'existing' (the server's "
                                                   "own environment is used as it is)")
@@ -58,6 +60,12 @@ def cross_checks(problems: Problems, tree: NodeTree, data: dict, base: Path) -> 
             except Exception as e:  # UsageError with the list of known versions
                 add(["environments", i, "cuda"], getattr(e, "message", str(e)) +
                     " — pick a listed CUDA version, or add its minimum driver (NVIDIA's release notes) to the table")
+        glibc = (data.get("target") or {}).get("glibc") or TargetSpec().glibc
+        if wants_compiler(env) and env.get("prefix") is None and isinstance(glibc, str) \
+                and not problems.has(["target", "glibc"]) and sysroot_version(glibc) is None:
+            add(["environments", i, "compiler"] if "compiler" in env else ["environments", i],
+                f"no conda-forge sysroot for target.glibc {glibc} (the oldest is 2.17) to carry the C compiler "
+                "a CUDA environment gets by default: raise target.glibc, or set compiler: false")
         if env.get("prefix") is None and env.get("existing") is None and not env.get("conda") \
                 and not env.get("python"):
             add(["environments", i], "an environment needs 'conda' specs (and usually 'python'), a 'prefix' "
@@ -115,6 +123,14 @@ def cross_checks(problems: Problems, tree: NodeTree, data: dict, base: Path) -> 
         add(["services", where[a], "port"] if "port" in s else ["services", where[a]],
             f"port {s.get('port', records.DEFAULT_PORT)}{'' if 'port' in s else ' (the default)'} is already "
             f"used by services[{where[b]}]")
+
+
+def wants_compiler(env: dict) -> bool:
+    """``compiler:`` as given, else the default: a C compiler for a built (or packed) CUDA environment."""
+    if env.get("existing") is not None:
+        return False
+    given = env.get("compiler")
+    return given if isinstance(given, bool) else isinstance(env.get("cuda"), str)
 
 
 def _is_dir(p: Path) -> bool:

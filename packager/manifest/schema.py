@@ -62,6 +62,8 @@ ENV_SCHEMA = _obj({
     "existing": _str("an environment the target server already has (absolute prefix holding bin/python with "
                      "vLLM): nothing is carried; the installer checks that it imports vLLM", pattern=r"^/.*$"),
     "download_kernels": {"type": "boolean", "description": "run `vllm download-kernels` at build time"},
+    "compiler": {"type": "boolean", "description": "carry a C compiler (conda-forge gcc + a sysroot for "
+                 "target.glibc; vLLM on CUDA compiles at every start); default: true when cuda is set"},
 }, ("name",), "a conda environment (with vLLM) built for the target")
 
 MODEL_SCHEMA = _obj({
