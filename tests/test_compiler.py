@@ -145,7 +145,7 @@ def test_asking_for_a_compiler_the_environment_lacks_fails_the_build(built_env):
 
 def test_the_compiler_works_after_unpacking_elsewhere(cc_built, tmp_path):
     """Pack → the installer's extraction at another prefix → its conda-unpack → build and import an extension."""
-    from installer.deploy.placement import run_conda_unpack
+    from installer.deploy.conda_unpack import run_conda_unpack
     from installer.unpack import extract_archive
 
     prefix = tmp_path / "moved" / "env"
