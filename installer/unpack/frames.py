@@ -144,6 +144,18 @@ def _in_process(archive: str, i: int, fr: Frame, dest: str, name: str, symlinks:
         return _extract_one(f.fileno(), i, fr, w, name, threading.Event())
 
 
+def _process_pool(n: int):
+    """A pool of ``n`` forked workers, or None where the system cannot make one (no /dev/shm for its locks,
+    a process limit): the frames are then decoded by threads."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    try:
+        return ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("fork"))
+    except (OSError, ImportError, ValueError):
+        return None
+
+
 def extract_frames(archive: str | os.PathLike[str], dest: str | os.PathLike[str], frames: Sequence[Frame], *,
                    expected_size: int, display_name: str | None = None, workers: int | None = None,
                    processes: bool = True) -> ExtractResult:
@@ -171,12 +183,8 @@ def extract_frames(archive: str | os.PathLike[str], dest: str | os.PathLike[str]
         try:
             counts.append(_extract_one(f.fileno(), 0, frames[0], first, name, stop))
             rest = list(range(1, len(frames)))
-            if processes and n > 1 and len(rest) > 1:
-                import multiprocessing
-                from concurrent.futures import ProcessPoolExecutor
-
-                fork = multiprocessing.get_context("fork")
-                pool = ProcessPoolExecutor(max_workers=min(n, len(rest)), mp_context=fork)
+            pool = _process_pool(min(n, len(rest))) if processes and n > 1 and len(rest) > 1 else None
+            if pool is not None:
                 submit = lambda i: pool.submit(_in_process, os.fspath(archive), i, frames[i],  # noqa: E731
                                                os.fspath(dest), name, frozenset(first.symlinks))
             else:
