@@ -33,7 +33,8 @@ from installer.deploy.layout import (
     model_version,
     staged,
 )
-from installer.errors import InstallError
+from installer.deploy.medium import all_mounted, first_volume, name_damaged_piece, source_of
+from installer.errors import InstallError, IntegrityError
 from installer.sizes import human_size
 from installer.unpack import CopyCancelled, copy_verified, extract_archive
 from installer.unpack.frames import Frame, extract_frames
@@ -49,6 +50,7 @@ class Staging:
     state: dict
     say: Say
     doing: str | None
+    bytes_read: int  # of the bundle's artifacts, by this run (each read once; what a re-run kept is not read)
 
     # ------------------------------------------------------------------ environments
     def env_placed(self, target: str, env: Mapping) -> bool:
@@ -75,20 +77,26 @@ class Staging:
         partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
         self.say(f"environment {env['name']}: verifying and unpacking {art.path} ({human_size(art.size)})")
         self.doing = f"unpacking {art.path} into {final.parent}"
+        src = source_of(bundle, art)
         try:
             frames = [Frame(int(x["offset"]), int(x["size"]), str(x["sha256"])) for x in env.get("frames") or []]
-            if frames:  # independent zstd frames, each hashed: decoded on every core
-                res = extract_frames(bundle.path_of(art), partial, frames, expected_size=art.size,
-                                     display_name=art.path)
-            else:
-                res = extract_archive(
-                    bundle.path_of(art),
-                    partial,
-                    expected_sha256=art.sha256,
-                    expected_size=art.size,
-                    display_name=art.path,
-                    workers=workers,
-                )
+            try:
+                if frames:  # independent zstd frames, each hashed: decoded on every core
+                    # (in order, in this process, when its volumes are not all mounted: asked for in turn)
+                    res = extract_frames(src, partial, frames, expected_size=art.size, display_name=art.path,
+                                         workers=None if all_mounted(src) else 1)
+                else:
+                    res = extract_archive(
+                        src,
+                        partial,
+                        expected_sha256=art.sha256,
+                        expected_size=art.size,
+                        display_name=art.path,
+                        workers=workers,
+                    )
+            except IntegrityError as e:
+                raise name_damaged_piece(bundle, src, e, *getattr(e, "byte_range", (0, None))) from None
+            self.bytes_read += res.size
             os.chmod(partial, 0o755)
             self.say(
                 f"environment {env['name']}: {res.members} files in {res.seconds:.1f} s; running conda-unpack"
@@ -157,14 +165,20 @@ class Staging:
             if stop.is_set():
                 return
             dst = final / f["path"]
+            src = source_of(bundle, a)
             try:
-                copy_verified(bundle.path_of(a), dst, expected_sha256=a.sha256, expected_size=a.size,
-                              display_name=a.path, stop=stop)
+                try:
+                    n = copy_verified(src, dst, expected_sha256=a.sha256, expected_size=a.size,
+                                      display_name=a.path, stop=stop)
+                except IntegrityError as e:
+                    raise name_damaged_piece(bundle, src, e) from None
             except CopyCancelled:
                 return  # another file failed: its error is the one reported
             except BaseException:
                 stop.set()  # in the worker itself: no other file starts after this one failed
                 raise
+            with lock:
+                self.bytes_read += n
             fsutil.fsync_file(dst)
             with lock, open(log, "a", encoding="utf-8") as lf:
                 lf.write(f"{a.sha256} {a.size} {f['path']}\n")
@@ -172,9 +186,13 @@ class Staging:
                 os.fsync(lf.fileno())
             fsutil.crash_point(f"verified {dst}")
 
+        # split volumes: the files whose volumes are all mounted now in parallel; then the others one by one,
+        # in volume order, in this thread (each volume asked for, or named in the error, when it is needed)
+        now = [(f, a) for f, a in todo if all_mounted(source_of(bundle, a))]
+        later = sorted((fa for fa in todo if fa not in now), key=lambda fa: first_volume(bundle, fa[1]))
         pool = ThreadPoolExecutor(max_workers=max(1, workers))
         try:
-            jobs = [pool.submit(one, f, a) for f, a in sorted(todo, key=lambda fa: -fa[1].size)]
+            jobs = [pool.submit(one, f, a) for f, a in sorted(now, key=lambda fa: -fa[1].size)]
             finished, _ = wait(jobs, return_when=FIRST_EXCEPTION)
             for j in finished:
                 if j.exception() is not None:
@@ -185,6 +203,8 @@ class Staging:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
+        for f, a in later:
+            one(f, a)
         for d in [final, *(p for p in final.rglob("*") if p.is_dir())]:
             os.chmod(d, 0o755)
 
@@ -241,7 +261,10 @@ class Staging:
                 except Exception as e:
                     raise InstallError(f"{bundle.root}: install.sh is not listed in {MANIFEST_NAME}",
                                        hint="the bundle was not produced by `pack build`") from e
-                copy_verified(bundle.path_of(sh), d / "install.sh", expected_sha256=sh.sha256,
+                # install.sh's own verified copy (the medium may be gone by now), hashed again here
+                own = bootstrap / "install.sh"
+                src = own if own.is_file() and not own.is_symlink() else source_of(bundle, sh)
+                copy_verified(src, d / "install.sh", expected_sha256=sh.sha256,
                               expected_size=sh.size, display_name=sh.path, mode=0o755)
 
             self._stage_dir(tgt, fill_installer)
