@@ -24,6 +24,7 @@ from installer.deploy.layout import (
     INSTALLERS,
     RUNTIMES,
     STAGING,
+    VERIFIED_LOG,
     Say,
     Target,
     env_dir,
@@ -31,15 +32,15 @@ from installer.deploy.layout import (
     hf_repo_dir,
     model_dir,
     model_version,
+    read_verified,
     staged,
+    verified_here,
 )
 from installer.deploy.medium import all_mounted, first_volume, name_damaged_piece, source_of
 from installer.errors import InstallError, IntegrityError
 from installer.sizes import human_size
 from installer.unpack import CopyCancelled, copy_verified, extract_archive
 from installer.unpack.frames import Frame, extract_frames
-
-VERIFIED_LOG = ".llm-verified"  # in a staged model dir: "sha256 size path" per verified, synced file
 
 
 class Staging:
@@ -145,8 +146,8 @@ class Staging:
         arts = [(f, bundle.artifact(f"{src_dir}/{check_relpath(f['path'], what='model file')}")) for f in files]
         final.mkdir(parents=True, exist_ok=True)
         log = final / VERIFIED_LOG
-        done = _read_verified(log)
-        todo = [(f, a) for f, a in arts if not _verified_here(final, f, done)]
+        done = read_verified(log)
+        todo = [(f, a) for f, a in arts if not verified_here(final, f, done)]
         if not todo:
             self.say(f"model {model['name']}: verified by an earlier run (reused)")
             return
@@ -310,30 +311,6 @@ def _sizes_ok(d: Path, files: list) -> bool:
         except OSError:
             return False
     return True
-
-
-def _read_verified(log: Path) -> set[tuple[str, int, str]]:
-    out = set()
-    try:
-        text = log.read_text(encoding="utf-8")
-    except OSError:
-        return out
-    for line in text.splitlines():
-        parts = line.split(" ", 2)
-        if len(parts) == 3 and len(parts[0]) == 64 and parts[1].isdigit():
-            out.add((parts[0], int(parts[1]), parts[2]))
-    return out
-
-
-def _verified_here(d: Path, f: Mapping, done: set) -> bool:
-    """The log says this file was copied with this hash and synced, and it is still that size."""
-    if (str(f["sha256"]), int(f["size"]), str(f["path"])) not in done:
-        return False
-    p = d / f["path"]
-    try:
-        return not p.is_symlink() and p.stat().st_size == int(f["size"])
-    except OSError:
-        return False
 
 
 def model_intact(d: Path, files: list) -> bool:
