@@ -16,6 +16,7 @@ import dataclasses
 import os
 import stat
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -104,6 +105,8 @@ def terminal_prompt() -> Callable[[str], bool] | None:
         return None
 
     def ask(wanted: str) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            return False  # only the main thread waits at the terminal (Ctrl-C reaches it); a worker stops
         print(f"\n{wanted}\n  press Enter when it is mounted (q to stop; running the same command later "
               "continues): ", end="", file=sys.stderr, flush=True)
         try:
