@@ -158,9 +158,6 @@ class Volumes:
                 continue
         return None
 
-    def missing(self, numbers: Iterable[int]) -> list[int]:
-        return [n for n in sorted(set(numbers)) if self.locate(n) is None]
-
     def where(self, number: int) -> Path:
         """Volume ``number``'s directory; waits for it on a terminal (``ask``), else VolumeMissingError."""
         while True:
