@@ -2,6 +2,8 @@
 
 ``install.sh`` verifies the signature and the bootstrap's hashes, unpacks the bundle's Python, and runs this
 with ``--bundle DIR --manifest PRIVATE_COPY --pubkey KEY...`` (``--insecure`` only when the operator gave it).
+For split volumes ``--bundle`` is volume 1 (and ``--volumes DIR...`` where the others are): every artifact is
+read in place from its pieces, never joined into a copy.
 ``install`` and ``check`` always verify MANIFEST.json.sig themselves, with ``--pubkey`` or the trusted keys
 under ``--root``: nothing on the command line can say "already verified", so running ``python -m installer``
 by hand never installs from an unverified manifest; ``--insecure`` is the only way to skip the check.
@@ -18,6 +20,7 @@ from installer.bundle import MANIFEST_NAME, TRUSTED_KEYS, Bundle
 from installer.deploy import install as activate
 from installer.deploy import layout, lifecycle
 from installer.deploy.installed import preflight_manifest
+from installer.deploy.medium import attach_volumes, is_split, terminal_prompt
 from installer.deploy.plan import quick_check
 from installer.errors import LlmPackError, SignatureError, UsageError
 from installer.unpack import DEFAULT_WORKERS
@@ -57,6 +60,16 @@ def _bundle_args(p: argparse.ArgumentParser) -> None:
         help="trusted public key (PEM); default: <root>/etc/llm/trusted-keys/*.pub",
     )
     p.add_argument("--insecure", action="store_true", help="accept an unsigned bundle or an unknown key")
+    p.add_argument(
+        "--volumes",
+        nargs="+",
+        action="extend",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="split volumes: where the others are (each DIR a volume, or the directory holding it); default: "
+        "beside --bundle, the first volume",
+    )
     p.add_argument(
         "--skip-check",
         action="append",
@@ -132,15 +145,21 @@ def load_bundle(args: argparse.Namespace) -> tuple[Bundle, str]:
             raise
         print(f"warning: --insecure: installing without a valid signature ({e.message})", file=sys.stderr)
         signed_by = "insecure"
-    if args.manifest is None:
-        return verified, signed_by
-    mpath = args.bundle / MANIFEST_NAME
-    if mpath.exists() and mpath.read_bytes() != verified.manifest_bytes:
-        raise SignatureError(
-            f"{mpath} changed after it was verified",
-            hint="something is modifying the bundle while it is installed; copy it again",
-        )
-    return activate.with_bundle_root(verified, args.bundle), signed_by
+    split = is_split(args.bundle) or (args.manifest is not None and is_split(args.manifest.parent))
+    if args.volumes and not split:
+        raise UsageError(f"--volumes: {args.bundle} is not the first volume of a split bundle (no SPLIT.json)")
+    if args.manifest is not None:
+        mpath = args.bundle / MANIFEST_NAME
+        if mpath.exists() and mpath.read_bytes() != verified.manifest_bytes:
+            raise SignatureError(
+                f"{mpath} changed after it was verified",
+                hint="something is modifying the bundle while it is installed; copy it again",
+            )
+        verified = activate.with_bundle_root(verified, args.bundle)
+    if split:  # read in place from the volumes; SPLIT.json: install.sh's copy beside the manifest, or volume 1's
+        info_dir = args.manifest.parent if args.manifest is not None else args.bundle
+        verified = attach_volumes(verified, args.bundle, info_dir, args.volumes, terminal_prompt())
+    return verified, signed_by
 
 
 def check_bootstrap(d: Path, bundle: Bundle) -> Path:

@@ -10,9 +10,10 @@ Every volume holds at most ``max_size`` bytes (its ``VOLUME.sha256`` included) a
 4 GiB - 1 (FAT32). A file that does not fit is cut into ``<path>.partNNNN`` pieces, numbered from 0001
 across volumes in order. ``VOLUME.sha256`` is in ``sha256sum`` format, so ``cd VOL && sha256sum -c
 VOLUME.sha256`` checks a volume on any machine. ``SPLIT.json`` (first volume, canonical JSON) lists the
-volumes and the files that were cut; ``install.sh`` reads it (``volumes`` and ``split_files``) and joins
-the pieces itself with ``cat``. The joined bundle is then checked like any other (signature, hashes):
-the volume hashes only name the disk that went bad.
+volumes and every artifact's pieces (file, name, volume, offset, size). Nothing joins them on the target:
+``install.sh`` copies the few files it runs from their pieces, and the Python installer reads every other
+artifact in place (``installer/bundle/volumes.py``, ``installer/unpack/pieces.py``), each checked against
+MANIFEST.json as for a whole bundle: the volume hashes only name the disk that went bad.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from installer.bundle import (
     canonical_json,
     check_relpath,
 )
+from installer.bundle.volumes import Volumes
 from installer.errors import BundleError, IntegrityError, UsageError
 
 FAT32_MAX_FILE = (4 << 30) - 1
@@ -296,27 +298,14 @@ def read_split_info(first_volume: str | os.PathLike[str]) -> dict:
 def find_volumes(
     first_volume: str | os.PathLike[str], search: Iterable[str | os.PathLike[str]] = ()
 ) -> list[Path]:
-    """The volume directories in order: siblings of the first volume, or inside/at the ``search`` dirs."""
+    """The volume directories in order: siblings of the first volume, or inside/at the ``search`` dirs (where
+    the installer looks: :class:`installer.bundle.volumes.Volumes`)."""
     first = Path(first_volume)
-    info = read_split_info(first)
-    found: list[Path] = []
-    for i, vname in enumerate(info["volume_names"], start=1):
-        if i == 1:
-            found.append(first)
-            continue
-        candidates = [first.parent / vname] + [
-            c for d in search for c in (Path(d) / vname, Path(d)) if c.name == vname
-        ]
-        for c in candidates:
-            if (c / VOLUME_INDEX).is_file():
-                found.append(c)
-                break
-        else:
-            raise BundleError(
-                f"volume {i} of {info['volumes']} ({vname}) not found",
-                hint=f"mount it beside {first} or pass the directory holding it with --volumes",
-            )
-    return found
+    read_split_info(first)
+    b = Bundle.load(first)
+    vols = Volumes.load(first, first / SPLIT_INFO, {a.path: a.size for a in b.artifacts}, b.manifest_sha256,
+                        search=search)
+    return [vols.where(i) for i in range(1, vols.count + 1)]
 
 
 _INDEX_LINE = re.compile(r"([0-9a-f]{64})  ([^\n\r\x00\\]+)")
@@ -327,7 +316,7 @@ def check_volume(vol: str | os.PathLike[str], number: int | None = None) -> None
 
     Reads only: every listed name must be a plain relative path inside the volume (no ``..``, no
     absolute path, no backslash, NUL or newline) naming a regular file that is not a symlink; anything
-    else is refused before a byte is read. (Joining volumes is install.sh's job; there is no Python join.)
+    else is refused before a byte is read. (Nothing joins volumes: the installer reads each artifact in place.)
     """
     vol = Path(vol)
     label = f"volume {number} ({vol})" if number else str(vol)

@@ -4,10 +4,10 @@ checked against the Python side here.
 - every on-disk name of ``installer.bundle.names`` is either one the bootstrap uses, and then spelled so in
   install.sh, or listed here as one it does not need (a new name fails until it is put on one side);
 - install.sh reads MANIFEST.json and SPLIT.json with its own JSON reader (``json_load``, then ``json_value``,
-  ``json_list``, ``manifest_artifact``), which does not depend on how the JSON is laid out. Each field install.sh
-  reads is read here by the bash reader from canonical JSON and from the same document written other ways
-  (compact, indented, CRLF, keys in another order, ``ensure_ascii``) and compared with Python's value; a new
-  read in install.sh fails this test until it is added below. What is not JSON is refused.
+  ``json_list``, ``json_pieces``, ``manifest_artifact``), which does not depend on how the JSON is laid out. Each
+  field install.sh reads is read here by the bash reader from canonical JSON and from the same document written
+  other ways (compact, indented, CRLF, keys in another order, ``ensure_ascii``) and compared with Python's value;
+  a new read in install.sh fails this test until it is added below. What is not JSON is refused.
 """
 
 from __future__ import annotations
@@ -73,7 +73,13 @@ MANIFEST = {
     "services": [{"name": "tiny", "port": 8000, "gpus": [], "env": {}}],
 }
 SPLIT = {"format": 1, "volumes": 2, "volume_names": ["b.vol01", "b.vol02"],
-         "split_files": ["envs/t1.tar.zst", "models/tiny/model.safetensors"]}
+         "pieces": [{"file": "installer.tar.gz", "name": "installer.tar.gz", "volume": 1, "offset": 0, "size": 10},
+                    {"file": "envs/t1.tar.zst", "name": "envs/t1.tar.zst.part0001", "volume": 1, "offset": 0,
+                     "size": 700},
+                    {"file": "envs/t1.tar.zst", "name": "envs/t1.tar.zst.part0002", "volume": 2, "offset": 700,
+                     "size": 5},
+                    {"file": "models/m/a b.json", "name": "models/m/a b.json", "volume": 2, "offset": 0,
+                     "size": 0}]}
 
 # (reader, file, args) -> expected output: every read install.sh makes
 READS = {
@@ -86,7 +92,10 @@ READS = {
     ("manifest_artifact", "manifest", (names.INSTALL_SH,)): f"{SHA} 20",
     ("json_value", "info", ("volumes",)): "2",
     ("json_list", "info", ("volume_names",)): "b.vol01\nb.vol02",
-    ("json_list", "info", ("split_files",)): "envs/t1.tar.zst\nmodels/tiny/model.safetensors",
+    ("json_pieces", "info", ()): "installer.tar.gz\tinstaller.tar.gz\t1\t0\t10\n"
+                                 "envs/t1.tar.zst\tenvs/t1.tar.zst.part0001\t1\t0\t700\n"
+                                 "envs/t1.tar.zst\tenvs/t1.tar.zst.part0002\t2\t700\t5\n"
+                                 "models/m/a b.json\tmodels/m/a b.json\t2\t0\t0",
 }
 
 
@@ -136,7 +145,8 @@ def test_every_bootstrap_name_is_spelled_as_in_names_py() -> None:
 def test_every_read_of_install_sh_is_covered_here() -> None:
     text = INSTALL_SH.read_text(encoding="utf-8")
     calls = set()
-    for m in re.finditer(r"\b(json_value|json_list|manifest_artifact) \"\$(manifest|info)\" ([^)|;>]*)", text):
+    for m in re.finditer(r"\b(json_value|json_list|json_pieces|manifest_artifact) \"\$(manifest|info)\"([^)|;>]*)",
+                         text):
         args = tuple(a.strip('"') for a in m.group(3).split())
         calls.add((m.group(1), m.group(2), args))
     assert len(calls) >= len(READS), "install.sh's reads were not found: has their form changed?"

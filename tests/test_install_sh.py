@@ -195,11 +195,13 @@ def test_unsafe_bootstrap_archive_refused_before_extraction(case, root, t1_parts
     assert not list((tmp_path / "w").iterdir()), "the work dir is cleaned up"
 
 
-def test_split_volumes_joined_and_verified(root, good, keys, tmp_path):
+def test_split_volumes_read_in_place_and_verified(root, good, keys, tmp_path):
     vols = split_bundle(good, tmp_path / "usb", "6M")
     assert len(vols) >= 4
     r = sh(vols[0] / "install.sh", "--root", root, "--pubkey", keys.pub, check=True)
     assert f"volume {len(vols)}/{len(vols)}" in r.stderr and "demo 1.0.0 is active" in r.stdout
+    assert "nothing is joined" in r.stderr and f"from {len(vols)} volumes in place" in r.stdout
+    assert "I/O of this install" in r.stderr
 
 
 def test_volumes_elsewhere_and_a_corrupted_volume_named(root, good, keys, tmp_path):
@@ -293,17 +295,25 @@ def test_os_errors_are_one_message_without_a_traceback(tmp_path, keys):
     [
         ("volume_names", "../../elsewhere", "unsafe volume name '../../elsewhere'"),
         ("volume_names", "sub/vol02", "unsafe volume name 'sub/vol02'"),
-        ("split_files", "../../etc/passwd", "unsafe split file name '../../etc/passwd'"),
-        ("split_files", "/etc/passwd", "unsafe split file name '/etc/passwd'"),
+        ("pieces.name", "../../etc/passwd", "unsafe piece name '../../etc/passwd'"),
+        ("pieces.file", "/etc/passwd", "unsafe piece name '/etc/passwd'"),
+        ("pieces.name", "installer.tar.gz.part0001/../../x", "unsafe piece name 'installer.tar.gz.part0001/../../x'"),
+        ("pieces.name", "install.sh", "'install.sh' is not a piece of 'installer.tar.gz'"),
+        ("pieces.volume", 99, "piece 'installer.tar.gz' has no usable volume, offset and size"),
     ],
 )
 def test_hostile_split_json_names_refused(field, value, want, root, good, keys, tmp_path):
+    """SPLIT.json is not signed: a hostile name in it is refused before it is used (install.sh, then the Python
+    installer checks it again, tests/test_volumes.py)."""
     from installer.bundle import canonical_json
 
     vols = split_bundle(good, tmp_path / "usb", "6M")
     info_path = vols[0] / "SPLIT.json"
     info = json.loads(info_path.read_bytes())
-    info[field][-1 if field == "volume_names" else 0] = value
+    if field.startswith("pieces."):
+        info["pieces"][0][field.split(".")[1]] = value
+    else:
+        info[field][-1] = value
     info_path.write_bytes(canonical_json(info))
     before = tree_snapshot(root)
     r = sh(vols[0] / "install.sh", "--root", root, "--pubkey", keys.pub, "--workdir", tmp_path / "w")

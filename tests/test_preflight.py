@@ -312,6 +312,52 @@ def test_disk_counts_the_staging_filesystem_when_it_is_another(tmp_path):
     assert [r.status for r in same] == [pf.PASS]  # one filesystem: the rename costs no room
 
 
+def _staged_by_an_earlier_run(root: Path, m: dict) -> Path:
+    """What a refused run keeps in the staging tree: the environment unpacked (its marker) and the model's one
+    file verified (its .llm-verified line; a sparse file of its size)."""
+    env, model = m["environments"][0], m["models"][0]
+    staging = root / "var/lib/llm/staging"
+    ed = staging / "envs" / env["name"] / env["content_hash"][:16]
+    ed.mkdir(parents=True)
+    (ed / ".llm-installed.json").write_text(json.dumps({"content_hash": env["content_hash"]}))
+    md = staging / "models" / model["name"] / model["commit"]
+    md.mkdir(parents=True)
+    f = model["files"][0]
+    with open(md / f["path"], "wb") as fh:
+        fh.truncate(f["size"])
+    (md / ".llm-verified").write_text(f"{f['sha256']} {f['size']} {f['path']}\n")
+    return staging
+
+
+def test_disk_counts_only_what_is_left_to_write(tmp_path):
+    """No scratch copy of the bundle: what is written is the environments and models, once; what an earlier run
+    verified in the staging tree is not written again (one filesystem: the rename costs nothing)."""
+    m = manifest()
+    r = one(m, "disk", root=tmp_path, install_dir=tmp_path / "opt/llm")
+    assert r.status == pf.PASS and "(environments 3.3 GiB + models 15.3 GiB) × 1.1 = 20.4 GiB" in r.detail, r.detail
+    _staged_by_an_earlier_run(tmp_path, m)
+    r = one(m, "disk", root=tmp_path, install_dir=tmp_path / "opt/llm")
+    assert r.status == pf.PASS and "(environments 0.0 GiB + models 0.0 GiB) × 1.1 = 0.0 GiB" in r.detail, r.detail
+    assert "verified by an earlier run: vllm-cu128, qwen3-8b 15.3 GiB" in r.detail
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs (CI runs as root)")
+def test_disk_on_two_filesystems_counts_each_one_what_lands_there(tmp_path):
+    # the staging tree (on a 1 MiB tmpfs) holds what an earlier run verified: nothing more is written there; /opt/llm
+    # (another filesystem) gets every byte by a copy
+    m = manifest()
+    staging_fs = tmp_path / "var/lib/llm"
+    staging_fs.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(staging_fs)], check=True)
+    try:
+        _staged_by_an_earlier_run(tmp_path, m)
+        results = run(m, "disk", root=tmp_path, install_dir=tmp_path / "opt/llm")
+    finally:
+        subprocess.run(["umount", str(staging_fs)], check=True)
+    assert [r.status for r in results] == [pf.PASS], results
+    assert "(environments 3.3 GiB + models 15.3 GiB)" in results[0].detail, results[0].detail
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -228,3 +228,162 @@ def test_split_onto_a_full_disk_is_a_clear_error_and_leaves_nothing(bundle, tmp_
         assert os.listdir(usb) == [], "no partial volume left on the disk"
     finally:
         subprocess.run(["umount", "-l", str(usb)], check=False)
+
+
+# --------------------------------------------------------------------------- reading in place (the installer's side)
+
+
+def _volumes(vols: list[Path], search=()):
+    from installer.bundle.volumes import Volumes
+
+    b = Bundle.load(vols[0])
+    return b, Volumes.load(vols[0], vols[0] / "SPLIT.json", {a.path: a.size for a in b.artifacts},
+                           b.manifest_sha256, search=search)
+
+
+def _pieces(v, b: Bundle, path: str):
+    from installer.unpack.pieces import Pieces
+
+    a = b.artifact(path)
+    return Pieces(a.path, a.size, v.spans_of(a.path), v)
+
+
+def test_every_artifact_reads_in_place_from_its_pieces(bundle, tmp_path):
+    """Sequential reads and reads at any offset (what the frame readers do) give the bundle's bytes, across
+    piece boundaries, with at most one piece open at a time."""
+    import random
+
+    vols = split_bundle(bundle, tmp_path / "usb", "1200K")
+    b, v = _volumes(vols)
+    assert any(len(s) > 1 for s in v.pieces.values()), "something spans volumes"
+    rnd = random.Random(3)
+    for a in b.artifacts:
+        want = (bundle / a.path).read_bytes()
+        with _pieces(v, b, a.path).open() as f:
+            got = bytearray()
+            while n := f.readinto(buf := bytearray(rnd.choice([1, 4096, 1 << 20]))):
+                got += buf[:n]
+            assert bytes(got) == want, a.path
+            for _ in range(20):
+                pos = rnd.randrange(len(want) + 1)
+                data = f.pread(rnd.randrange(1, 3 << 20), pos)
+                assert data == want[pos:pos + len(data)] and (data or pos == len(want))
+            assert len([fd for fd in os.listdir("/proc/self/fd")]) < 64
+
+
+def test_a_piece_is_never_read_through_a_link_or_from_a_fifo(bundle, tmp_path):
+    from installer.unpack.pieces import PieceFile
+
+    vols = split_bundle(bundle, tmp_path / "usb", "1200K")
+    b, v = _volumes(vols)
+    path, spans = next((p, s) for p, s in v.pieces.items() if len(s) > 1 and "/" in s[1].name)
+    second = spans[1]
+    vol = v.locate(second.volume)
+    piece = vol / second.name
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    shutil.move(piece, real / piece.name)
+
+    def read_all() -> bytes:
+        with PieceFile(_pieces(v, b, path)) as f:
+            out = b""
+            while chunk := f.read(1 << 20):
+                out += chunk
+            return out
+
+    piece.symlink_to(real / piece.name)  # the same bytes, behind a link
+    with pytest.raises(BundleError, match="is a symlink"):
+        read_all()
+    piece.unlink()
+    top = second.name.split("/")[0]
+    shutil.move(vol / top, real / "dir")
+    (vol / top).symlink_to(real / "dir")  # a linked directory on the way
+    (real / "dir").joinpath(*second.name.split("/")[1:]).parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(real / piece.name, (real / "dir").joinpath(*second.name.split("/")[1:]))
+    with pytest.raises(BundleError, match=f"{top} is a symlink"):
+        read_all()
+    (vol / top).unlink()
+    shutil.move(real / "dir", vol / top)
+    fifo_at = vol / second.name
+    data = fifo_at.read_bytes()
+    fifo_at.unlink()
+    os.mkfifo(fifo_at)  # nobody writes it: opening must not wait
+    with pytest.raises(BundleError, match="not a regular file"):
+        read_all()
+    fifo_at.unlink()
+    fifo_at.write_bytes(data[:-1])
+    with pytest.raises(IntegrityError, match=f"volume {second.volume} of {v.count} .*: size mismatch"):
+        read_all()
+    fifo_at.write_bytes(data)
+    assert read_all() == (bundle / path).read_bytes()
+
+
+def test_a_damaged_piece_is_named_by_its_volume_index(bundle, tmp_path):
+    vols = split_bundle(bundle, tmp_path / "usb", "1200K")
+    b, v = _volumes(vols)
+    path, spans = next((p, s) for p, s in v.pieces.items() if len(s) > 2)
+    s = spans[1]
+    p = v.locate(s.volume) / s.name
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 4
+    p.write_bytes(bytes(data))
+    pieces = _pieces(v, b, path)
+    want = f"volume {s.volume} ({v.locate(s.volume)}): {s.name} is corrupted (sha256 mismatch)"
+    assert pieces.damaged(v.index) == want
+    assert pieces.damaged(v.index, 0, spans[0].size) is None  # only the pieces of the range that failed
+
+
+def test_volumes_are_found_beside_the_first_or_under_volumes_dirs(bundle, tmp_path):
+    from installer.bundle.volumes import VolumeMissingError
+
+    vols = split_bundle(bundle, tmp_path / "usb", "2M")
+    media = tmp_path / "media"
+    moved = media / "disk3" / vols[2].name
+    shutil.move(vols[2], moved)
+    b, v = _volumes(vols)
+    with pytest.raises(VolumeMissingError) as ei:
+        v.where(3)
+    assert f"volume 3 of {len(vols)} ({vols[2].name}) not found" in str(ei.value)
+    assert "--volumes DIR" in str(ei.value) and "run the same command again" in str(ei.value)
+    asked = []
+    v.ask = lambda wanted: asked.append(wanted) or False  # the operator types q
+    with pytest.raises(VolumeMissingError):
+        v.where(3)
+    assert asked and f"volume 3 of {len(vols)} ({vols[2].name}) is needed now" in asked[0]
+    for search in ([media / "disk3"], [moved]):  # the directory holding the volume, or the volume itself
+        assert _volumes(vols, search)[1].where(3) == moved
+    v.ask = lambda wanted: bool(shutil.move(moved, vols[2]))  # mounted while asked
+    assert v.where(3) == vols[2]
+
+
+@pytest.mark.parametrize("case", ["gap", "overlap", "unknown-file", "bad-volume", "other-manifest", "bad-name",
+                                  "missing-artifact"])
+def test_a_split_json_that_pack_split_did_not_write_is_refused(bundle, tmp_path, case):
+    import json
+
+    from installer.bundle import canonical_json
+    from installer.bundle.volumes import Volumes
+
+    vols = split_bundle(bundle, tmp_path / "usb", "1200K")
+    info = json.loads((vols[0] / "SPLIT.json").read_bytes())
+    cut = next(p for p in info["pieces"] if p["name"] != p["file"] and p["offset"] > 0)
+    if case == "gap":
+        cut["offset"] += 1
+    elif case == "overlap":
+        cut["offset"] -= 1
+    elif case == "unknown-file":
+        info["pieces"].append({"file": "models/m/x", "name": "models/m/x", "volume": 1, "offset": 0, "size": 1})
+    elif case == "bad-volume":
+        cut["volume"] = len(vols) + 1
+    elif case == "other-manifest":
+        info["manifest_sha256"] = "0" * 64
+    elif case == "bad-name":
+        cut["name"] = cut["file"] + ".part0002/../../../etc/passwd"
+    else:
+        info["pieces"] = [p for p in info["pieces"] if p["file"] != "models/m/config.json"]
+    f = tmp_path / "SPLIT.json"
+    f.write_bytes(canonical_json(info))
+    b = Bundle.load(vols[0])
+    with pytest.raises(BundleError) as ei:
+        Volumes.load(vols[0], f, {a.path: a.size for a in b.artifacts}, b.manifest_sha256)
+    print(f"{case}: {ei.value.message}")

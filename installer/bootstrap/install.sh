@@ -2,14 +2,15 @@
 # install.sh - verify, check and install an LLM serving bundle (llm-pack) on an offline server.
 #
 # Needs only bash, coreutils, gzip, GNU tar, sha256sum and OpenSSL >= 3.0: no Python, no zstd. It
-#   1. joins split volumes (SPLIT.json beside it), checking each volume's VOLUME.sha256;
+#   1. reads split volumes in place (SPLIT.json beside it): nothing is joined into a scratch copy;
 #   2. checks MANIFEST.json.sig with a trusted ed25519 key (/etc/llm/trusted-keys/*.pub or --pubkey);
 #   3. copies install.sh, the installer and the bundle's Python into a private directory (one read of the
-#      bundle each), checks those copies' sha256 against MANIFEST.json, refuses unsafe tar members, and
-#      unpacks the private copies only;
+#      bundle each; from split volumes each piece is checked against its VOLUME.sha256 too), checks those
+#      copies' sha256 against MANIFEST.json, refuses unsafe tar members, and unpacks the private copies only;
 #   4. runs the Python installer on that verified Python; it checks MANIFEST.json.sig again itself (with the
 #      same keys), checks the server (preflight), verifies and unpacks the environments and models in one
-#      pass into staging directories kept only when the hash matches, and switches to the new version.
+#      pass, straight from the bundle or its volumes, into staging directories kept only when the hash
+#      matches, and switches to the new version; then the install's I/O (/proc/PID/io) is printed.
 # Nothing from the bundle is executed or extracted before its hash is checked, and what is executed or
 # extracted is the byte that was hashed (a private copy), whoever can write the bundle's disk meanwhile.
 #
@@ -50,7 +51,8 @@ Install (default):
   --start                start the llm@ units, wait for /health and one real completion
   --allow-downgrade      install an older version over a newer one
   --volumes DIR...       where the other volumes of a split bundle are (default: beside this one)
-  --workdir DIR          private scratch directory (default: a new one under $TMPDIR or /var/tmp)
+  --workdir DIR          private directory for what install.sh runs: the installer and its Python, never the
+                         environments or models (default: a new one under $TMPDIR or /var/tmp)
   --root DIR             install into a staging tree (an image); nothing on this system is touched
 
 Other actions (they also work after the bundle's disk is gone, via /usr/local/sbin/llm-install):
@@ -297,6 +299,26 @@ manifest_artifact() {
     return 1
 }
 
+# json_pieces FILE: SPLIT.json's pieces[] as "file<TAB>name<TAB>volume<TAB>offset<TAB>size" lines (status 1: an
+# entry without those fields, or one holding a tab)
+json_pieces() {
+    local i n p f out=""
+    _json_use "$1" || return 1
+    [ "${JSON_KIND[pieces]-}" = array ] || return 1
+    n=${JSON[pieces]}
+    for ((i = 0; i < n; i++)); do
+        p="pieces[$i]"
+        for f in file name volume offset size; do
+            case "${JSON_KIND[$p.$f]-}:$f" in string:file | string:name | number:volume | number:offset | number:size) ;;
+            *) return 1 ;;
+            esac
+            case "${JSON[$p.$f]}" in *$'\t'*) return 1 ;; esac
+        done
+        out+="${JSON[$p.file]}"$'\t'"${JSON[$p.name]}"$'\t'"${JSON[$p.volume]}"$'\t'"${JSON[$p.offset]}"$'\t'"${JSON[$p.size]}"$'\n'
+    done
+    printf '%s' "$out"
+}
+
 # ------------------------------------------------------------------ checks
 
 safe_relpath() { # a plain relative path: no leading /, no '..', no backslash, no empty parts
@@ -326,13 +348,17 @@ fetch_verified() {
         die "MANIFEST.json: the entry of $rel has no usable sha256 and size" \
             "the bundle was not built by pack build"
     fi
-    if [ ! -f "$bundle/$rel" ] || [ -L "$bundle/$rel" ]; then
-        die "$rel: not a regular file in the bundle (missing, a symlink or a special file)" \
-            "copy the whole bundle directory again"
-    fi
     mkdir -p -- "$(dirname -- "$dest")"
-    read_plain "$bundle/$rel" >"$dest" || die "cannot copy $rel to the work directory $WORK" \
-        "is there enough space there? use --workdir DIR"
+    if [ -n "$FIRST_VOLUME" ]; then # split volumes: from its pieces, each checked against its VOLUME.sha256
+        fetch_pieces "$rel" "$dest"
+    else
+        if [ ! -f "$bundle/$rel" ] || [ -L "$bundle/$rel" ]; then
+            die "$rel: not a regular file in the bundle (missing, a symlink or a special file)" \
+                "copy the whole bundle directory again"
+        fi
+        read_plain "$bundle/$rel" >"$dest" || die "cannot copy $rel to the work directory $WORK" \
+            "is there enough space there? use --workdir DIR"
+    fi
     size=$(wc -c <"$dest")
     size=${size//[[:space:]]/}
     [ "$size" = "$want_size" ] || die "$rel: size mismatch (expected $want_size, got $size)" \
@@ -504,24 +530,23 @@ verify_signature() { # DIR (holding MANIFEST.json and .sig) -> prints the finger
 }
 
 # ------------------------------------------------------------------ split volumes
+# A split bundle is read in place, never joined: install.sh copies into WORK only what it runs or unpacks itself
+# (MANIFEST.json and its .sig, SPLIT.json, install.sh, the installer and runtime archives), each piece checked
+# against its volume's VOLUME.sha256 on the way and the whole copy against MANIFEST.json; the Python installer
+# reads the environments and models straight from their pieces (their sha256 in MANIFEST.json covers every byte).
 
-find_volume() { # NAME FIRST_VOLUME -> the directory of volume NAME
-    local name=$1 first=$2 d
-    for d in "$(dirname -- "$first")/$name" ${VOLUME_DIRS[@]+"${VOLUME_DIRS[@]}"}; do
-        if [ "$(basename -- "$d")" != "$name" ]; then d=$d/$name; fi
-        if [ -f "$d/VOLUME.sha256" ]; then
-            printf '%s\n' "$d"
-            return 0
-        fi
-    done
-    return 1
-}
+declare -gA PIECES=() VOLUME_AT=() VOLUME_SUMS=() VOLUME_READ=()
+VOLUME_NAMES=()
+FIRST_VOLUME=""
 
-reassemble() { # FIRST_VOLUME OUT: check every volume against its VOLUME.sha256 while joining the pieces
-    local first=$1 out=$2 n i vol name line want got base num dest info=$WORK/SPLIT.json
-    local -a names=()
-    local -A split=()
-    # one read of SPLIT.json (the volume list it gives only says where to look: every byte joined is hashed)
+# split_load FIRST_VOLUME: one read of SPLIT.json into WORK/verified (checked against volume 1's VOLUME.sha256);
+# the volume names, and each artifact's pieces into PIECES[path] ("volume<TAB>name<TAB>size" lines, in order).
+# SPLIT.json is not signed: it only says where to look, and every name it gives is checked before use.
+split_load() {
+    local first=$1 info=$WORK/verified/SPLIT.json n name file vol off size pos p pieces
+    local -A reach=()
+    FIRST_VOLUME=$first
+    mkdir -p -- "$WORK/verified"
     if [ ! -f "$first/SPLIT.json" ] || [ -L "$first/SPLIT.json" ] || ! read_plain "$first/SPLIT.json" >"$info"; then
         die "$first/SPLIT.json: not a regular file" "copy the first volume again"
     fi
@@ -530,57 +555,138 @@ reassemble() { # FIRST_VOLUME OUT: check every volume against its VOLUME.sha256 
     if ! [[ $n =~ ^[0-9]+$ ]] || [ "$n" -lt 1 ]; then
         die "$first/SPLIT.json: no volume count" "copy the first volume again"
     fi
-    mapfile -t names < <(json_list "$info" volume_names)
-    [ "${#names[@]}" = "$n" ] || die "$first/SPLIT.json: volume list does not match the count"
-    for name in "${names[@]}"; do
+    mapfile -t VOLUME_NAMES < <(json_list "$info" volume_names)
+    [ "${#VOLUME_NAMES[@]}" = "$n" ] || die "$first/SPLIT.json: volume list does not match the count"
+    for name in "${VOLUME_NAMES[@]}"; do
         if ! [[ $name =~ ^[A-Za-z0-9][A-Za-z0-9._+-]*$ ]]; then
             die "$first/SPLIT.json: unsafe volume name '$name'" "the volumes were not written by pack split"
         fi
     done
-    while IFS= read -r line; do
-        if [ -z "$line" ]; then continue; fi
-        safe_relpath "$line" || die "$first/SPLIT.json: unsafe split file name '$line'" \
-            "the volumes were not written by pack split"
-        split[$line]=1
-    done < <(json_list "$info" split_files)
-    mkdir -p -- "$out"
-    for ((i = 1; i <= n; i++)); do
-        if [ "$i" = 1 ]; then
-            vol=$first
-        else
-            vol=$(find_volume "${names[i - 1]}" "$first") || die "volume $i of $n (${names[i - 1]}) not found" \
-                "mount it beside $first, or pass the directory holding it with --volumes DIR"
+    pieces=$(json_pieces "$info") || die "$first/SPLIT.json: a malformed pieces entry" \
+        "the volumes were not written by pack split"
+    while IFS=$'\t' read -r file name vol off size; do
+        [ -n "$file$name" ] || continue
+        for p in "$file" "$name"; do
+            safe_relpath "$p" || die "$first/SPLIT.json: unsafe piece name '$p'" "the volumes were not written by pack split"
+        done
+        if [ "$name" != "$file" ] && ! [[ ${name#"$file"} =~ ^\.part[0-9]{4}$ ]]; then
+            die "$first/SPLIT.json: '$name' is not a piece of '$file'" "the volumes were not written by pack split"
         fi
-        [ -f "$vol/VOLUME.sha256" ] || die "volume $i ($vol): no VOLUME.sha256" "copy that volume again"
-        say "volume $i/$n: $vol"
+        if ! [[ $vol =~ ^[0-9]+$ && $off =~ ^[0-9]+$ && $size =~ ^[0-9]+$ ]] || [ "$vol" -lt 1 ] || [ "$vol" -gt "$n" ]; then
+            die "$first/SPLIT.json: piece '$name' has no usable volume, offset and size" \
+                "the volumes were not written by pack split"
+        fi
+        pos=${reach[$file]-0}
+        [ "$off" = "$pos" ] || die "$first/SPLIT.json: the pieces of '$file' do not follow each other" \
+            "the volumes were not written by pack split"
+        reach[$file]=$((pos + size))
+        PIECES[$file]+="$vol"$'\t'"$name"$'\t'"$size"$'\n'
+    done <<<"$pieces"
+    VOLUME_AT[1]=$first
+    volume_check_copy 1 SPLIT.json "$info"
+}
+
+# volume_dir N: the directory of volume N into VOLUME (beside volume 1, or in/at a --volumes DIR); on a terminal
+# the operator is asked to mount a missing one, else install.sh stops naming it
+volume_dir() {
+    local i=$1 name=${VOLUME_NAMES[$1 - 1]} d answer
+    while [ -z "${VOLUME_AT[$i]-}" ]; do
+        for d in "$(dirname -- "$FIRST_VOLUME")/$name" ${VOLUME_DIRS[@]+"${VOLUME_DIRS[@]}"}; do
+            if [ "$(basename -- "$d")" != "$name" ]; then d=$d/$name; fi
+            if [ -f "$d/VOLUME.sha256" ] && [ ! -L "$d/VOLUME.sha256" ]; then
+                VOLUME_AT[$i]=$d
+                break
+            fi
+        done
+        [ -z "${VOLUME_AT[$i]-}" ] || break
+        if [ -t 0 ] && [ -t 2 ]; then
+            printf '\nvolume %s of %s (%s) is needed now: mount it as %s\n  press Enter when it is mounted (q to stop): ' \
+                "$i" "${#VOLUME_NAMES[@]}" "$name" "$(dirname -- "$FIRST_VOLUME")/$name" >&2
+            if read -r answer && [ "$answer" != q ]; then continue; fi
+        fi
+        die "volume $i of ${#VOLUME_NAMES[@]} ($name) not found" \
+            "mount it beside $FIRST_VOLUME, or pass the directory holding it with --volumes DIR; then run the same command again"
+    done
+    VOLUME=${VOLUME_AT[$i]}
+    [ -n "${VOLUME_READ[$i]-}" ] || say "volume $i/${#VOLUME_NAMES[@]}: $VOLUME"
+    VOLUME_READ[$i]=1
+}
+
+# volume_sum N NAME: NAME's sha256 in volume N's VOLUME.sha256 into SUM (the file is read once per volume)
+volume_sum() {
+    local i=$1 line want name
+    volume_dir "$i"
+    if [ -z "${VOLUME_SUMS[$i:]+x}" ]; then
+        [ -f "$VOLUME/VOLUME.sha256" ] || die "volume $i ($VOLUME): no VOLUME.sha256" "copy that volume again"
+        VOLUME_SUMS[$i:]=1
         while IFS= read -r line; do
             want=${line%%  *}
             name=${line#*  }
             if ! [[ $want =~ ^[0-9a-f]{64}$ ]] || ! safe_relpath "$name"; then
-                die "volume $i ($vol): bad line in VOLUME.sha256"
+                die "volume $i ($VOLUME): bad line in VOLUME.sha256"
             fi
-            [ -f "$vol/$name" ] || die "volume $i ($vol): $name is missing" "copy that volume again"
-            base=${name%.part[0-9][0-9][0-9][0-9]}
-            num=${name#"$base".part}
-            if [ "$name" = SPLIT.json ]; then
-                dest=/dev/null
-            elif [ "$base" != "$name" ] && [ -n "${split[$base]+x}" ]; then
-                dest=$out/$base
-                mkdir -p -- "$(dirname -- "$dest")"
-                if [ "$num" = 0001 ]; then : >"$dest"; fi
-            else
-                dest=$out/$name
-                mkdir -p -- "$(dirname -- "$dest")"
-                : >"$dest"
-            fi
-            got=$(read_plain "$vol/$name" | tee -a -- "$dest" | sha256sum) || die "volume $i: cannot copy $name to $dest" \
-                "is there enough space in the work directory ($WORK)? use --workdir DIR"
-            got=${got%% *}
-            [ "$got" = "$want" ] || die "volume $i ($vol): $name is corrupted (sha256 mismatch)" \
-                "this disk's copy is damaged: copy volume $i again from the build host"
-        done < <(read_plain "$vol/VOLUME.sha256")
-    done
+            VOLUME_SUMS[$i:$name]=$want
+        done < <(read_plain "$VOLUME/VOLUME.sha256")
+    fi
+    SUM=${VOLUME_SUMS[$i:$2]-}
+    [ -n "$SUM" ] || die "volume $i ($VOLUME): $2 is not listed in its VOLUME.sha256" "copy that volume again"
 }
+
+# volume_check_copy N NAME COPY: the private COPY of volume N's file NAME is the one its VOLUME.sha256 lists
+volume_check_copy() {
+    local got
+    volume_sum "$1" "$2"
+    got=$(sha256sum <"$3")
+    [ "${got%% *}" = "$SUM" ] || die "volume $1 ($VOLUME): $2 is corrupted (sha256 mismatch)" \
+        "this disk's copy is damaged: copy volume $1 again from the build host"
+}
+
+# volume_plain N NAME: NAME is a regular file under volume N, reached through no symlink (into PIECE)
+volume_plain() {
+    local p=$VOLUME rest=$2 part
+    while [ -n "$rest" ]; do
+        part=${rest%%/*}
+        if [ "$part" = "$rest" ]; then rest=""; else rest=${rest#*/}; fi
+        p=$p/$part
+        [ ! -L "$p" ] || die "volume $1 ($VOLUME): $2: ${p#"$VOLUME"/} is a symlink" "copy that volume again"
+    done
+    [ -f "$p" ] || die "volume $1 ($VOLUME): $2 is missing" "copy that volume again"
+    PIECE=$p
+}
+
+# fetch_pieces REL DEST: one read of each piece of REL, in order, into the private DEST, each piece hashed on the
+# way against its volume's VOLUME.sha256 (fetch_verified then checks DEST against MANIFEST.json)
+fetch_pieces() {
+    local rel=$1 dest=$2 vol name size got
+    if [ -z "${PIECES[$rel]+x}" ] && [ "$rel" = install.sh ]; then
+        PIECES[$rel]="1"$'\t'"install.sh"$'\t'"?"$'\n' # whole on volume 1, beside SPLIT.json
+    fi
+    [ -n "${PIECES[$rel]-}" ] || die "$rel is on no volume (SPLIT.json)" "the volumes were not written by pack split"
+    : >"$dest"
+    while IFS=$'\t' read -r vol name size; do
+        [ -n "$vol" ] || continue
+        volume_sum "$vol" "$name"
+        volume_plain "$vol" "$name"
+        got=$(read_plain "$PIECE" | tee -a -- "$dest" | sha256sum) || die "volume $vol: cannot copy $name to $dest" \
+            "is there enough space in the work directory ($WORK)? use --workdir DIR"
+        [ "${got%% *}" = "$SUM" ] || die "volume $vol ($VOLUME): $name is corrupted (sha256 mismatch)" \
+            "this disk's copy is damaged: copy volume $vol again from the build host"
+    done <<<"${PIECES[$rel]}"
+}
+
+# io_summary: the I/O of this install, install.sh and every process it ran (a reaped child's counts are added to
+# its parent's /proc/PID/io): bytes read from and written to storage, and through read(2)/write(2)
+io_summary() {
+    local k v rb=0 wb=0 rc=0 wc=0
+    [ -r "/proc/$$/io" ] || return 0
+    while read -r k v; do
+        case "$k" in read_bytes:) rb=$v ;; write_bytes:) wb=$v ;; rchar:) rc=$v ;; wchar:) wc=$v ;; esac
+    done <"/proc/$$/io"
+    say "I/O of this install (install.sh and every process it ran, /proc/$$/io): $(mb "$rb") read from storage," \
+        "$(mb "$wb") written (read_bytes $rb, write_bytes $wb, rchar $rc, wchar $wc)"
+}
+
+mb() { printf '%d.%d MB' $(($1 / 1000000)) $((($1 % 1000000) / 100000)); }
 
 # ------------------------------------------------------------------ the installed copy (no bundle needed)
 
@@ -675,9 +781,8 @@ main() {
     trap 'exit 130' INT TERM
 
     if [ -f "$bundle/SPLIT.json" ]; then
-        say "joining the split volumes into $WORK/bundle (each volume checked against its VOLUME.sha256)"
-        reassemble "$bundle" "$WORK/bundle"
-        bundle=$WORK/bundle
+        say "split volumes: each artifact is read in place from its pieces (nothing is joined)"
+        split_load "$bundle"
     fi
     [ -f "$bundle/MANIFEST.json" ] || die "$bundle: no MANIFEST.json: not a bundle" \
         "run the install.sh inside the bundle directory (or the first volume of a split bundle)"
@@ -686,9 +791,11 @@ main() {
     mkdir -p -- "$WORK/verified"
     read_plain "$bundle/MANIFEST.json" >"$WORK/verified/MANIFEST.json" ||
         die "$bundle/MANIFEST.json: cannot read it (a symlink or a special file?)" "copy the bundle again"
+    if [ -n "$FIRST_VOLUME" ]; then volume_check_copy 1 MANIFEST.json "$WORK/verified/MANIFEST.json"; fi
     if [ -f "$bundle/MANIFEST.json.sig" ]; then
         read_plain "$bundle/MANIFEST.json.sig" >"$WORK/verified/MANIFEST.json.sig" ||
             die "$bundle/MANIFEST.json.sig: cannot read it (a symlink or a special file?)" "copy the bundle again"
+        if [ -n "$FIRST_VOLUME" ]; then volume_check_copy 1 MANIFEST.json.sig "$WORK/verified/MANIFEST.json.sig"; fi
     fi
     trusted_keys
     fp=$(verify_signature "$WORK/verified")
@@ -738,8 +845,11 @@ main() {
     if [ "$action" = install ]; then pass+=(--bootstrap "$WORK"); fi
     for key in ${PUBKEYS[@]+"${PUBKEYS[@]}"}; do pass+=(--pubkey "$key"); done
     if [ "$INSECURE" = 1 ]; then pass+=(--insecure); fi
+    #    split volumes: --bundle is volume 1 (the others beside it or under --volumes), read in place
+    if [ -n "$FIRST_VOLUME" ] && [ "${#VOLUME_DIRS[@]}" -gt 0 ]; then pass+=(--volumes "${VOLUME_DIRS[@]}"); fi
     run_python "$py" "$WORK/installer" "$action" --bundle "$bundle" --manifest "$manifest" \
         --root "$ROOT" ${pass[@]+"${pass[@]}"} || rc=$?
+    if [ "$action" = install ] && [ "$rc" = 0 ]; then io_summary; fi
     exit "$rc"
 }
 

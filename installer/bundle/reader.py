@@ -13,12 +13,16 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from installer.bundle.hashing import hash_files
 from installer.bundle.manifest import Manifest as ManifestRecords
 from installer.bundle.names import MANIFEST_NAME, SIGNATURE_NAME, SPLIT_INFO
 from installer.bundle.signature import key_fingerprint, verify_signature
 from installer.errors import BundleError, IntegrityError, SignatureError
+
+if TYPE_CHECKING:
+    from installer.bundle.volumes import Volumes
 
 
 def canonical_json(obj: object) -> bytes:
@@ -71,6 +75,8 @@ class Bundle:
     # MANIFEST.json.sig as read with the manifest (None: unsigned): what check_signature verifies and what
     # the installer keeps, so the bundle's file is never read a second time after the check
     signature: bytes | None = field(default=None, compare=False, repr=False)
+    # split volumes (root is volume 1): the artifacts are read in place from their pieces, never joined
+    volumes: Volumes | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def load(cls, root: str | os.PathLike[str]) -> Bundle:

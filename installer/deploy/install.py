@@ -50,6 +50,7 @@ from installer.deploy.plan import make_plan, quick_check
 from installer.deploy.switch import after_switch, prune_versions, roll_back_failed, switch
 from installer.deploy.version_units import prepare_units
 from installer.errors import InstallError, LlmPackError, PreflightError
+from installer.sizes import human_size
 from installer.unpack import DEFAULT_WORKERS
 
 CREATED_DIRS = f"/{st.STATE_DIR}/.created-dirs.json"
@@ -263,6 +264,8 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
         rec["services"] = [s["name"] for s in m.get("services") or []]
         inst.t.host(STAGING).mkdir(parents=True, exist_ok=True)
         fsutil.sync_fs(inst.t.host(STAGING))
+        summary["bytes_read"] = inst.bytes_read
+        say(_read_line(bundle, inst.bytes_read))
 
         # 2. everything is verified: rename it into /opt/llm and write this version's units (journaled)
         token = inst.begin(bid)
@@ -361,6 +364,15 @@ def _explain_failure(inst: Installer, e: BaseException) -> None:
         e.hint = f"{e.hint}; {note}" if e.hint else note
     elif isinstance(e, KeyboardInterrupt):
         inst.say(f"interrupted: {note}")
+
+
+def _read_line(bundle: Bundle, n: int) -> str:
+    """How much of the bundle this run read: each environment and model byte once, in place (what is installed
+    already or was verified by an earlier run is not read again); install.sh read the bootstrap files."""
+    v = bundle.volumes
+    where = f"{v.count} volumes in place (nothing joined)" if v is not None else str(bundle.root)
+    data = sum(a.size for a in bundle.artifacts if a.kind in ("environment", "model"))
+    return f"read {human_size(n)} of the environments and models ({human_size(data)}) from {where}"
 
 
 def _now() -> str:

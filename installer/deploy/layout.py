@@ -137,3 +137,31 @@ def wrapper_text() -> str:
 set -eu
 exec bash {INSTALLERS}/current/install.sh "$@"
 """
+
+
+VERIFIED_LOG = ".llm-verified"  # in a staged model dir: "sha256 size path" per verified, synced file
+
+
+def read_verified(log: Path) -> set[tuple[str, int, str]]:
+    """The ``.llm-verified`` log of a staged model dir: (sha256, size, path) of each verified, synced file."""
+    out = set()
+    try:
+        text = log.read_text(encoding="utf-8")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and len(parts[0]) == 64 and parts[1].isdigit():
+            out.add((parts[0], int(parts[1]), parts[2]))
+    return out
+
+
+def verified_here(d: Path, f: Mapping, done: set) -> bool:
+    """The log says this file was copied with this hash and synced, and it is still that size."""
+    if (str(f["sha256"]), int(f["size"]), str(f["path"])) not in done:
+        return False
+    p = d / f["path"]
+    try:
+        return not p.is_symlink() and p.stat().st_size == int(f["size"])
+    except OSError:
+        return False

@@ -46,6 +46,7 @@ class Installer(Journal, Staging):
         self.state = st.load_state(self.t.root)
         self.txn: dict | None = None
         self.doing: str | None = None  # what the install is doing (named in an error from the OS)
+        self.bytes_read = 0  # of the bundle, by this run (Staging)
         self.reconciled: list[str] = []  # lines whose state was one step behind their switch link
         self.reconcile()
 

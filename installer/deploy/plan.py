@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from installer.bundle import MANIFEST_NAME, Bundle
 from installer.deploy.layout import env_dir, model_dir
+from installer.deploy.medium import quick_check_volumes
 from installer.deploy.placement import Installer
 from installer.deploy.staging import model_intact
 from installer.errors import BundleError, IntegrityError
@@ -47,7 +48,10 @@ def make_plan(inst: Installer, bundle: Bundle, bid: str, active: str | None) -> 
 
 def quick_check(bundle: Bundle) -> None:
     """Presence, type and size of every artifact and no unlisted files (cheap); hashes are checked while
-    each artifact is unpacked or copied."""
+    each artifact is unpacked or copied. Split volumes: every piece on the volumes mounted now."""
+    if bundle.volumes is not None:
+        quick_check_volumes(bundle)
+        return
     extra = bundle.unlisted_files()
     if extra:
         raise BundleError(

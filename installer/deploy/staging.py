@@ -24,6 +24,7 @@ from installer.deploy.layout import (
     INSTALLERS,
     RUNTIMES,
     STAGING,
+    VERIFIED_LOG,
     Say,
     Target,
     env_dir,
@@ -31,14 +32,15 @@ from installer.deploy.layout import (
     hf_repo_dir,
     model_dir,
     model_version,
+    read_verified,
     staged,
+    verified_here,
 )
-from installer.errors import InstallError
+from installer.deploy.medium import all_mounted, first_volume, name_damaged_piece, source_of
+from installer.errors import InstallError, IntegrityError
 from installer.sizes import human_size
 from installer.unpack import CopyCancelled, copy_verified, extract_archive
 from installer.unpack.frames import Frame, extract_frames
-
-VERIFIED_LOG = ".llm-verified"  # in a staged model dir: "sha256 size path" per verified, synced file
 
 
 class Staging:
@@ -49,6 +51,7 @@ class Staging:
     state: dict
     say: Say
     doing: str | None
+    bytes_read: int  # of the bundle's artifacts, by this run (each read once; what a re-run kept is not read)
 
     # ------------------------------------------------------------------ environments
     def env_placed(self, target: str, env: Mapping) -> bool:
@@ -76,20 +79,26 @@ class Staging:
         partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
         self.say(f"environment {env['name']}: verifying and unpacking {art.path} ({human_size(art.size)})")
         self.doing = f"unpacking {art.path} into {final.parent}"
+        src = source_of(bundle, art)
         try:
             frames = [Frame(int(x["offset"]), int(x["size"]), str(x["sha256"])) for x in env.get("frames") or []]
-            if frames:  # independent zstd frames, each hashed: decoded on every core
-                res = extract_frames(bundle.path_of(art), partial, frames, expected_size=art.size,
-                                     display_name=art.path)
-            else:
-                res = extract_archive(
-                    bundle.path_of(art),
-                    partial,
-                    expected_sha256=art.sha256,
-                    expected_size=art.size,
-                    display_name=art.path,
-                    workers=workers,
-                )
+            try:
+                if frames:  # independent zstd frames, each hashed: decoded on every core
+                    # (in order, in this process, when its volumes are not all mounted: asked for in turn)
+                    res = extract_frames(src, partial, frames, expected_size=art.size, display_name=art.path,
+                                         workers=None if all_mounted(src) else 1)
+                else:
+                    res = extract_archive(
+                        src,
+                        partial,
+                        expected_sha256=art.sha256,
+                        expected_size=art.size,
+                        display_name=art.path,
+                        workers=workers,
+                    )
+            except IntegrityError as e:
+                raise name_damaged_piece(bundle, src, e, *getattr(e, "byte_range", (0, None))) from None
+            self.bytes_read += res.size
             os.chmod(partial, 0o755)
             self.say(
                 f"environment {env['name']}: {res.members} files in {res.seconds:.1f} s; running conda-unpack"
@@ -155,8 +164,8 @@ class Staging:
         arts = [(f, bundle.artifact(f"{src_dir}/{check_relpath(f['path'], what='model file')}")) for f in files]
         final.mkdir(parents=True, exist_ok=True)
         log = final / VERIFIED_LOG
-        done = _read_verified(log)
-        todo = [(f, a) for f, a in arts if not _verified_here(final, f, done)]
+        done = read_verified(log)
+        todo = [(f, a) for f, a in arts if not verified_here(final, f, done)]
         if not todo:
             self.say(f"model {model['name']}: verified by an earlier run (reused)")
             return
@@ -175,14 +184,20 @@ class Staging:
             if stop.is_set():
                 return
             dst = final / f["path"]
+            src = source_of(bundle, a)
             try:
-                copy_verified(bundle.path_of(a), dst, expected_sha256=a.sha256, expected_size=a.size,
-                              display_name=a.path, stop=stop)
+                try:
+                    n = copy_verified(src, dst, expected_sha256=a.sha256, expected_size=a.size,
+                                      display_name=a.path, stop=stop)
+                except IntegrityError as e:
+                    raise name_damaged_piece(bundle, src, e) from None
             except CopyCancelled:
                 return  # another file failed: its error is the one reported
             except BaseException:
                 stop.set()  # in the worker itself: no other file starts after this one failed
                 raise
+            with lock:
+                self.bytes_read += n
             fsutil.fsync_file(dst)
             with lock, open(log, "a", encoding="utf-8") as lf:
                 lf.write(f"{a.sha256} {a.size} {f['path']}\n")
@@ -190,9 +205,13 @@ class Staging:
                 os.fsync(lf.fileno())
             fsutil.crash_point(f"verified {dst}")
 
+        # split volumes: the files whose volumes are all mounted now in parallel; then the others one by one,
+        # in volume order, in this thread (each volume asked for, or named in the error, when it is needed)
+        now = [(f, a) for f, a in todo if all_mounted(source_of(bundle, a))]
+        later = sorted((fa for fa in todo if fa not in now), key=lambda fa: first_volume(bundle, fa[1]))
         pool = ThreadPoolExecutor(max_workers=max(1, workers))
         try:
-            jobs = [pool.submit(one, f, a) for f, a in sorted(todo, key=lambda fa: -fa[1].size)]
+            jobs = [pool.submit(one, f, a) for f, a in sorted(now, key=lambda fa: -fa[1].size)]
             finished, _ = wait(jobs, return_when=FIRST_EXCEPTION)
             for j in finished:
                 if j.exception() is not None:
@@ -203,6 +222,8 @@ class Staging:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
+        for f, a in later:
+            one(f, a)
         for d in [final, *(p for p in final.rglob("*") if p.is_dir())]:
             os.chmod(d, 0o755)
 
@@ -259,7 +280,10 @@ class Staging:
                 except Exception as e:
                     raise InstallError(f"{bundle.root}: install.sh is not listed in {MANIFEST_NAME}",
                                        hint="the bundle was not produced by `pack build`") from e
-                copy_verified(bundle.path_of(sh), d / "install.sh", expected_sha256=sh.sha256,
+                # install.sh's own verified copy (the medium may be gone by now), hashed again here
+                own = bootstrap / "install.sh"
+                src = own if own.is_file() and not own.is_symlink() else source_of(bundle, sh)
+                copy_verified(src, d / "install.sh", expected_sha256=sh.sha256,
                               expected_size=sh.size, display_name=sh.path, mode=0o755)
 
             self._stage_dir(tgt, fill_installer)
@@ -305,30 +329,6 @@ def _sizes_ok(d: Path, files: list) -> bool:
         except OSError:
             return False
     return True
-
-
-def _read_verified(log: Path) -> set[tuple[str, int, str]]:
-    out = set()
-    try:
-        text = log.read_text(encoding="utf-8")
-    except OSError:
-        return out
-    for line in text.splitlines():
-        parts = line.split(" ", 2)
-        if len(parts) == 3 and len(parts[0]) == 64 and parts[1].isdigit():
-            out.add((parts[0], int(parts[1]), parts[2]))
-    return out
-
-
-def _verified_here(d: Path, f: Mapping, done: set) -> bool:
-    """The log says this file was copied with this hash and synced, and it is still that size."""
-    if (str(f["sha256"]), int(f["size"]), str(f["path"])) not in done:
-        return False
-    p = d / f["path"]
-    try:
-        return not p.is_symlink() and p.stat().st_size == int(f["size"])
-    except OSError:
-        return False
 
 
 def model_intact(d: Path, files: list) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import platform
 import re
@@ -11,7 +12,7 @@ import socket
 from pathlib import Path
 
 from installer.bundle import manifest as records
-from installer.deploy.layout import STAGING
+from installer.deploy.layout import ENV_MARKER, STAGING, VERIFIED_LOG, read_verified, verified_here
 from installer.preflight.context import DISK_MARGIN, FAIL, PASS, SKIP, WARN, CheckResult, _Context, _gib, _version_tuple
 from installer.preflight.gpu import _model_bytes
 
@@ -105,45 +106,80 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
+def _staged_env(d: Path, content_hash: str | None) -> bool:
+    """An earlier, refused run left this environment verified and unpacked in the staging tree (reused)."""
+    try:
+        return json.loads((d / ENV_MARKER).read_bytes()).get("content_hash") == content_hash
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _staged_model_bytes(d: Path, files) -> int:
+    """Bytes of the model files an earlier run verified in the staging tree (kept, not copied again)."""
+    done = read_verified(d / VERIFIED_LOG)
+    return sum(f.size for f in files
+               if verified_here(d, {"sha256": f.sha256, "size": f.size, "path": f.path}, done))
+
+
 def check_disk(ctx: _Context) -> list[CheckResult]:
-    envs = models = 0
-    present = []
+    """Room for exactly what the install writes, per filesystem: the environments and models are unpacked and
+    copied once, straight from the bundle or its volumes (no scratch copy of the bundle anywhere), into the
+    staging tree (less what an earlier run verified there already), then renamed into /opt/llm: on one
+    filesystem that costs nothing more; when /opt/llm is another one, each byte is written there once more."""
+    staging = ctx.root / STAGING.lstrip("/")
+    envs = models = s_envs = s_models = 0  # into /opt/llm; still to be written into the staging tree
+    present, kept = [], []
     for env in ctx.envs.values():
         if env.is_existing:  # nothing is unpacked
             continue
-        target = ctx.install_dir / "envs" / env.name / env.content_hash[:16]
+        hash16 = (env.content_hash or "")[:16]
+        target = ctx.install_dir / "envs" / env.name / hash16
         if target.is_dir():
             present.append(env.name)
+            continue
+        envs += env.unpacked_size or 0
+        if _staged_env(staging / "envs" / env.name / hash16, env.content_hash):
+            kept.append(env.name)
         else:
-            envs += env.unpacked_size or 0
+            s_envs += env.unpacked_size or 0
     for m in ctx.models.values():
         target = ctx.install_dir / "models" / m.name / m.commit
         if target.is_dir():
             present.append(m.name)
-        else:
-            models += _model_bytes(m)
-    need = int((envs + models) * DISK_MARGIN)
+            continue
+        size = _model_bytes(m)
+        done = _staged_model_bytes(staging / "models" / m.name / m.commit, m.files)
+        if done:
+            kept.append(f"{m.name} {_gib(done)}")
+        models += size
+        s_models += size - done
     where = _existing_ancestor(ctx.install_dir)
+    s_where = _existing_ancestor(staging)
+    two = os.stat(s_where).st_dev != os.stat(where).st_dev
+    notes = ((f" (already installed: {', '.join(present)})" if present else "")
+             + (f" (verified by an earlier run: {', '.join(kept)})" if kept else ""))
+    # one filesystem: what is not in staging yet is written once; two: all of it lands in /opt/llm by a copy
+    e, mo = (envs, models) if two else (s_envs, s_models)
+    need = int((e + mo) * DISK_MARGIN)
     st = os.statvfs(where)
     free = st.f_bavail * st.f_frsize
-    formula = (f"(environments {_gib(envs)} + models {_gib(models)}) × {DISK_MARGIN} = {_gib(need)}"
-               + (f" (already installed: {', '.join(present)})" if present else ""))
+    formula = f"(environments {_gib(e)} + models {_gib(mo)}) × {DISK_MARGIN} = {_gib(need)}" + notes
     if free < need:
         return [CheckResult("disk", FAIL, f"{formula} > {_gib(free)} free at {where}",
                             f"free {_gib(need - free)} on the filesystem holding {ctx.install_dir} "
                             "(old versions: `install.sh --uninstall` of unused bundles)", str(ctx.install_dir))]
     results = [CheckResult("disk", PASS, f"{formula} ≤ {_gib(free)} free at {where}", subject=str(ctx.install_dir))]
     # Everything is staged and verified under /var/lib/llm/staging first, then renamed into place: on one
-    # filesystem that costs nothing more; on another, the staged copy needs the same room there too.
-    staging = ctx.root / STAGING.lstrip("/")
-    s_where = _existing_ancestor(staging)
-    if need and os.stat(s_where).st_dev != os.stat(where).st_dev:
+    # filesystem that costs nothing more; on another, the staged copy needs room there too.
+    s_need = int((s_envs + s_models) * DISK_MARGIN)
+    if two and s_need:
         s_st = os.statvfs(s_where)
         s_free = s_st.f_bavail * s_st.f_frsize
-        detail = f"staging {_gib(need)} {'>' if s_free < need else '≤'} {_gib(s_free)} free at {s_where}"
-        if s_free < need:
+        detail = (f"staging (environments {_gib(s_envs)} + models {_gib(s_models)}) × {DISK_MARGIN} = "
+                  f"{_gib(s_need)} {'>' if s_free < s_need else '≤'} {_gib(s_free)} free at {s_where}")
+        if s_free < s_need:
             results.append(CheckResult("disk", FAIL, detail,
-                                       f"free {_gib(need - s_free)} on the filesystem holding {staging} (the "
+                                       f"free {_gib(s_need - s_free)} on the filesystem holding {staging} (the "
                                        "installer verifies everything there before placing it)", str(staging)))
         else:
             results.append(CheckResult("disk", PASS, detail, subject=str(staging)))

@@ -26,7 +26,16 @@ from pathlib import Path
 from zlib import error as zlib_error
 
 from installer.errors import BundleError, IntegrityError
-from installer.unpack.source import CHUNK, _decompressed_chunks, _HashingSource, _Plain, compression_of
+from installer.unpack.pieces import Pieces
+from installer.unpack.source import (
+    CHUNK,
+    Source,
+    _decompressed_chunks,
+    _HashingSource,
+    _Plain,
+    compression_of,
+    source_name,
+)
 from installer.unpack.writer import DEFAULT_WORKERS, _Writer
 
 
@@ -40,7 +49,7 @@ class ExtractResult:
 
 
 def extract_archive(
-    archive: str | os.PathLike[str],
+    archive: Source,
     dest: str | os.PathLike[str],
     *,
     expected_sha256: str | None,
@@ -56,13 +65,13 @@ def extract_archive(
     :class:`IntegrityError` for a size/hash mismatch (also when the stream is corrupt and the hash says so),
     :class:`BundleError` for an unreadable archive whose hash matches.
     """
-    archive = Path(archive)
+    archive = archive if isinstance(archive, Pieces) else Path(archive)
     dest = Path(dest)
-    name = display_name or archive.name
+    name = display_name or source_name(archive)
     compression = compression or compression_of(archive)
     t0 = time.perf_counter()
-    if expected_size is not None:
-        actual = archive.stat().st_size
+    if expected_size is not None:  # pieces: each piece's size is checked as it is opened
+        actual = archive.size if isinstance(archive, Pieces) else archive.stat().st_size
         if actual != expected_size:
             raise IntegrityError(name, expected=str(expected_size), actual=str(actual), what="size")
     dest.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 from installer.errors import IntegrityError
-from installer.unpack.source import CHUNK, open_regular
+from installer.unpack.source import CHUNK, Source, open_source, source_name
 
 
 class CopyCancelled(Exception):
@@ -16,7 +16,7 @@ class CopyCancelled(Exception):
 
 
 def copy_verified(
-    src: str | os.PathLike[str],
+    src: Source,
     dst: str | os.PathLike[str],
     *,
     expected_sha256: str,
@@ -27,18 +27,19 @@ def copy_verified(
 ) -> int:
     """Copy ``src`` to ``dst`` hashing every byte on the way; ``dst`` appears only if the hash matches.
 
-    Returns the number of bytes copied. Memory stays at one buffer whatever the file size. ``stop`` (set by
-    another worker that found a bad file) ends the copy at the next chunk with :class:`CopyCancelled`.
+    ``src`` is a bundle file or an artifact's pieces on split volumes. Returns the number of bytes copied.
+    Memory stays at one buffer whatever the file size. ``stop`` (set by another worker that found a bad
+    file) ends the copy at the next chunk with :class:`CopyCancelled`.
     """
-    src, dst = Path(src), Path(dst)
-    name = display_name or src.name
+    dst = Path(dst)
+    name = display_name or source_name(src)
     tmp = dst.with_name(f".{dst.name}.partial")
     h = hashlib.sha256()
     size = 0
     buf = bytearray(4 * CHUNK)
     view = memoryview(buf)
     try:
-        with open_regular(src) as fi, open(tmp, "wb", buffering=0) as fo:
+        with open_source(src) as fi, open(tmp, "wb", buffering=0) as fo:
             while n := fi.readinto(buf):
                 if stop is not None and stop.is_set():
                     raise CopyCancelled(name)

@@ -23,14 +23,15 @@ import shutil
 import tarfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from installer.errors import BundleError, IntegrityError, UnsafeArchiveError
 from installer.unpack.archive import ExtractResult, _is_stream_error
-from installer.unpack.source import CHUNK, _Plain, open_regular
+from installer.unpack.pieces import Pieces
+from installer.unpack.source import CHUNK, Source, _Plain, open_regular, source_name
 from installer.unpack.writer import _Writer
 
 
@@ -50,10 +51,11 @@ class _Cancelled(Exception):
 
 
 class _RangeSource:
-    """Reads exactly ``size`` bytes at ``offset`` of an open file, hashing them (``os.pread``: no shared position)."""
+    """Reads exactly ``size`` bytes at ``offset`` of an artifact, hashing them: ``pread(n, pos)`` is ``os.pread``
+    on a shared descriptor (no shared position) or :meth:`PieceFile.pread` across the pieces of split volumes."""
 
-    def __init__(self, fd: int, offset: int, size: int, stop: threading.Event) -> None:
-        self.fd, self.pos, self.end = fd, offset, offset + size
+    def __init__(self, pread: Callable[[int, int], bytes], offset: int, size: int, stop: threading.Event) -> None:
+        self.pread, self.pos, self.end = pread, offset, offset + size
         self.sha = hashlib.sha256()
         self.size = 0
         self.stop = stop
@@ -64,7 +66,7 @@ class _RangeSource:
         want = self.end - self.pos if n is None or n < 0 else min(n, self.end - self.pos)
         if want <= 0:
             return b""
-        data = os.pread(self.fd, min(want, CHUNK), self.pos)
+        data = self.pread(min(want, CHUNK), self.pos)
         if not data:
             raise BundleError("the archive ended early (it changed while being read?)")
         self.pos += len(data)
@@ -75,6 +77,10 @@ class _RangeSource:
     def drain(self) -> None:
         while self.read(CHUNK):
             pass
+
+
+def _fd_pread(fd: int) -> Callable[[int, int], bytes]:
+    return lambda n, pos: os.pread(fd, n, pos)
 
 
 class _FilesOnlyWriter(_Writer):
@@ -100,11 +106,12 @@ def check_frames(frames: Sequence[Frame], size: int, name: str) -> None:
         raise IntegrityError(name, expected=f"{pos} bytes (its frames)", actual=f"{size} bytes", what="size")
 
 
-def _extract_one(fd: int, i: int, fr: Frame, w: _Writer, name: str, stop: threading.Event) -> tuple[int, int]:
+def _extract_one(pread: Callable[[int, int], bytes], i: int, fr: Frame, w: _Writer, name: str,
+                 stop: threading.Event) -> tuple[int, int]:
     """Read, hash, decompress and write frame ``i`` with writer ``w``; (members, bytes written)."""
     import zstandard
 
-    src = _RangeSource(fd, fr.offset, fr.size, stop)
+    src = _RangeSource(pread, fr.offset, fr.size, stop)
     members = out = 0
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(src, read_size=CHUNK)
@@ -136,12 +143,14 @@ def _extract_one(fd: int, i: int, fr: Frame, w: _Writer, name: str, stop: thread
     return members, out
 
 
-def _in_process(archive: str, i: int, fr: Frame, dest: str, name: str, symlinks: frozenset[str]) -> tuple[int, int]:
-    """One later frame in a worker process (no GIL shared with the others): opens the archive itself."""
-    with open_regular(archive) as f:
+def _in_process(archive: str | Pieces, i: int, fr: Frame, dest: str, name: str,
+                symlinks: frozenset[str]) -> tuple[int, int]:
+    """One later frame in a worker process (no GIL shared with the others): opens the archive itself (a path,
+    or pieces whose volumes were located before: a worker never waits for one)."""
+    with _Preader(archive) as (pread, _size):
         w = _FilesOnlyWriter(name, Path(dest), 0)
         w.symlinks = set(symlinks)
-        return _extract_one(f.fileno(), i, fr, w, name, threading.Event())
+        return _extract_one(pread, i, fr, w, name, threading.Event())
 
 
 def _process_pool(n: int):
@@ -156,44 +165,80 @@ def _process_pool(n: int):
         return None
 
 
-def extract_frames(archive: str | os.PathLike[str], dest: str | os.PathLike[str], frames: Sequence[Frame], *,
+class _Preader:
+    """``with _Preader(src) as (pread, size)``: a bundle file (one descriptor) or an artifact's pieces."""
+
+    def __init__(self, src: Source) -> None:
+        if isinstance(src, Pieces):
+            self.f = src.open()
+            self.pread, self.size = self.f.pread, src.size
+        else:
+            self.f = open_regular(src)
+            self.pread, self.size = _fd_pread(self.f.fileno()), os.fstat(self.f.fileno()).st_size
+
+    def __enter__(self) -> tuple[Callable[[int, int], bytes], int]:
+        return self.pread, self.size
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+
+
+def extract_frames(archive: Source, dest: str | os.PathLike[str], frames: Sequence[Frame], *,
                    expected_size: int, display_name: str | None = None, workers: int | None = None,
                    processes: bool = True) -> ExtractResult:
     """Extract a framed archive into ``dest`` (new or empty), every frame verified; ``dest`` removed on failure.
 
     Frame 0 first (this process); then the others on ``workers`` worker processes (``processes=False``:
-    threads, which share one GIL: tar parsing and per-file work do not scale on them).
+    threads, which share one GIL: tar parsing and per-file work do not scale on them). ``workers=1``: every
+    frame in this thread, in order (pieces on volumes mounted one at a time are read front to back).
+    ``archive`` is a bundle file or an artifact's pieces on split volumes (each frame reads its own).
     """
-    archive, dest = Path(archive), Path(dest)
-    name = display_name or archive.name
+    pieces = archive if isinstance(archive, Pieces) else None
+    archive = pieces or Path(archive)
+    name = display_name or source_name(archive)
     t0 = time.perf_counter()
     n = workers or default_workers()
-    f = open_regular(archive)
+    opened = _Preader(archive)
     try:
-        size = os.fstat(f.fileno()).st_size
+        pread, size = opened.pread, opened.size
         if size != expected_size:
             raise IntegrityError(name, expected=str(expected_size), actual=str(size), what="size")
         check_frames(frames, size, name)
+        dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         if any(dest.iterdir()):
             raise BundleError(f"{dest}: extraction target is not empty")
         stop = threading.Event()
         first = _Writer(name, dest, min(4, default_workers()))
         counts: list[tuple[int, int]] = []
+
+        def own_reader(i: int) -> tuple[int, int]:  # a thread's frame: its own descriptor(s) for pieces
+            w = _FilesOnlyWriter(name, dest, 0)
+            w.symlinks, w.dirs = first.symlinks, first.dirs  # read-only now (set.add is atomic)
+            if pieces is None:
+                return _extract_one(pread, i, frames[i], w, name, stop)
+            with _Preader(pieces) as (own, _):
+                return _extract_one(own, i, frames[i], w, name, stop)
+
         try:
-            counts.append(_extract_one(f.fileno(), 0, frames[0], first, name, stop))
+            counts.append(_extract_one(pread, 0, frames[0], first, name, stop))
+            if pieces is not None:
+                opened.f.close()  # frame 0 is read: each later frame opens its own pieces (a volume may go)
             rest = list(range(1, len(frames)))
+            if n == 1:
+                for i in rest:
+                    counts.append(own_reader(i))
+                rest = []
             pool = _process_pool(min(n, len(rest))) if processes and n > 1 and len(rest) > 1 else None
             if pool is not None:
-                submit = lambda i: pool.submit(_in_process, os.fspath(archive), i, frames[i],  # noqa: E731
+                src = pieces.pinned() if pieces is not None else os.fspath(archive)
+                submit = lambda i: pool.submit(_in_process, src, i, frames[i],  # noqa: E731
                                                os.fspath(dest), name, frozenset(first.symlinks))
             else:
                 pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="llm-frame")
 
                 def submit(i: int):
-                    w = _FilesOnlyWriter(name, dest, 0)
-                    w.symlinks, w.dirs = first.symlinks, first.dirs  # read-only now (set.add is atomic)
-                    return pool.submit(_extract_one, f.fileno(), i, frames[i], w, name, stop)
+                    return pool.submit(own_reader, i)
             errors: list[BaseException] = []
             with pool:
                 futures = [submit(i) for i in rest]
@@ -213,7 +258,7 @@ def extract_frames(archive: str | os.PathLike[str], dest: str | os.PathLike[str]
             shutil.rmtree(dest, ignore_errors=True)
             raise
     finally:
-        f.close()
+        opened.f.close()
     whole = hashlib.sha256(b"".join(bytes.fromhex(x.sha256) for x in frames)).hexdigest()
     return ExtractResult(sha256=whole, size=size, members=sum(c[0] for c in counts),
                          bytes_out=sum(c[1] for c in counts), seconds=time.perf_counter() - t0)
@@ -222,5 +267,7 @@ def extract_frames(archive: str | os.PathLike[str], dest: str | os.PathLike[str]
 def _check(name: str, i: int, src: _RangeSource, fr: Frame, cause: BaseException | None = None) -> None:
     digest = src.sha.hexdigest()
     if src.size != fr.size or digest != fr.sha256:
-        raise IntegrityError(f"{name} (part {i}, bytes {fr.offset}-{fr.offset + fr.size - 1})",
-                             expected=fr.sha256, actual=digest) from cause
+        err = IntegrityError(f"{name} (part {i}, bytes {fr.offset}-{fr.offset + fr.size - 1})",
+                             expected=fr.sha256, actual=digest)
+        err.byte_range = (fr.offset, fr.offset + fr.size)  # which pieces of split volumes to look at
+        raise err from cause

@@ -1,4 +1,8 @@
-"""Reading bundle files: never through a link or a FIFO, every byte hashed, decompressed in chunks."""
+"""Reading bundle files: never through a link or a FIFO, every byte hashed, decompressed in chunks.
+
+A source is a bundle file's path, or the :class:`~installer.unpack.pieces.Pieces` of an artifact on split
+volumes (read in place, never joined): :func:`open_source` opens either.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from installer.errors import BundleError
+from installer.unpack.pieces import Pieces
 
 CHUNK = 1 << 20
+
+Source = str | os.PathLike[str] | Pieces  # a bundle file, or an artifact's pieces on split volumes
 
 
 def open_regular(path: str | os.PathLike[str]):
@@ -34,11 +41,22 @@ def open_regular(path: str | os.PathLike[str]):
     return os.fdopen(fd, "rb", buffering=0)
 
 
+def open_source(src: Source):
+    """A binary file object (``read``, ``readinto``, ``close``) over a bundle file or an artifact's pieces."""
+    if isinstance(src, Pieces):
+        return src.open()
+    return open_regular(src)
+
+
+def source_name(src: Source) -> str:
+    return src.name if isinstance(src, Pieces) else Path(src).name
+
+
 class _HashingSource:
     """Reads ``path`` in chunks, hashing every byte; ``read`` never returns more than asked."""
 
-    def __init__(self, path: Path) -> None:
-        self.f = open_regular(path)
+    def __init__(self, path: Source) -> None:
+        self.f = open_source(path)
         self.sha = hashlib.sha256()
         self.size = 0
 
@@ -108,8 +126,8 @@ def _decompressed_chunks(src: _HashingSource, compression: str) -> Callable[[], 
     raise ValueError(f"unknown compression {compression!r}")
 
 
-def compression_of(path: str | os.PathLike[str]) -> str:
-    name = os.fspath(path)
+def compression_of(path: Source) -> str:
+    name = path.name if isinstance(path, Pieces) else os.fspath(path)
     if name.endswith((".tar.zst", ".tzst")):
         return "zstd"
     if name.endswith((".tar.gz", ".tgz")):
