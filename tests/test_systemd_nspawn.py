@@ -65,7 +65,10 @@ MANIFEST = {
     "environments": [ENV_DOUBLE, ENV_DOUBLE_GPU],
     "services": [
         service("tiny", 8000, "hostpy", api_key_file="/etc/llm/keys/tiny.key"),
-        service("gpu", 8001, "hostpy-cuda", host="0.0.0.0", gpus=[0]),
+        # a CUDA instance gets the launcher's compiler guard (LLM_NEEDS_CC=1) and the container has no compiler:
+        # the double compiles nothing, so any executable stands in for one (tests/test_compiler_nspawn.py has
+        # the real compiler and the refusal without one)
+        service("gpu", 8001, "hostpy-cuda", host="0.0.0.0", gpus=[0], env=dict(DOUBLE_ENV, CC="/bin/true")),
         service("badkey", 8002, "hostpy", api_key_file="/etc/llm/keys/missing.key"),
     ],
 }
