@@ -22,7 +22,10 @@ is dropped before each run when /proc/sys/vm/drop_caches is writable (root): eve
 same at 1 GB and beyond RAM; otherwise the inputs are read once first (warm where they fit). ratio =
 baseline seconds / contender seconds (> 1: faster than the baseline). Each stage's outputs are deleted as
 soon as it is timed, so at most the model (the bundle hardlinks it) and one copy exist at a time.
-Memory must be flat (peak RSS independent of size) and time linear (seconds per GB steady from 1 GB up);
+The disk is shared: a size runs if its model fits with --disk-slack to spare; split and install (a second
+copy) only if it still does with the model on disk; any command is killed before the free space falls
+below --disk-floor; what was skipped is printed and recorded. A tiny --probe size runs first: each stage's
+fixed cost. Memory must be flat (peak RSS independent of size) and time linear (seconds per GB steady from 1 GB up);
 violations are printed and recorded (--strict: exit 1). Results: bench/results/scale-<date>.json; plots
 (bench extra: matplotlib) into docs/perf/.
 """
@@ -35,7 +38,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,12 +45,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.scale_measure import Run, drop_caches, git_commit, machine_info, measure, remove  # noqa: E402
+from bench.scale_measure import DiskGuard, Run, drop_caches, git_commit, machine_info, measure, remove  # noqa: E402
 from bench.scale_model import make_model  # noqa: E402
+from bench.scale_report import checks, fmt_size, print_table  # noqa: E402
 
 DEFAULT_SIZES = "1G,4G,16G,26G"
 SKIP = "driver,gpus,gpu-memory,compute-capability,systemd,ports,api-keys"
-STAGES = ("build", "verify", "split", "install")
 LABELS = {
     "build": ("pack build", "hashlib.sha256 x2 procs"),
     "verify": ("pack verify", "hashlib.sha256 x2 procs"),
@@ -57,11 +59,11 @@ LABELS = {
 }
 HASH_BASELINE = ("import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
                  "from bench.build_verify import hashlib_two_procs; hashlib_two_procs([Path(p) for p in sys.argv[2:]])")
-# disk for the stages kept at once: the model + one copy of it, and the installer's preflight wants 1.1x the
-# model free beside the model; plus slack for other users of the disk
-DISK_FACTOR, DISK_SLACK = 2.1, 2_000_000_000
-FLAT_RSS_SLACK = 32 << 20
-LINEAR_SPREAD = 1.3
+# The disk is shared with other work. A size is run when the model fits with SLACK to spare (build and verify
+# add only a few KB: the bundle hardlinks the model); split and install, which write a second copy, run when,
+# with the model on disk, COPY_FACTOR x size (the installer's preflight wants 1.1x) + SLACK is free; every
+# command is killed before the free space falls below FLOOR (bench/scale_measure.py).
+COPY_FACTOR = 1.1
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
 
@@ -73,26 +75,18 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def fmt_size(n: int) -> str:
-    for unit, f in (("T", 10**12), ("G", 10**9), ("M", 10**6)):
-        if n >= f:
-            return f"{n / f:g}{unit}"
-    return f"{n}B"
-
-
-def fit_sizes(sizes: list[int], free: int) -> tuple[list[int], list[str]]:
-    """The sizes the disk holds (model + one copy + the installer's margin); a size that does not fit is
-    replaced by the largest whole GB that does."""
+def fit_sizes(sizes: list[int], free: int, slack: int) -> tuple[list[int], list[str]]:
+    """The sizes whose model fits with ``slack`` to spare; one that does not is replaced by the largest whole
+    GB that does."""
     out, notes = [], []
-    room = int((free - DISK_SLACK) / DISK_FACTOR)
-    for s in sizes:
-        if s <= room:
-            out.append(s)
+    for size in sizes:
+        if size + slack <= free:
+            out.append(size)
             continue
-        fit = room // 10**9 * 10**9
-        notes.append(f"{fmt_size(s)} does not fit: {free / 1e9:.1f} GB free < {DISK_FACTOR} x size + "
-                     f"{DISK_SLACK / 1e9:.0f} GB; " + (f"using {fmt_size(fit)}" if fit > 0 else "dropped"))
-        if fit > 0 and fit not in out:
+        fit = (free - slack) // 10**9 * 10**9
+        notes.append(f"{fmt_size(size)} does not fit: {free / 1e9:.1f} GB free < size + {slack / 1e9:.0f} GB slack; "
+                     + (f"using {fmt_size(fit)}" if fit > 0 else "dropped"))
+        if fit > 0:
             out.append(fit)
     return sorted(set(out)), notes
 
@@ -113,19 +107,21 @@ def warm(files: list[Path]) -> None:
 
 
 class Bench:
-    def __init__(self, work: Path, cold: bool, jobs: int, split_size: str) -> None:
+    def __init__(self, work: Path, cold: bool, jobs: str, split_size: str, slack: int, floor: int) -> None:
         self.work, self.cold, self.jobs, self.split_size = work, cold, jobs, split_size
+        self.slack, self.guard = slack, (work, floor)
         self.env = dict(os.environ, PYTHONPATH=str(ROOT), LLM_PACK_STORE=str(work / "store"))
         self.key = work / "keys" / "scale"
-        if not self.key.with_suffix(".pub").exists():
-            self.key.parent.mkdir(parents=True, exist_ok=True)
-            measure(py("-m", "packager.cli", "keygen", "--out", self.key, "--force"), env=self.env)
+        self.model, self.out = work / "model", work / "out"
+        self.bundle = self.out / "scale-1"
+        self.key.parent.mkdir(parents=True, exist_ok=True)
+        measure(py("-m", "packager.cli", "keygen", "--out", self.key, "--force"), env=self.env)
 
     def run(self, cmd: list[str], inputs: list[Path], cold: bool | None = None) -> Run:
         cold = self.cold if cold is None else cold
         if not cold:
             warm(inputs)
-        return measure(cmd, env=self.env, cold=cold, cwd=ROOT)
+        return measure(cmd, env=self.env, cold=cold, cwd=ROOT, guard=self.guard)
 
     def hash_baseline(self, files: list[Path]) -> Run:
         return self.run(py("-c", HASH_BASELINE, ROOT, *files), files)
@@ -133,136 +129,92 @@ class Bench:
     def copy_and_sum(self, src: Path, dest: Path) -> tuple[Run, dict[str, Run]]:
         """``cp -r SRC DEST`` then ``sha256sum`` of every copied file (the copy is still in the page cache
         where it fits, as it would be for anyone doing this by hand)."""
-        inputs = files_under(src)
-        cp = self.run(["cp", "-r", "--", str(src), str(dest)], inputs)
-        copied = files_under(dest)
-        sums = self.run(["sha256sum", "--", *map(str, copied)], copied, cold=False) if copied else cp
-        remove(dest)
+        try:
+            cp = self.run(["cp", "-r", "--", str(src), str(dest)], files_under(src))
+            copied = files_under(dest)
+            sums = self.run(["sha256sum", "--", *map(str, copied)], copied, cold=False)
+        finally:
+            remove(dest)
         return Run.combine([cp, sums]), {"cp": cp, "sha256sum": sums}
 
-    def size(self, total: int, shard: int) -> dict:
-        model, out = self.work / "model", self.work / "out"
-        t0 = time.perf_counter()
-        make_model(model, total, shard)  # streaming, constant memory; synced
-        gen_s = time.perf_counter() - t0
-        files = files_under(model)
-        nbytes = sum(f.stat().st_size for f in files)
+    def build(self, files: list[Path]) -> dict:
         manifest = self.work / "scale.yaml"
         manifest.write_text(f"bundle: {{name: scale, version: '1'}}\nmodels:\n"
-                            f"  - {{name: m, source: local, path: {model}}}\n")
-        stages: dict[str, dict] = {}
-        # build: fresh store and output every time
-        remove(self.work / "store")
-        remove(out)
+                            f"  - {{name: m, source: local, path: {self.model}}}\n")
+        remove(self.work / "store")  # a fresh store and output every time
+        remove(self.out)
         base = self.hash_baseline(files)
         cont = self.run(py("-m", "packager.cli", "build", manifest, "--key", self.key.with_suffix(".key"),
-                           "--out", out, "--no-progress", "-j", self.jobs), files)
-        stages["build"] = {"contender": cont, "baseline": base}
-        bundle = out / "scale-1"
-        bfiles = files_under(bundle)
+                           "--out", self.out, "--no-progress", "-j", self.jobs), files)
+        return {"contender": cont, "baseline": base}
+
+    def verify(self, bfiles: list[Path]) -> dict:
         base = self.hash_baseline(bfiles)
-        cont = self.run(py("-m", "packager.cli", "verify", bundle, "--pubkey", self.key.with_suffix(".pub"),
+        cont = self.run(py("-m", "packager.cli", "verify", self.bundle, "--pubkey", self.key.with_suffix(".pub"),
                            "-j", self.jobs), bfiles)
-        stages["verify"] = {"contender": cont, "baseline": base}
-        base, steps = self.copy_and_sum(bundle, self.work / "bundle-copy")
+        return {"contender": cont, "baseline": base}
+
+    def split(self, bfiles: list[Path]) -> dict:
+        base, steps = self.copy_and_sum(self.bundle, self.work / "bundle-copy")
         vols = self.work / "volumes"
-        cont = self.run(py("-m", "packager.cli", "split", bundle, "--size", self.split_size, "--out", vols), bfiles)
-        n_vols = len([d for d in vols.iterdir() if d.is_dir()])
-        remove(vols)
-        stages["split"] = {"contender": cont, "baseline": base, "baseline_steps": steps, "volumes": n_vols}
-        base, steps = self.copy_and_sum(model, self.work / "model-copy")
+        try:
+            cont = self.run(py("-m", "packager.cli", "split", self.bundle, "--size", self.split_size, "--out", vols),
+                            bfiles)
+            n_vols = len([d for d in vols.iterdir() if d.is_dir()])
+        finally:
+            remove(vols)
+        return {"contender": cont, "baseline": base, "baseline_steps": steps, "volumes": n_vols}
+
+    def install(self, bfiles: list[Path]) -> dict:
+        base, steps = self.copy_and_sum(self.model, self.work / "model-copy")
         root = self.work / "root"
         remove(root)
         (root / "etc").mkdir(parents=True)
-        cont = self.run(py("-m", "installer", "install", "--bundle", bundle, "--root", root, "--pubkey",
-                           self.key.with_suffix(".pub"), "--skip-check", SKIP), bfiles)
-        placed = sum(f.stat().st_size for f in files_under(root / "opt"))
-        remove(root)
-        stages["install"] = {"contender": cont, "baseline": base, "baseline_steps": steps, "placed_bytes": placed}
-        remove(out)
+        try:
+            cont = self.run(py("-m", "installer", "install", "--bundle", self.bundle, "--root", root, "--pubkey",
+                               self.key.with_suffix(".pub"), "--skip-check", SKIP), bfiles)
+            placed = sum(f.stat().st_size for f in files_under(root / "opt"))
+        finally:
+            remove(root)
+        return {"contender": cont, "baseline": base, "baseline_steps": steps, "placed_bytes": placed}
+
+    def size(self, total: int, shard: int) -> dict:
+        t0 = time.perf_counter()
+        make_model(self.model, total, shard)  # streaming, constant memory; synced
+        gen_s = time.perf_counter() - t0
+        files = files_under(self.model)
+        nbytes = sum(f.stat().st_size for f in files)
+        stages: dict[str, dict] = {"build": self.build(files)}
+        bfiles = files_under(self.bundle)
+        stages["verify"] = self.verify(bfiles)
+        skipped: dict[str, str] = {}
+        for name, stage in (("split", self.split), ("install", self.install)):
+            need, free = COPY_FACTOR * nbytes + self.slack, shutil.disk_usage(self.work).free
+            if free < need:
+                skipped[name] = (f"a second copy does not fit: {free / 1e9:.1f} GB free beside the model < "
+                                 f"{COPY_FACTOR} x {fmt_size(nbytes)} + {fmt_size(self.slack)} slack")
+                print(f"  {name:8} skipped: {skipped[name]}", flush=True)
+                continue
+            try:
+                stages[name] = stage(bfiles)
+            except DiskGuard as e:
+                skipped[name] = f"given up: the disk filled while it ran ({e})"
+                print(f"  {name:8} skipped: {skipped[name]}", flush=True)
+        remove(self.out)
         remove(self.work / "store")
         result = {"size_bytes": nbytes, "asked_bytes": total, "files": len(files), "generate_s": gen_s,
-                  "stages": {}}
-        for name, s in stages.items():
-            c, b = s["contender"], s["baseline"]
-            row = {k: v for k, v in s.items() if k not in ("contender", "baseline", "baseline_steps")}
+                  "stages": {}, "skipped": skipped}
+        for name, st in stages.items():
+            c, b = st["contender"], st["baseline"]
+            row = {k: v for k, v in st.items() if k not in ("contender", "baseline", "baseline_steps")}
             row |= {"contender": c.to_dict(), "baseline": b.to_dict(),
                     "contender_mb_s": nbytes / c.seconds / 1e6, "baseline_mb_s": nbytes / b.seconds / 1e6,
                     "ratio": b.seconds / c.seconds}
-            if "baseline_steps" in s:
-                row["baseline_steps"] = {k: v.to_dict() for k, v in s["baseline_steps"].items()}
-                row["ratio_vs_cp_alone"] = s["baseline_steps"]["cp"].seconds / c.seconds
+            if "baseline_steps" in st:
+                row["baseline_steps"] = {k: v.to_dict() for k, v in st["baseline_steps"].items()}
+                row["ratio_vs_cp_alone"] = st["baseline_steps"]["cp"].seconds / c.seconds
             result["stages"][name] = row
         return result
-
-
-def _per_gb(rows: list[tuple[int, dict]], probe: tuple[int, dict] | None, who: str) -> list[float]:
-    """Seconds per GB at each size; with a probe, the marginal rate (t - t_probe) / (size - size_probe), which
-    leaves out the fixed cost (interpreter start, imports, signing) that a 1 GB run still carries."""
-    n0, t0 = (probe[0], probe[1][who]["seconds"]) if probe else (0, 0.0)
-    return [(s[who]["seconds"] - t0) / ((n - n0) / 1e9) for n, s in rows]
-
-
-def checks(results: list[dict]) -> dict:
-    """Memory flat (peak RSS spread within max(32 MiB, 25 %), probe included) and time linear: seconds per GB
-    (from 1 GB up) at no size more than 1.3x what it is at a smaller one (cheaper per GB at a larger size is
-    fine: fixed costs amortised); where it grows, whether the baseline on the same bytes grew as much (ratio
-    steady: the machine, e.g. page cache vs disk, not the tool)."""
-    out = {}
-    for stage in STAGES:
-        rows = [(r["size_bytes"], r["stages"][stage]) for r in results if stage in r["stages"]]
-        if not rows:
-            continue
-        rss = [s["contender"]["peak_rss"] for _, s in rows]
-        flat = max(rss) - min(rss) <= max(FLAT_RSS_SLACK, 0.25 * min(rss))
-        probe = next(((r["size_bytes"], r["stages"][stage]) for r in results if r.get("probe")), None)
-        big = [(n, s) for n, s in rows if n >= 10**9]
-        spg = _per_gb(big, probe, "contender")
-        bspg = _per_gb(big, probe, "baseline")
-        ratios = [s["ratio"] for _, s in big]
-        spread = max(spg) / min(spg) if len(big) > 1 and min(spg) > 0 else 0.0
-        growth = max((spg[j] / spg[i] for i in range(len(spg)) for j in range(i + 1, len(spg)) if spg[i] > 0),
-                     default=0.0)
-        ratio_spread = max(ratios) / min(ratios) if len(big) > 1 else 0.0
-        if len(big) < 2:
-            verdict = "not judged (needs two sizes >= 1 GB)"
-        elif growth <= LINEAR_SPREAD:
-            verdict = "linear"
-        elif ratio_spread <= LINEAR_SPREAD:
-            verdict = "bends with the baseline (the machine, not the tool: ratio steady)"
-        else:
-            verdict = "VIOLATION"
-        out[stage] = {
-            "peak_rss_mib": [round(x / 2**20, 1) for x in rss], "memory_flat": flat,
-            "sizes_for_time": [n for n, _ in big], "s_per_gb": [round(x, 3) for x in spg],
-            "baseline_s_per_gb": [round(x, 3) for x in bspg], "s_per_gb_spread": round(spread, 3),
-            "s_per_gb_growth": round(growth, 3),
-            "s_per_gb_basis": "marginal over the probe" if probe else "plain",
-            "baseline_s_per_gb_spread": round(max(bspg) / min(bspg), 3) if len(big) > 1 and min(bspg) > 0 else 0.0,
-            "ratio_spread": round(ratio_spread, 3),
-            "s_per_gb_median": round(statistics.median(spg), 3) if spg else 0.0, "time": verdict,
-            "time_linear": verdict != "VIOLATION",
-        }
-    return out
-
-
-def print_table(doc: dict) -> None:
-    print(f"\n{'stage':8} {'size':>6} {'seconds':>8} {'MB/s':>7} {'baseline s':>10} {'MB/s':>7} {'ratio':>6} "
-          f"{'peak RSS':>9} {'base RSS':>9}")
-    for r in doc["results"]:
-        for stage, s in r["stages"].items():
-            c, b = s["contender"], s["baseline"]
-            size = fmt_size(r["asked_bytes"]) + ("*" if r.get("probe") else "")
-            print(f"{stage:8} {size:>6} {c['seconds']:8.2f} {s['contender_mb_s']:7.0f} "
-                  f"{b['seconds']:10.2f} {s['baseline_mb_s']:7.0f} {s['ratio']:5.2f}x "
-                  f"{c['peak_rss'] / 2**20:5.0f} MiB {b['peak_rss'] / 2**20:5.0f} MiB")
-    print()
-    for stage, c in doc["checks"].items():
-        mem = "flat" if c["memory_flat"] else "VIOLATION (grows with size)"
-        print(f"{stage:8} memory {mem}: {c['peak_rss_mib']} MiB; time {c['time']}: s/GB {c['s_per_gb']} "
-              f"(baseline {c['baseline_s_per_gb']})")
-    if any(r.get("probe") for r in doc["results"]):
-        print("* probe size: its times are the fixed cost; s/GB above is marginal over it")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/llm-scale"), help="scratch directory (deleted after)")
     ap.add_argument("--json", type=Path, help="results file (default bench/results/scale-<date>.json)")
     ap.add_argument("--plots", type=Path, default=ROOT / "docs" / "perf", help="PNG directory (default docs/perf)")
+    ap.add_argument("--disk-slack", type=parse_size, default=parse_size("10G"),
+                    help="free space to leave to other users of the disk when deciding what to run (default 10G)")
+    ap.add_argument("--disk-floor", type=parse_size, default=parse_size("5G"),
+                    help="kill a command before the free space falls below this (default 5G)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-drop-caches", action="store_true", help="never drop the page cache (warm the inputs)")
     ap.add_argument("--plot-only", type=Path, metavar="JSON", help="only draw the plots of a results file")
@@ -291,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     machine = machine_info(work)
-    sizes, notes = fit_sizes(sorted(asked), machine["disk_free_bytes_at_start"])
+    sizes, notes = fit_sizes(sorted(asked), machine["disk_free_bytes_at_start"], args.disk_slack)
     if args.probe and sizes and args.probe < sizes[0]:
         sizes.insert(0, args.probe)
     cold = not args.no_drop_caches and drop_caches()
@@ -307,12 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"benchmark": "bench/scale.py", "date": today, "argv": sys.argv[1:] if argv is None else argv,
            "git": git_commit(ROOT), "machine": machine, "page_cache": {"dropped": cold, "how": cache},
            "settings": {"sizes_asked": asked, "sizes_planned": sizes, "disk_notes": notes, "shard_bytes": args.shard,
-                        "split_size": args.split_size, "jobs": args.jobs, "skip_checks": SKIP},
+                        "split_size": args.split_size, "jobs": args.jobs, "skip_checks": SKIP,
+                        "disk_slack": args.disk_slack, "disk_floor": args.disk_floor},
            "labels": LABELS, "results": [], "checks": {}}
-    bench = Bench(work, cold, args.jobs, args.split_size)
+    bench = Bench(work, cold, args.jobs, args.split_size, args.disk_slack, args.disk_floor)
     try:
         for total in sizes:
-            now, late = fit_sizes([total], shutil.disk_usage(work).free)  # the disk is shared: ask again
+            now, late = fit_sizes([total], shutil.disk_usage(work).free, args.disk_slack)  # shared: ask again
             done = [r["asked_bytes"] for r in doc["results"]]
             if not now or any(n <= d for n in now for d in done):
                 late.append(f"{fmt_size(total)} skipped")
@@ -324,11 +281,16 @@ def main(argv: list[str] | None = None) -> int:
             total = now[0]
             what = " (fixed-cost probe)" if total == args.probe else ""
             print(f"--- {fmt_size(total)}{what} (load {os.getloadavg()[0]:.1f})", flush=True)
-            r = bench.size(total, args.shard)
+            try:
+                r = bench.size(total, args.shard)
+            except DiskGuard as e:
+                print(f"disk: {fmt_size(total)} given up: {e}")
+                doc["settings"]["disk_notes"].append(f"{fmt_size(total)} given up while running: {e}")
+                break
             r["larger_than_ram"] = r["size_bytes"] > machine["ram_bytes"]
             r["probe"] = bool(args.probe) and total == args.probe
             doc["results"].append(r)
-            remove(work / "model")
+            remove(bench.model)
             for stage, s in r["stages"].items():
                 print(f"  {stage:8} {s['contender']['seconds']:7.2f} s  {s['contender_mb_s']:6.0f} MB/s  "
                       f"ratio {s['ratio']:.2f}x  peak RSS {s['contender']['peak_rss'] / 2**20:.0f} MiB", flush=True)

@@ -6,6 +6,10 @@ Peak RSS is the sum over the child and all its descendants (``/proc/PID/task/*/c
 a few small reads per sample, far below 1 % of a core; contender and baseline carry the same sampler.
 ``ru_maxrss`` from ``wait4`` is not used: a child started by vfork/exec inherits the parent's high-water
 mark (this script's own size), so every short command would read as large as the benchmark itself.
+The disk is shared: with ``guard=(path, floor)`` the sampler also watches the free space there and kills
+the command's process group (it runs in a session of its own) before it drops below ``floor`` bytes,
+raising :class:`DiskGuard`; a stage that needs more room than the other users left is given up, the disk
+is not filled.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -59,6 +64,10 @@ class Run:
         )
 
 
+class DiskGuard(Exception):
+    """The free space fell below the floor while a command ran; the command was killed."""
+
+
 def drop_caches() -> bool:
     """``sync; echo 3 > /proc/sys/vm/drop_caches``; False (silently) where that is not allowed."""
     os.sync()
@@ -95,23 +104,32 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def measure(cmd: list[str], *, env: dict | None = None, cold: bool = False, cwd: Path | None = None) -> Run:
+def measure(cmd: list[str], *, env: dict | None = None, cold: bool = False, cwd: Path | None = None,
+            guard: tuple[Path, int] | None = None) -> Run:
     """Run ``cmd`` (stdout/stderr kept for the error message only), then ``sync``; raise if it fails.
 
-    ``cold``: drop the page cache first (``cache_dropped`` says whether that worked).
+    ``cold``: drop the page cache first (``cache_dropped`` says whether that worked). ``guard``: see above.
     """
     dropped = drop_caches() if cold else False
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                            start_new_session=True)
     peak = samples = 0
+    tripped = ""
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak, samples
+        nonlocal peak, samples, tripped
         while not done.is_set():
             peak = max(peak, tree_rss(proc.pid))
             samples += 1
+            if guard and not tripped and (free := shutil.disk_usage(guard[0]).free) < guard[1]:
+                tripped = f"{free / 1e9:.1f} GB free < floor {guard[1] / 1e9:.1f} GB"
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # the session this command leads, nothing else
+                except ProcessLookupError:
+                    pass
             done.wait(FAST_S if time.perf_counter() - t0 < 1.0 else SAMPLE_S)
 
     reader_out: list[bytes] = []
@@ -119,15 +137,18 @@ def measure(cmd: list[str], *, env: dict | None = None, cold: bool = False, cwd:
     sampler = threading.Thread(target=sample, daemon=True)
     reader.start()
     sampler.start()
-    _pid, status, ru = os.wait4(proc.pid, 0)
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: its pid is not reused yet
     cmd_s = time.perf_counter() - t0
     done.set()
     sampler.join()
+    _pid, status, ru = os.wait4(proc.pid, 0)
     reader.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     t1 = time.perf_counter()
     os.sync()
     sync_s = time.perf_counter() - t1
+    if tripped:
+        raise DiskGuard(f"{' '.join(str(c)[:40] for c in cmd[:4])} ...: killed, {tripped}")
     if proc.returncode != 0:
         out = b"".join(reader_out).decode(errors="replace")
         raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{out[-4000:]}")

@@ -31,6 +31,7 @@ def test_scale_bench_end_to_end(tmp_path):
         for stage in res["stages"].values():
             assert stage["contender"]["seconds"] > 0 and stage["baseline"]["seconds"] > 0
             assert stage["ratio"] > 0 and stage["contender"]["peak_rss"] > 0
+        assert res["skipped"] == {}
         assert res["stages"]["install"]["placed_bytes"] >= res["size_bytes"]
         assert res["stages"]["split"]["volumes"] >= 1
     assert set(doc["checks"]) == {"build", "verify", "split", "install"}
@@ -53,6 +54,6 @@ def test_sizes_shrink_to_fit_the_disk():
     from bench.scale import fit_sizes, parse_size
 
     assert parse_size("26G") == 26 * 10**9 and parse_size("8M") == 8 * 10**6 and parse_size("1.5G") == 15 * 10**8
-    sizes, notes = fit_sizes([10**9, 26 * 10**9], free=50 * 10**9)  # (50 - 2) / 2.1 = 22.8 GB
-    assert sizes == [10**9, 22 * 10**9] and "26G does not fit" in notes[0] and "using 22G" in notes[0]
-    assert fit_sizes([10**9], free=10**12) == ([10**9], [])
+    sizes, notes = fit_sizes([10**9, 26 * 10**9], free=30_500_000_000, slack=10 * 10**9)
+    assert sizes == [10**9, 20 * 10**9] and "26G does not fit" in notes[0] and "using 20G" in notes[0]
+    assert fit_sizes([10**9], free=10**12, slack=10 * 10**9) == ([10**9], [])
