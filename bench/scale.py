@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.scale_measure import DiskGuard, Run, drop_caches, git_commit, machine_info, measure, remove  # noqa: E402
 from bench.scale_model import make_model  # noqa: E402
-from bench.scale_report import checks, fmt_size, print_table  # noqa: E402
+from bench.scale_report import STAGES, checks, fmt_size, print_table  # noqa: E402
 
 DEFAULT_SIZES = "1G,4G,16G,26G"
 SKIP = "driver,gpus,gpu-memory,compute-capability,systemd,ports,api-keys"
@@ -107,8 +107,10 @@ def warm(files: list[Path]) -> None:
 
 
 class Bench:
-    def __init__(self, work: Path, cold: bool, jobs: str, split_size: str, slack: int, floor: int) -> None:
+    def __init__(self, work: Path, cold: bool, jobs: str, split_size: str, slack: int, floor: int,
+                 repeat: int = 1, stages: tuple[str, ...] = STAGES) -> None:
         self.work, self.cold, self.jobs, self.split_size = work, cold, jobs, split_size
+        self.repeat, self.stages = repeat, stages
         self.slack, self.guard = slack, (work, floor)
         self.env = dict(os.environ, PYTHONPATH=str(ROOT), LLM_PACK_STORE=str(work / "store"))
         self.key = work / "keys" / "scale"
@@ -126,7 +128,7 @@ class Bench:
     def hash_baseline(self, files: list[Path]) -> Run:
         return self.run(py("-c", HASH_BASELINE, ROOT, *files), files)
 
-    def copy_and_sum(self, src: Path, dest: Path) -> tuple[Run, dict[str, Run]]:
+    def copy_and_sum(self, src: Path, dest: Path) -> tuple[Run, dict]:
         """``cp -r SRC DEST`` then ``sha256sum`` of every copied file (the copy is still in the page cache
         where it fits, as it would be for anyone doing this by hand)."""
         try:
@@ -135,48 +137,71 @@ class Bench:
             sums = self.run(["sha256sum", "--", *map(str, copied)], copied, cold=False)
         finally:
             remove(dest)
-        return Run.combine([cp, sums]), {"cp": cp, "sha256sum": sums}
+        return Run.combine([cp, sums]), {"baseline_steps": {"cp": cp, "sha256sum": sums}}
+
+    def pair(self, contender, baseline) -> dict:
+        """``self.repeat`` rounds of contender and baseline, alternating which goes first; the fastest of each
+        is kept (peak RSS: the largest of all rounds), every round's seconds recorded."""
+        runs: dict[str, list] = {"contender": [], "baseline": []}
+        extra: dict = {}
+        for i in range(self.repeat):
+            for who in (("baseline", "contender") if i % 2 == 0 else ("contender", "baseline")):
+                got = (contender if who == "contender" else baseline)()
+                run, more = got if isinstance(got, tuple) else (got, {})
+                runs[who].append((run, more))
+        row: dict = {"rounds": {w: [round(r.seconds, 3) for r, _ in rs] for w, rs in runs.items()}}
+        for who, rs in runs.items():
+            best, more = min(rs, key=lambda x: x[0].seconds)
+            best.peak_rss = max(r.peak_rss for r, _ in rs)
+            row[who] = best
+            extra |= more
+        return row | extra
 
     def build(self, files: list[Path]) -> dict:
         manifest = self.work / "scale.yaml"
         manifest.write_text(f"bundle: {{name: scale, version: '1'}}\nmodels:\n"
                             f"  - {{name: m, source: local, path: {self.model}}}\n")
-        remove(self.work / "store")  # a fresh store and output every time
-        remove(self.out)
-        base = self.hash_baseline(files)
-        cont = self.run(py("-m", "packager.cli", "build", manifest, "--key", self.key.with_suffix(".key"),
-                           "--out", self.out, "--no-progress", "-j", self.jobs), files)
-        return {"contender": cont, "baseline": base}
+
+        def contender() -> Run:
+            remove(self.work / "store")  # a fresh store and output every time
+            remove(self.out)
+            return self.run(py("-m", "packager.cli", "build", manifest, "--key", self.key.with_suffix(".key"),
+                               "--out", self.out, "--no-progress", "-j", self.jobs), files)
+
+        return self.pair(contender, lambda: self.hash_baseline(files))
 
     def verify(self, bfiles: list[Path]) -> dict:
-        base = self.hash_baseline(bfiles)
-        cont = self.run(py("-m", "packager.cli", "verify", self.bundle, "--pubkey", self.key.with_suffix(".pub"),
-                           "-j", self.jobs), bfiles)
-        return {"contender": cont, "baseline": base}
+        return self.pair(lambda: self.run(py("-m", "packager.cli", "verify", self.bundle, "--pubkey",
+                                             self.key.with_suffix(".pub"), "-j", self.jobs), bfiles),
+                         lambda: self.hash_baseline(bfiles))
 
     def split(self, bfiles: list[Path]) -> dict:
-        base, steps = self.copy_and_sum(self.bundle, self.work / "bundle-copy")
         vols = self.work / "volumes"
-        try:
-            cont = self.run(py("-m", "packager.cli", "split", self.bundle, "--size", self.split_size, "--out", vols),
-                            bfiles)
-            n_vols = len([d for d in vols.iterdir() if d.is_dir()])
-        finally:
-            remove(vols)
-        return {"contender": cont, "baseline": base, "baseline_steps": steps, "volumes": n_vols}
+
+        def contender() -> tuple[Run, dict]:
+            try:
+                run = self.run(py("-m", "packager.cli", "split", self.bundle, "--size", self.split_size, "--out",
+                                  vols), bfiles)
+                return run, {"volumes": len([d for d in vols.iterdir() if d.is_dir()])}
+            finally:
+                remove(vols)
+
+        return self.pair(contender, lambda: self.copy_and_sum(self.bundle, self.work / "bundle-copy"))
 
     def install(self, bfiles: list[Path]) -> dict:
-        base, steps = self.copy_and_sum(self.model, self.work / "model-copy")
         root = self.work / "root"
-        remove(root)
-        (root / "etc").mkdir(parents=True)
-        try:
-            cont = self.run(py("-m", "installer", "install", "--bundle", self.bundle, "--root", root, "--pubkey",
-                               self.key.with_suffix(".pub"), "--skip-check", SKIP), bfiles)
-            placed = sum(f.stat().st_size for f in files_under(root / "opt"))
-        finally:
+
+        def contender() -> tuple[Run, dict]:
             remove(root)
-        return {"contender": cont, "baseline": base, "baseline_steps": steps, "placed_bytes": placed}
+            (root / "etc").mkdir(parents=True)
+            try:
+                run = self.run(py("-m", "installer", "install", "--bundle", self.bundle, "--root", root, "--pubkey",
+                                  self.key.with_suffix(".pub"), "--skip-check", SKIP), bfiles)
+                return run, {"placed_bytes": sum(f.stat().st_size for f in files_under(root / "opt"))}
+            finally:
+                remove(root)
+
+        return self.pair(contender, lambda: self.copy_and_sum(self.model, self.work / "model-copy"))
 
     def size(self, total: int, shard: int) -> dict:
         t0 = time.perf_counter()
@@ -184,11 +209,14 @@ class Bench:
         gen_s = time.perf_counter() - t0
         files = files_under(self.model)
         nbytes = sum(f.stat().st_size for f in files)
-        stages: dict[str, dict] = {"build": self.build(files)}
+        stages: dict[str, dict] = {"build": self.build(files)}  # always: the others need its bundle
         bfiles = files_under(self.bundle)
-        stages["verify"] = self.verify(bfiles)
+        if "verify" in self.stages:
+            stages["verify"] = self.verify(bfiles)
         skipped: dict[str, str] = {}
         for name, stage in (("split", self.split), ("install", self.install)):
+            if name not in self.stages:
+                continue
             need, free = COPY_FACTOR * nbytes + self.slack, shutil.disk_usage(self.work).free
             if free < need:
                 skipped[name] = (f"a second copy does not fit: {free / 1e9:.1f} GB free beside the model < "
@@ -205,14 +233,14 @@ class Bench:
         result = {"size_bytes": nbytes, "asked_bytes": total, "files": len(files), "generate_s": gen_s,
                   "stages": {}, "skipped": skipped}
         for name, st in stages.items():
-            c, b = st["contender"], st["baseline"]
+            c, b, steps = st["contender"], st["baseline"], st.get("baseline_steps")
             row = {k: v for k, v in st.items() if k not in ("contender", "baseline", "baseline_steps")}
             row |= {"contender": c.to_dict(), "baseline": b.to_dict(),
                     "contender_mb_s": nbytes / c.seconds / 1e6, "baseline_mb_s": nbytes / b.seconds / 1e6,
                     "ratio": b.seconds / c.seconds}
-            if "baseline_steps" in st:
-                row["baseline_steps"] = {k: v.to_dict() for k, v in st["baseline_steps"].items()}
-                row["ratio_vs_cp_alone"] = st["baseline_steps"]["cp"].seconds / c.seconds
+            if steps:
+                row["baseline_steps"] = {k: v.to_dict() for k, v in steps.items()}
+                row["ratio_vs_cp_alone"] = steps["cp"].seconds / c.seconds
             result["stages"][name] = row
         return result
 
@@ -232,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="free space to leave to other users of the disk when deciding what to run (default 10G)")
     ap.add_argument("--disk-floor", type=parse_size, default=parse_size("5G"),
                     help="kill a command before the free space falls below this (default 5G)")
+    ap.add_argument("--stages", default=",".join(STAGES),
+                    help="which stages to measure (default all; build always runs: the others need its bundle)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds per stage, contender and baseline alternating who goes first; best kept (default 1)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-drop-caches", action="store_true", help="never drop the page cache (warm the inputs)")
     ap.add_argument("--plot-only", type=Path, metavar="JSON", help="only draw the plots of a results file")
@@ -264,9 +296,11 @@ def main(argv: list[str] | None = None) -> int:
            "git": git_commit(ROOT), "machine": machine, "page_cache": {"dropped": cold, "how": cache},
            "settings": {"sizes_asked": asked, "sizes_planned": sizes, "disk_notes": notes, "shard_bytes": args.shard,
                         "split_size": args.split_size, "jobs": args.jobs, "skip_checks": SKIP,
-                        "disk_slack": args.disk_slack, "disk_floor": args.disk_floor},
+                        "disk_slack": args.disk_slack, "disk_floor": args.disk_floor,
+                        "repeat": args.repeat, "stages": args.stages},
            "labels": LABELS, "results": [], "checks": {}}
-    bench = Bench(work, cold, args.jobs, args.split_size, args.disk_slack, args.disk_floor)
+    stages = tuple(s for s in STAGES if s == "build" or s in args.stages.split(","))
+    bench = Bench(work, cold, args.jobs, args.split_size, args.disk_slack, args.disk_floor, args.repeat, stages)
     try:
         for total in sizes:
             now, late = fit_sizes([total], shutil.disk_usage(work).free, args.disk_slack)  # shared: ask again
