@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.scale_measure import DiskGuard, Run, drop_caches, git_commit, machine_info, measure, remove  # noqa: E402
-from bench.scale_model import make_model  # noqa: E402
+from bench.scale_model import DiskLow, make_model  # noqa: E402
 from bench.scale_report import STAGES, checks, fmt_size, print_table  # noqa: E402
 
 DEFAULT_SIZES = "1G,4G,16G,26G"
@@ -205,7 +205,10 @@ class Bench:
 
     def size(self, total: int, shard: int) -> dict:
         t0 = time.perf_counter()
-        make_model(self.model, total, shard)  # streaming, constant memory; synced
+        try:
+            make_model(self.model, total, shard, floor=self.guard[1])  # streaming, constant memory; synced
+        except DiskLow as e:
+            raise DiskGuard(f"writing the model: {e}") from e
         gen_s = time.perf_counter() - t0
         files = files_under(self.model)
         nbytes = sum(f.stat().st_size for f in files)
@@ -267,8 +270,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-drop-caches", action="store_true", help="never drop the page cache (warm the inputs)")
     ap.add_argument("--plot-only", type=Path, metavar="JSON", help="only draw the plots of a results file")
+    ap.add_argument("--report", type=Path, metavar="JSON",
+                    help="only print a results file's table, its verdicts derived again from its measurements "
+                    "(written back into it when they changed)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when memory is not flat or time not linear")
     args = ap.parse_args(argv)
+    if args.report:
+        doc = json.loads(args.report.read_text())
+        again = checks(doc["results"])
+        if again != doc["checks"]:
+            doc["checks"] = again
+            doc["checks_derived_by"] = f"bench/scale.py --report at {git_commit(ROOT)}"
+            args.report.write_text(json.dumps(doc, indent=1) + "\n")
+        print_table(doc)
+        return 0
     if args.plot_only:
         from bench.scale_plot import plot
 

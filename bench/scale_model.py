@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -45,8 +46,13 @@ def _shard_sizes(total: int, shard: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(n)]
 
 
-def write_shard(path: Path, size: int, seed: bytes, tensor: str) -> None:
-    """``size`` bytes in all: safetensors header + keystream, through one reused buffer."""
+class DiskLow(Exception):
+    """The disk's free space fell below the floor while the model was written (the shard is removed)."""
+
+
+def write_shard(path: Path, size: int, seed: bytes, tensor: str, floor: int = 0) -> None:
+    """``size`` bytes in all: safetensors header + keystream, through one reused buffer; stops (DiskLow)
+    before the free space beside it falls below ``floor`` bytes (checked every 512 MiB)."""
     head = _header(size, tensor)
     while len(head) + int(json.loads(head[8:])[tensor]["shape"][0]) != size:  # the header's length depends
         head = _header(size - len(head), tensor)                                # on the digits in it
@@ -60,15 +66,22 @@ def write_shard(path: Path, size: int, seed: bytes, tensor: str) -> None:
     left = size - len(head)
     with open(path, "wb") as f:
         f.write(head)
+        k = 0
         while left:
             n = min(left, BLOCK)
             enc.update_into(zeros[:n] if n < BLOCK else zeros, buf)
             f.write(view[:n])
             left -= n
+            k += 1
+            if floor and k % 64 == 0 and (free := shutil.disk_usage(path.parent).free) < floor:
+                f.close()
+                path.unlink()
+                raise DiskLow(f"{free / 1e9:.1f} GB free < floor {floor / 1e9:.1f} GB while writing {path.name}")
 
 
-def make_model(d: Path, total: int, shard: int = 2_000_000_000, seed: str = "scale") -> list[Path]:
-    """Write (or keep, when already complete at these sizes) a model of ``total`` bytes under ``d``.
+def make_model(d: Path, total: int, shard: int = 2_000_000_000, seed: str = "scale", floor: int = 0) -> list[Path]:
+    """Write (or keep, when already complete at these sizes) a model of ``total`` bytes under ``d`` (see
+    :func:`write_shard` for ``floor``).
 
     ``total`` counts the shards only (the small JSON files add a few KB). Returns every file written.
     """
@@ -82,7 +95,7 @@ def make_model(d: Path, total: int, shard: int = 2_000_000_000, seed: str = "sca
     for i, (p, size) in enumerate(zip(shards, sizes, strict=True)):
         if p.is_file() and p.stat().st_size == size:
             continue
-        write_shard(p, size, f"{seed}/{total}/{i}".encode(), f"model.layers.{i}.weight")
+        write_shard(p, size, f"{seed}/{total}/{i}".encode(), f"model.layers.{i}.weight", floor)
     small = {
         "config.json": CONFIG,
         "generation_config.json": {"do_sample": True, "temperature": 0.7, "top_p": 0.8},

@@ -65,7 +65,7 @@ def plot(doc: dict, out_dir: Path) -> list[Path]:
     _ram_line(ax, doc)
     ax.set(xlabel="model size (GB)", ylabel="seconds (incl. sync)", title="Time vs model size")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, ncol=2, loc="upper left")
     fig.text(0.5, 0.005, _subtitle(doc), ha="center", fontsize=7, color="grey")
     written.append(_save(fig, out_dir / "scale-time.png"))
 
@@ -79,9 +79,9 @@ def plot(doc: dict, out_dir: Path) -> list[Path]:
                 label=f"  baseline: {base}")
     _ram_line(ax, doc)
     ax.set(xlabel="model size (GB)", ylabel="peak RSS of the process tree (MiB)", title="Peak memory vs model size")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.45)  # room for the legend above the lines
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, ncol=2, loc="upper left")
     fig.text(0.5, 0.005, _subtitle(doc), ha="center", fontsize=7, color="grey")
     written.append(_save(fig, out_dir / "scale-rss.png"))
 
@@ -92,10 +92,14 @@ def plot(doc: dict, out_dir: Path) -> list[Path]:
     width = 0.8 / max(1, len(sizes))
     for i, n in enumerate(sizes):
         r = next(r for r in doc["results"] if r["size_bytes"] == n)
-        vals = [r["stages"][s]["ratio"] if s in r["stages"] else 0 for s in stages]
         xs = [j + (i - (len(sizes) - 1) / 2) * width for j in range(len(stages))]
-        bars = ax.bar(xs, vals, width, label=names[n], color=matplotlib.cm.viridis(i / max(1, len(sizes))))
+        colour = matplotlib.cm.viridis(i / max(1, len(sizes)))
+        here = [(x, r["stages"][s]["ratio"]) for x, s in zip(xs, stages, strict=True) if s in r["stages"]]
+        bars = ax.bar([x for x, _ in here], [v for _, v in here], width, label=names[n], color=colour)
         ax.bar_label(bars, fmt="%.2f", fontsize=6)
+        for x, s in zip(xs, stages, strict=True):
+            if s in r.get("skipped", {}):
+                ax.text(x, 0.02, "skipped: disk", rotation=90, fontsize=6, ha="center", va="bottom", color="grey")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(stages)), [f"{labels.get(s, (s, ''))[0]}\nvs {labels.get(s, ('', 'baseline'))[1]}"
                                        for s in stages], fontsize=8)
