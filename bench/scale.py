@@ -270,19 +270,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-drop-caches", action="store_true", help="never drop the page cache (warm the inputs)")
     ap.add_argument("--plot-only", type=Path, metavar="JSON", help="only draw the plots of a results file")
-    ap.add_argument("--report", type=Path, metavar="JSON",
+    ap.add_argument("--report", type=Path, nargs="+", metavar="JSON",
                     help="only print a results file's table, its verdicts derived again from its measurements "
-                    "(written back into it when they changed)")
+                    "(written back into it when they changed); several files: their sizes together (e.g. runs "
+                    "of other sizes with --repeat), nothing written")
     ap.add_argument("--strict", action="store_true", help="exit 1 when memory is not flat or time not linear")
     args = ap.parse_args(argv)
     if args.report:
-        doc = json.loads(args.report.read_text())
+        docs = [json.loads(p.read_text()) for p in args.report]
+        doc = docs[0] | {"results": sorted((r for d in docs for r in d["results"]), key=lambda r: r["size_bytes"])}
         again = checks(doc["results"])
-        if again != doc["checks"]:
+        if len(docs) == 1 and again != doc["checks"]:
             doc["checks"] = again
             doc["checks_derived_by"] = f"bench/scale.py --report at {git_commit(ROOT)}"
-            args.report.write_text(json.dumps(doc, indent=1) + "\n")
-        print_table(doc)
+            args.report[0].write_text(json.dumps(doc, indent=1) + "\n")
+        print_table(doc | {"checks": again})
         return 0
     if args.plot_only:
         from bench.scale_plot import plot

@@ -57,3 +57,29 @@ def test_sizes_shrink_to_fit_the_disk():
     sizes, notes = fit_sizes([10**9, 26 * 10**9], free=30_500_000_000, slack=10 * 10**9)
     assert sizes == [10**9, 20 * 10**9] and "26G does not fit" in notes[0] and "using 20G" in notes[0]
     assert fit_sizes([10**9], free=10**12, slack=10 * 10**9) == ([10**9], [])
+
+
+def _result(size: int, seconds: float, base_seconds: float, rss: int = 40 << 20, cpu: float | None = None) -> dict:
+    def run(s: float) -> dict:
+        return {"seconds": s, "cpu_s": s if cpu is None else cpu, "peak_rss": rss, "load_before": 1.0}
+
+    return {"size_bytes": size, "stages": {"build": {"contender": run(seconds), "baseline": run(base_seconds),
+                                                     "ratio": base_seconds / seconds}}}
+
+
+def test_verdicts_flat_memory_and_linear_time():
+    sys.path.insert(0, str(ROOT))
+    from bench.scale_report import checks
+
+    g = 10**9
+    linear = [_result(n * g, n * 1.0 + 0.2, n * 1.1) for n in (1, 4, 16, 26)]
+    c = checks(linear)["build"]
+    assert c["memory_flat"] and c["time"] == "linear"
+    # twice the cost per GB at 26 GB as at 1 GB, the baseline staying linear: flagged
+    bent = [_result(n * g, n * (1 + n / 26), n * 1.1) for n in (1, 4, 16, 26)]
+    assert checks(bent)["build"]["time"] == "VIOLATION"
+    # the same bend in the baseline: the machine, not the tool
+    both = [_result(n * g, n * (1 + n / 26), n * (1 + n / 26)) for n in (1, 4, 16, 26)]
+    assert checks(both)["build"]["time"].startswith("bends with the baseline")
+    grows = [_result(n * g, n * 1.0, n * 1.0, rss=(30 << 20) + n * (10 << 20)) for n in (1, 4, 16, 26)]
+    assert not checks(grows)["build"]["memory_flat"]
