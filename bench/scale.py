@@ -25,9 +25,10 @@ soon as it is timed, so at most the model (the bundle hardlinks it) and one copy
 The disk is shared: a size runs if its model fits with --disk-slack to spare; split and install (a second
 copy) only if it still does with the model on disk; any command is killed before the free space falls
 below --disk-floor; what was skipped is printed and recorded. A tiny --probe size runs first: each stage's
-fixed cost. Memory must be flat (peak RSS independent of size) and time linear (seconds per GB steady from 1 GB up);
-violations are printed and recorded (--strict: exit 1). Results: bench/results/scale-<date>.json; plots
-(bench extra: matplotlib) into docs/perf/.
+fixed cost. Memory must be flat (peak RSS independent of size) and time linear (cost per GB from 1 GB up
+steady, bench/scale_report.py); violations are printed and recorded (--strict: exit 1). --repeat N keeps
+the best of N alternating rounds (this machine's cores are shared: one round can be 1.8x another).
+Results: bench/results/scale-<date>.json; plots (bench extra: matplotlib) into docs/perf/.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import scale_measure  # noqa: E402
 from bench.scale_measure import DiskGuard, Run, drop_caches, git_commit, machine_info, measure, remove  # noqa: E402
 from bench.scale_model import DiskLow, make_model  # noqa: E402
 from bench.scale_report import STAGES, checks, fmt_size, print_table  # noqa: E402
@@ -206,7 +208,7 @@ class Bench:
     def size(self, total: int, shard: int) -> dict:
         t0 = time.perf_counter()
         try:
-            make_model(self.model, total, shard, floor=self.guard[1])  # streaming, constant memory; synced
+            make_model(self.model, total, shard, floor=self.guard[1], sync=scale_measure.SYNC)  # streaming, flat memory
         except DiskLow as e:
             raise DiskGuard(f"writing the model: {e}") from e
         gen_s = time.perf_counter() - t0
@@ -268,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds per stage, contender and baseline alternating who goes first; best kept (default 1)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--no-sync", action="store_true",
+                    help="no sync after runs (smoke tests on a busy disk; written bytes then may not count)")
     ap.add_argument("--no-drop-caches", action="store_true", help="never drop the page cache (warm the inputs)")
     ap.add_argument("--plot-only", type=Path, metavar="JSON", help="only draw the plots of a results file")
     ap.add_argument("--report", type=Path, nargs="+", metavar="JSON",
@@ -292,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in plot(json.loads(args.plot_only.read_text()), args.plots):
             print(f"wrote {p} ({p.stat().st_size / 1e3:.0f} KB)")
         return 0
+    scale_measure.SYNC = not args.no_sync
     asked = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -314,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
            "settings": {"sizes_asked": asked, "sizes_planned": sizes, "disk_notes": notes, "shard_bytes": args.shard,
                         "split_size": args.split_size, "jobs": args.jobs, "skip_checks": SKIP,
                         "disk_slack": args.disk_slack, "disk_floor": args.disk_floor,
-                        "repeat": args.repeat, "stages": args.stages},
+                        "repeat": args.repeat, "stages": args.stages, "sync": not args.no_sync},
            "labels": LABELS, "results": [], "checks": {}}
     stages = tuple(s for s in STAGES if s == "build" or s in args.stages.split(","))
     bench = Bench(work, cold, args.jobs, args.split_size, args.disk_slack, args.disk_floor, args.repeat, stages)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 FAST_S, SAMPLE_S = 0.02, 0.05
+SYNC = True  # False (--no-sync, smoke tests): no sync after runs and deletes; written bytes may not count
 PAGE = os.sysconf("SC_PAGE_SIZE")
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
@@ -68,9 +69,14 @@ class DiskGuard(Exception):
     """The free space fell below the floor while a command ran; the command was killed."""
 
 
+def sync() -> None:
+    if SYNC:
+        os.sync()
+
+
 def drop_caches() -> bool:
     """``sync; echo 3 > /proc/sys/vm/drop_caches``; False (silently) where that is not allowed."""
-    os.sync()
+    sync()
     try:
         with open(DROP_CACHES, "w") as f:
             f.write("3\n")
@@ -145,7 +151,7 @@ def measure(cmd: list[str], *, env: dict | None = None, cold: bool = False, cwd:
     reader.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     t1 = time.perf_counter()
-    os.sync()
+    sync()
     sync_s = time.perf_counter() - t1
     if tripped:
         raise DiskGuard(f"{' '.join(str(c)[:40] for c in cmd[:4])} ...: killed, {tripped}")
@@ -163,7 +169,7 @@ def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
-    os.sync()
+    sync()
 
 
 def machine_info(work: Path) -> dict:

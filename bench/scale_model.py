@@ -79,7 +79,8 @@ def write_shard(path: Path, size: int, seed: bytes, tensor: str, floor: int = 0)
                 raise DiskLow(f"{free / 1e9:.1f} GB free < floor {floor / 1e9:.1f} GB while writing {path.name}")
 
 
-def make_model(d: Path, total: int, shard: int = 2_000_000_000, seed: str = "scale", floor: int = 0) -> list[Path]:
+def make_model(d: Path, total: int, shard: int = 2_000_000_000, seed: str = "scale", floor: int = 0,
+               sync: bool = True) -> list[Path]:
     """Write (or keep, when already complete at these sizes) a model of ``total`` bytes under ``d`` (see
     :func:`write_shard` for ``floor``).
 
@@ -111,5 +112,6 @@ def make_model(d: Path, total: int, shard: int = 2_000_000_000, seed: str = "sca
         p = d / name
         p.write_text(json.dumps(obj, indent=1) + "\n")
         files.append(p)
-    os.sync()
+    if sync:
+        os.sync()
     return files

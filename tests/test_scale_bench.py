@@ -18,7 +18,7 @@ def test_scale_bench_end_to_end(tmp_path):
     out = tmp_path / "scale.json"
     work = tmp_path / "work"
     r = subprocess.run([sys.executable, str(SCRIPT), "--sizes", "8M,32M", "--probe", "4M", "--shard", "16M",
-                        "--work", str(work), "--json", str(out), "--no-plots", "--no-drop-caches"],
+                        "--work", str(work), "--json", str(out), "--no-plots", "--no-drop-caches", "--no-sync"],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     doc = json.loads(out.read_text())
