@@ -101,6 +101,7 @@ class _Context:
         self.models: dict[str, ModelRecord] = {m.name: m for m in self.manifest.models}
         self.services: list[ServiceRecord] = list(self.manifest.services)
         self.gpu_info = GpuInfo()
+        self.env_probes: dict[Path, object] = {}  # toolchain.probe_env results: an env's python runs once
 
     def env_of(self, service: ServiceRecord) -> EnvironmentRecord | None:
         return self.envs.get(service.environment)

@@ -74,6 +74,13 @@ def _unprivileged() -> tuple[int | None, int]:
     return 65534, 65534
 
 
+def _probe(ctx: _Context, prefix: Path) -> EnvProbe:
+    """:func:`probe_env` once per environment and preflight run (importing vLLM can take a minute)."""
+    if prefix not in ctx.env_probes:
+        ctx.env_probes[prefix] = probe_env(prefix)
+    return ctx.env_probes[prefix]  # type: ignore[return-value]
+
+
 def probe_env(prefix: Path) -> EnvProbe:
     """Run ``prefix/bin/python`` once, as the service user would (``llm``, or ``nobody`` before the install
     creates it): its version, include dir, and whether vLLM imports (and its version)."""
@@ -145,7 +152,7 @@ def check_environment(ctx: _Context) -> list[CheckResult]:
                                    f"move the environment (and its python) out of {shut}, or `chmod o+x {shut}`",
                                    env.name))
             continue
-        probe = probe_env(prefix)
+        probe = _probe(ctx, prefix)
         if probe.error:
             out.append(CheckResult("environment", FAIL, f"{env.existing}: {probe.error}", remedy, env.name))
             continue
@@ -248,7 +255,7 @@ def check_compiler(ctx: _Context) -> list[CheckResult]:
             continue
         include = None
         if env.is_existing:
-            probe = probe_env(ctx.root / env.existing.lstrip("/"))
+            probe = _probe(ctx, ctx.root / env.existing.lstrip("/"))
             include = probe.include if probe.include and Path(probe.include, "Python.h").is_file() else None
         penv = clean_env(prefix if env.is_existing and prefix else Path("/nonexistent"), "/")
         bad = compile_test(cc, include, penv)
