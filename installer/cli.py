@@ -1,4 +1,4 @@
-"""``python -m installer install|check|rollback|uninstall|status`` (argparse: the target has the stdlib only).
+"""``python -m installer install|check|rollback|uninstall|status|inventory`` (argparse: the target has the stdlib only).
 
 ``install.sh`` verifies the signature and the bootstrap's hashes, unpacks the bundle's Python, and runs this
 with ``--bundle DIR --manifest PRIVATE_COPY --pubkey KEY...`` (``--insecure`` only when the operator gave it).
@@ -107,9 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dry-run", action="store_true", help="say what would happen, change nothing")
     p = sub.add_parser("status", help="installed versions and instances: version, port, health")
     _common(p)
+    p = sub.add_parser("inventory", help="what this server holds: bundles, environments (content and archive "
+                       "sha256), models (commit, per-file sha256): the input of `pack build --against`")
+    _common(p)
     p = sub.add_parser("clean", help="remove what a refused or interrupted install kept in its staging tree")
     _common(p)
     return ap
+
+
+def delta_check(root: Path, bundle: Bundle):
+    """The preflight row of a delta bundle: is what it leaves to this server here?"""
+    from installer.deploy.delta import check_delta
+    from installer.deploy.placement import Installer
+    from installer.preflight import CheckResult
+    from installer.sizes import human_size
+
+    try:
+        check_delta(Installer(Path(root), lambda s: None), bundle)
+    except LlmPackError as e:
+        return CheckResult("delta", "FAIL", e.message, e.hint or "")
+    return CheckResult("delta", "PASS", f"{len(bundle.provided)} artifacts ({human_size(bundle.provided_size())}) "
+                       "the delta leaves to this server are installed here")
 
 
 def trusted_keys(root: Path, pubkeys: list[Path]) -> list[bytes]:
@@ -267,6 +285,14 @@ def _run(args: argparse.Namespace, say) -> dict:
         if not args.json:
             say(lifecycle.format_status(s))
         return s
+    if args.command == "inventory":
+        from installer.bundle.inventory import render
+        from installer.deploy.inventory import server_inventory
+
+        inv = server_inventory(root)
+        if not args.json:
+            say(render(inv))
+        return inv
     if args.command == "rollback":
         return lifecycle.rollback(
             root, args.name, dry_run=args.dry_run, lock_timeout=args.lock_timeout, say=say
@@ -290,6 +316,8 @@ def _run(args: argparse.Namespace, say) -> dict:
             skip=args.skip_check,
             install_dir=Path(root) / layout.INSTALL_DIR.lstrip("/"),
         )
+        if bundle.provided:
+            results.append(delta_check(root, bundle))
         if not args.json:
             say(preflight.render_table(results))
         failed = any(r.status == "FAIL" for r in results)

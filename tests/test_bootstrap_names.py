@@ -37,6 +37,7 @@ BOOTSTRAP_NAMES = {
     "INSTALL_DIR": names.INSTALL_DIR.lstrip("/"),
     "INSTALLERS": names.INSTALLERS.lstrip("/"),
     "RUNTIMES": names.RUNTIMES.lstrip("/"),
+    "PROVIDED": names.PROVIDED,
     "WRAPPER": names.WRAPPER,
 }
 # the names the bootstrap does not spell out, and why
@@ -52,6 +53,7 @@ NOT_BOOTSTRAP_NAMES = {
     "BUNDLE_RECORDS": "the Python installer's", "JOURNAL": "the Python installer's",
     "UNIT_VERSIONS": "systemd units are the Python installer's", "LINES": "the Python installer's",
     "ENV_MARKER": "the Python installer's",
+    "PROVIDABLE_KINDS": "the MANIFEST rules (Python) check which kinds a delta may leave out",
 }
 
 SHA = "ab" * 32

@@ -60,6 +60,8 @@ Other actions (they also work after the bundle's disk is gone, via /usr/local/sb
   --rollback             return to the previous version          [--name BUNDLE] [--dry-run]
   --uninstall            remove everything the installer created [--name BUNDLE] [--dry-run]
   --status               installed versions and instances: version, port, health  [--json]
+  --inventory            what this server holds (bundles, environments, models with per-file sha256)
+                         [--json]: the input of `pack build --against` for a delta bundle
   --clean                remove what a refused or interrupted install kept (ROOT/var/lib/llm/staging)
   --json                 machine-readable result on stdout (messages go to stderr)
   -h, --help             this text
@@ -68,6 +70,7 @@ Examples:
   bash install.sh --pubkey build.pub --enable --start
   bash /media/usb/qwen3-32b-2026.11.21.vol01/install.sh            # split volumes mounted side by side
   llm-install --rollback
+  llm-install --inventory --json > server.inventory.json       # carry it out; `pack build --against` it
 EOF
 }
 
@@ -283,7 +286,8 @@ json_list() {
     done
 }
 
-# manifest_artifact FILE PATH: "sha256 size" of the artifacts[] entry of PATH (status 1: not listed)
+# manifest_artifact FILE PATH: "sha256 size" of the artifacts[] entry of PATH, then " target" when a delta
+# bundle leaves that file to the target (artifacts[].provided; status 1: not listed)
 manifest_artifact() {
     local want=$2 i n p
     _json_use "$1" || return 1
@@ -292,7 +296,11 @@ manifest_artifact() {
     for ((i = 0; i < n; i++)); do
         p="artifacts[$i]"
         if [ "${JSON_KIND[$p.path]-}" = string ] && [ "${JSON[$p.path]}" = "$want" ]; then
-            printf '%s %s\n' "${JSON[$p.sha256]-}" "${JSON[$p.size]-}"
+            if [ -n "${JSON[$p.provided]+x}" ]; then
+                printf '%s %s %s\n' "${JSON[$p.sha256]-}" "${JSON[$p.size]-}" "${JSON[$p.provided]}"
+            else
+                printf '%s %s\n' "${JSON[$p.sha256]-}" "${JSON[$p.size]-}"
+            fi
             return 0
         fi
     done
@@ -339,11 +347,12 @@ read_plain() {
 # and sha256 against MANIFEST.json. Only DEST is used afterwards: whatever happens to the bundle's copy (a disk
 # others can write) after this read, what is listed, extracted or run is the byte that was hashed.
 fetch_verified() {
-    local bundle=$1 manifest=$2 rel=$3 dest=$4 entry want_sha want_size size got
+    local bundle=$1 manifest=$2 rel=$3 dest=$4 entry want_sha want_size provided size got
     entry=$(manifest_artifact "$manifest" "$rel") || die "$rel is not listed in MANIFEST.json" \
         "the bundle is incomplete or was not built by pack build"
-    want_sha=${entry%% *}
-    want_size=${entry##* }
+    read -r want_sha want_size provided <<<"$entry"
+    [ -z "$provided" ] || die "$rel is not in this bundle: it is a delta bundle that leaves it to the server" \
+        "install the full bundle (pack build without --against)"
     if ! [[ $want_sha =~ ^[0-9a-f]{64}$ ]] || ! [[ $want_size =~ ^[0-9]+$ ]]; then
         die "MANIFEST.json: the entry of $rel has no usable sha256 and size" \
             "the bundle was not built by pack build"
@@ -711,7 +720,7 @@ run_python() { # PYTHON INSTALLER_DIR ARGS...: the installer on a verified Pytho
 }
 
 main() {
-    local action=install bundle="" workdir="" script_dir manifest fp py rt_art rt_py inst_art key rc=0
+    local action=install bundle="" workdir="" script_dir manifest fp py rt_art rt_py rt_sha inst_art key entry provided rc=0
     local -a pass=()
     PUBKEYS=()
     VOLUME_DIRS=()
@@ -726,6 +735,7 @@ main() {
         --rollback) action=rollback ;;
         --uninstall) action=uninstall ;;
         --status) action=status ;;
+        --inventory) action=inventory ;;
         --clean) action=clean ;;
         --root) [ $# -ge 2 ] || die "--root needs a DIR" "" 2; ROOT=$2; shift ;;
         --workdir) [ $# -ge 2 ] || die "--workdir needs a DIR" "" 2; workdir=$2; shift ;;
@@ -824,10 +834,23 @@ main() {
         rt_py=$(json_value "$manifest" runtime.python)
         safe_relpath "$rt_art" || die "MANIFEST.json names an unusable runtime archive"
         [[ $rt_py =~ ^bin/python3(\.[0-9]+)?$ ]] || die "MANIFEST.json names an unusable runtime python: $rt_py"
-        fetch_verified "$bundle" "$manifest" "$rt_art" "$WORK/verified/$rt_art"
-        check_tar "$WORK/verified/$rt_art"
-        extract_tar "$WORK/verified/$rt_art" "$WORK/runtime"
-        py=$WORK/runtime/$rt_py
+        entry=$(manifest_artifact "$manifest" "$rt_art") || die "$rt_art is not listed in MANIFEST.json" \
+            "the bundle is incomplete or was not built by pack build"
+        read -r rt_sha _ provided <<<"$entry"
+        if [ "$provided" = target ]; then
+            # a delta bundle: the runtime an earlier install verified and kept, named by that archive's sha256
+            [[ $rt_sha =~ ^[0-9a-f]{64}$ ]] || die "MANIFEST.json: the entry of $rt_art has no usable sha256"
+            py=$ROOT/opt/llm/runtime/${rt_sha:0:16}/$rt_py
+            [ -x "$py" ] && [ ! -L "$ROOT/opt/llm/runtime/${rt_sha:0:16}" ] ||
+                die "this delta bundle needs the installer runtime ${rt_sha:0:16} installed here (it was built against an install that has it), and $ROOT/opt/llm/runtime/${rt_sha:0:16} is not there" \
+                    "install the full bundle (pack build without --against), or the bundle this delta was built against first (pack inspect shows it)"
+            say "delta bundle: using the installer runtime an earlier install verified: $py"
+        else
+            fetch_verified "$bundle" "$manifest" "$rt_art" "$WORK/verified/$rt_art"
+            check_tar "$WORK/verified/$rt_art"
+            extract_tar "$WORK/verified/$rt_art" "$WORK/runtime"
+            py=$WORK/runtime/$rt_py
+        fi
     else
         py=$(installed_python "$ROOT") || die "this bundle carries no Python and none was installed before" \
             "install a bundle with an environment first (it brings the installer's Python), then this one"

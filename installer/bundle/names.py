@@ -25,6 +25,8 @@ SPLIT_INFO = "SPLIT.json"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 ARTIFACT_KINDS = ("bootstrap", "installer", "runtime", "environment", "model")
+PROVIDED = "target"  # artifacts[].provided: not in the bundle, the target has it (a delta bundle)
+PROVIDABLE_KINDS = ("runtime", "environment", "model")  # what a delta bundle may leave to the target
 BUFSIZE = 1 << 20
 
 

@@ -45,12 +45,14 @@ class Artifact:
     size: int
     sha256: str
     kind: str
+    # "target": a delta bundle leaves this file out; the target has it (an installed copy with this sha256)
+    provided: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> Artifact:
         try:
             art = cls(path=check_relpath(str(d["path"])), size=int(d["size"]), sha256=str(d["sha256"]),
-                      kind=str(d["kind"]))
+                      kind=str(d["kind"]), provided=None if d.get("provided") is None else str(d["provided"]))
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, BundleError):
                 raise
@@ -60,12 +62,18 @@ class Artifact:
         return art
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "size": self.size, "sha256": self.sha256, "kind": self.kind}
+        out = {"path": self.path, "size": self.size, "sha256": self.sha256, "kind": self.kind}
+        if self.provided is not None:
+            out["provided"] = self.provided
+        return out
 
 
 @dataclass(frozen=True)
 class Bundle:
-    """A bundle directory opened for reading. ``manifest`` is the parsed MANIFEST.json."""
+    """A bundle directory opened for reading. ``manifest`` is the parsed MANIFEST.json.
+
+    ``artifacts`` are the files in the bundle; ``provided`` the ones a delta bundle leaves to the target
+    (listed in MANIFEST.json with ``"provided": "target"``, not in the directory: docs/delta.md)."""
 
     root: Path
     manifest_bytes: bytes
@@ -77,6 +85,11 @@ class Bundle:
     signature: bytes | None = field(default=None, compare=False, repr=False)
     # split volumes (root is volume 1): the artifacts are read in place from their pieces, never joined
     volumes: Volumes | None = field(default=None, compare=False, repr=False)
+    provided: tuple[Artifact, ...] = ()
+
+    @property
+    def is_delta(self) -> bool:
+        return bool(self.provided)
 
     @classmethod
     def load(cls, root: str | os.PathLike[str]) -> Bundle:
@@ -104,8 +117,9 @@ class Bundle:
             sig: bytes | None = (root / SIGNATURE_NAME).read_bytes()
         except FileNotFoundError:
             sig = None
-        return cls(root=root, manifest_bytes=raw, manifest=manifest, artifacts=arts, records=records,
-                   signature=sig)
+        return cls(root=root, manifest_bytes=raw, manifest=manifest,
+                   artifacts=tuple(a for a in arts if a.provided is None), records=records, signature=sig,
+                   provided=tuple(a for a in arts if a.provided is not None))
 
     # -- identity
     @property
@@ -121,7 +135,8 @@ class Bundle:
         return hashlib.sha256(self.manifest_bytes).hexdigest()
 
     def artifact(self, path: str) -> Artifact:
-        for a in self.artifacts:
+        """The artifact entry of ``path`` (in the bundle, or provided by the target: check ``provided``)."""
+        for a in (*self.artifacts, *self.provided):
             if a.path == path:
                 return a
         raise BundleError(f"{self.root}: {path!r} is not listed in {MANIFEST_NAME}")
@@ -131,7 +146,11 @@ class Bundle:
         return self.root.joinpath(*rel.split("/"))
 
     def total_size(self) -> int:
+        """Bytes in the bundle (a delta's provided artifacts are not)."""
         return sum(a.size for a in self.artifacts)
+
+    def provided_size(self) -> int:
+        return sum(a.size for a in self.provided)
 
     # -- checks
     def unlisted_files(self) -> list[str]:

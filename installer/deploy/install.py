@@ -27,6 +27,7 @@ from pathlib import Path
 from installer import fsutil
 from installer.bundle import MANIFEST_NAME, SIGNATURE_NAME, Bundle
 from installer.deploy import state as st
+from installer.deploy.delta import check_delta, describe_base
 from installer.deploy.installed import installed_env, intact, owned_ports, with_installed_envs
 from installer.deploy.layout import (
     BUNDLE_RECORDS,
@@ -181,6 +182,11 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
                 hint="to go back on purpose, add --allow-downgrade (or use --rollback to return "
                 "to the previous version)",
             )
+    # a delta bundle: what it leaves to this server must be here (nothing changes if it is not)
+    inst.delta = check_delta(inst, bundle)
+    if bundle.provided:
+        say(f"delta bundle: {len(bundle.provided)} artifacts ({human_size(bundle.provided_size())}) are taken "
+            f"from this server's installed copies (built against {describe_base(m)})")
     # preflight: nothing is changed before it passes
     from installer import preflight
 
@@ -232,6 +238,9 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
                 continue
             if inst.env_placed(tgt, env):
                 say(f"environment {env['name']}: already installed at {tgt} (reused)")
+            elif bundle.artifact(str(env["artifact"])).provided:  # check_delta found it; gone since?
+                raise InstallError(f"environment {env['name']}: this delta bundle needs it installed at {tgt}",
+                                   hint="install the full bundle (`pack build` without --against)")
             else:
                 inst.stage_env(bundle, env, opts.workers, test_compiler="compiler" not in skipped)
                 new.append(tgt)
@@ -266,6 +275,10 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
         fsutil.sync_fs(inst.t.host(STAGING))
         summary["bytes_read"] = inst.bytes_read
         say(_read_line(bundle, inst.bytes_read))
+        if inst.reused:
+            summary["reused"] = {"files": dict(inst.reused), "bytes": inst.reused_bytes}
+            say(f"took {sum(inst.reused.values())} model files ({human_size(inst.reused_bytes)}) from the copies "
+                "installed here, each hashed: " + ", ".join(f"{n} {k}" for k, n in sorted(inst.reused.items())))
 
         # 2. everything is verified: rename it into /opt/llm and write this version's units (journaled)
         token = inst.begin(bid)

@@ -21,6 +21,7 @@ from pathlib import Path
 from installer import fsutil
 from installer.bundle import MANIFEST_NAME
 from installer.deploy import state as st
+from installer.deploy.delta import DeltaSources
 from installer.deploy.journal import Journal
 from installer.deploy.layout import (
     BUNDLE_RECORDS,
@@ -47,6 +48,9 @@ class Installer(Journal, Staging):
         self.txn: dict | None = None
         self.doing: str | None = None  # what the install is doing (named in an error from the OS)
         self.bytes_read = 0  # of the bundle, by this run (Staging)
+        self.delta = DeltaSources()  # a delta bundle's provided artifacts on this server (install sets it)
+        self.reused: dict[str, int] = {}
+        self.reused_bytes = 0
         self.reconciled: list[str] = []  # lines whose state was one step behind their switch link
         self.reconcile()
 

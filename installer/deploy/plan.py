@@ -39,7 +39,11 @@ def make_plan(inst: Installer, bundle: Bundle, bid: str, active: str | None) -> 
     for model in m.get("models") or []:
         tgt = model_dir(model)
         ok = inst.in_use(tgt) and model_intact(inst.t.host(tgt), model.get("files") or [])
-        plan.add("reuse" if ok else "copy", f"model {model['name']} -> {tgt}")
+        linked = sum(1 for f in model.get("files") or [] if f"{model.get('dir')}/{f['path']}" in inst.delta.files)
+        what = f"model {model['name']} -> {tgt}"
+        if not ok and linked:
+            what += f" ({linked} of {len(model.get('files') or [])} files linked from installed copies)"
+        plan.add("reuse" if ok else "copy", what)
     for s in m.get("services") or []:
         plan.add("unit", f"llm@{s['name']} (port {s.get('port')})")
     plan.add("switch", f"active: {active or 'none'} -> {bid}")

@@ -19,6 +19,7 @@ from pathlib import Path
 from installer import fsutil
 from installer.bundle import MANIFEST_NAME, Bundle, check_relpath, sha256_file
 from installer.deploy.conda_unpack import run_conda_unpack
+from installer.deploy.delta import DeltaSources, take_installed
 from installer.deploy.layout import (
     ENV_MARKER,
     INSTALLERS,
@@ -52,6 +53,9 @@ class Staging:
     say: Say
     doing: str | None
     bytes_read: int  # of the bundle's artifacts, by this run (each read once; what a re-run kept is not read)
+    delta: DeltaSources  # where a delta bundle's provided files are on this server
+    reused: dict[str, int]  # provided model files taken from installed copies: {"hardlink"|"reflink"|"copy": n}
+    reused_bytes: int
 
     # ------------------------------------------------------------------ environments
     def env_placed(self, target: str, env: Mapping) -> bool:
@@ -172,8 +176,12 @@ class Staging:
         if len(todo) < len(arts):
             self.say(f"model {model['name']}: {len(arts) - len(todo)} of {len(arts)} files verified by an "
                      "earlier run (kept)")
-        total = sum(a.size for _, a in todo)
-        self.say(f"model {model['name']}: verifying and copying {len(todo)} files ({human_size(total)})")
+        total = sum(a.size for _, a in todo if not a.provided)
+        mine = [a for _, a in todo if a.provided]
+        if mine:
+            self.say(f"model {model['name']}: {len(mine)} files ({human_size(sum(a.size for a in mine))}) from the "
+                     "copies installed here (delta bundle): linked and hashed")
+        self.say(f"model {model['name']}: verifying and copying {len(todo) - len(mine)} files ({human_size(total)})")
         self.doing = f"copying model {model['name']} into {final}"
         for f, _ in todo:
             (final / f["path"]).parent.mkdir(parents=True, exist_ok=True)
@@ -184,6 +192,21 @@ class Staging:
             if stop.is_set():
                 return
             dst = final / f["path"]
+            if a.provided:  # a delta leaves it to this server: an installed copy, linked and hashed here
+                try:
+                    how, n = take_installed(self.delta.candidates(a), dst, a)
+                except BaseException:
+                    stop.set()
+                    raise
+                with lock:
+                    self.reused[how] = self.reused.get(how, 0) + 1
+                    self.reused_bytes += n
+                fsutil.fsync_file(dst)
+                with lock, open(log, "a", encoding="utf-8") as lf:
+                    lf.write(f"{a.sha256} {a.size} {f['path']}\n")
+                    lf.flush()
+                    os.fsync(lf.fileno())
+                return
             src = source_of(bundle, a)
             try:
                 try:
@@ -207,7 +230,7 @@ class Staging:
 
         # split volumes: the files whose volumes are all mounted now in parallel; then the others one by one,
         # in volume order, in this thread (each volume asked for, or named in the error, when it is needed)
-        now = [(f, a) for f, a in todo if all_mounted(source_of(bundle, a))]
+        now = [(f, a) for f, a in todo if a.provided or all_mounted(source_of(bundle, a))]
         later = sorted((fa for fa in todo if fa not in now), key=lambda fa: first_volume(bundle, fa[1]))
         pool = ThreadPoolExecutor(max_workers=max(1, workers))
         try:
@@ -260,7 +283,13 @@ class Staging:
         m = bundle.manifest
         out = []
         runtime = m.get("runtime") or None
-        if runtime and (bootstrap / "runtime").is_dir():
+        if runtime and bundle.artifact(runtime["artifact"]).provided:  # a delta: the runtime kept here
+            tgt = f"{RUNTIMES}/{bundle.artifact(runtime['artifact']).sha256[:16]}"
+            if not (self.in_use(tgt) and self.t.host(tgt).is_dir()):
+                raise InstallError(f"this delta bundle needs the installer runtime {tgt}, which is not installed",
+                                   hint="install the full bundle (`pack build` without --against)")
+            out.append((RUNTIMES, tgt))
+        elif runtime and (bootstrap / "runtime").is_dir():
             tgt = f"{RUNTIMES}/{bundle.artifact(runtime['artifact']).sha256[:16]}"
 
             def fill_runtime(d: Path) -> None:

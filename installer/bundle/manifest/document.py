@@ -24,7 +24,7 @@ from installer.bundle.manifest.rules import (
     VERSION_RE,
 )
 from installer.bundle.manifest.services import ServiceRecord, port_conflicts
-from installer.bundle.names import ARTIFACT_KINDS, FORMAT_VERSION, MANIFEST_NAME
+from installer.bundle.names import ARTIFACT_KINDS, FORMAT_VERSION, MANIFEST_NAME, PROVIDABLE_KINDS, PROVIDED
 from installer.errors import BundleError
 
 
@@ -74,11 +74,52 @@ class ArtifactRecord(Record):
     size: int
     sha256: str
     kind: str
+    provided: str | None = None  # "target": left out of a delta bundle (the target has it)
 
     @classmethod
     def read(cls, r: FieldReader) -> ArtifactRecord:
+        provided = r.str("provided", choices=(PROVIDED,), optional=True)
+        kind = r.str("kind", choices=ARTIFACT_KINDS)
+        if provided is not None and kind not in PROVIDABLE_KINDS:
+            r.fail(("provided",), f"a {kind} artifact cannot be left to the target (only "
+                   f"{', '.join(PROVIDABLE_KINDS)})")
         return cls(path=r.relpath("path", what="artifact path"), size=r.int("size"),
-                   sha256=r.str("sha256", SHA256_RE, what="sha256"), kind=r.str("kind", choices=ARTIFACT_KINDS))
+                   sha256=r.str("sha256", SHA256_RE, what="sha256"), kind=kind, provided=provided)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if out["provided"] is None:
+            del out["provided"]
+        return out
+
+
+@dataclass(frozen=True)
+class BaseRef(Record):
+    """``delta.base[]``: a bundle version (or a server inventory) a delta was built against."""
+
+    name: str | None = None
+    version: str | None = None
+    manifest_sha256: str | None = None
+
+    @classmethod
+    def read(cls, r: FieldReader) -> BaseRef:
+        return cls(name=r.str("name", NAME_RE, optional=True, what="bundle name"),
+                   version=r.str("version", VERSION_RE, optional=True, what="bundle version"),
+                   manifest_sha256=r.str("manifest_sha256", SHA256_RE, optional=True, what="sha256"))
+
+
+@dataclass(frozen=True)
+class DeltaInfo(Record):
+    """``delta``: what a delta bundle was built against (for `pack inspect` and the installer's refusal)."""
+
+    against: str  # "inventory" or "bundle"
+    base: tuple[BaseRef, ...] = ()
+
+    @classmethod
+    def read(cls, r: FieldReader) -> DeltaInfo:
+        return cls(against=r.str("against", choices=("inventory", "bundle")),
+                   base=tuple(BaseRef.read(FieldReader(b, r.path + ("base", i), r.source))
+                              for i, b in enumerate(r.list("base"))))
 
 
 @dataclass(frozen=True)
@@ -93,6 +134,7 @@ class Manifest(Record):
     environments: tuple[EnvironmentRecord, ...] = ()
     models: tuple[ModelRecord, ...] = ()
     services: tuple[ServiceRecord, ...] = ()
+    delta: DeltaInfo | None = None
     format_version: int = FORMAT_VERSION
     raw: Mapping = field(default_factory=dict, compare=False, repr=False)
 
@@ -141,6 +183,7 @@ class Manifest(Record):
         if installer is not None:
             installer.str("artifact", choices=("installer.tar.gz",))
         target = r.child("target", optional=True)
+        delta = r.child("delta", optional=True)
         m = cls(
             bundle=BundleInfo.read(r.child("bundle")),
             target=TargetInfo.read(target) if target is not None else TargetInfo(),
@@ -153,6 +196,7 @@ class Manifest(Record):
                          for i, x in enumerate(r.list("models"))),
             services=tuple(ServiceRecord.read(FieldReader(s, ("services", i), source))
                            for i, s in enumerate(r.list("services"))),
+            delta=DeltaInfo.read(delta) if delta is not None else None,
             format_version=version,
             raw=obj,
         )
@@ -189,6 +233,8 @@ class Manifest(Record):
     def to_dict(self) -> dict:
         out = super().to_dict()
         del out["raw"]
+        if out["delta"] is None:
+            del out["delta"]
         for key in ("runtime", "installer"):
             if out[key] is not None and out[key].get("python") is None and key == "installer":
                 out[key].pop("python")
