@@ -47,6 +47,7 @@ class BuildOptions:
     work: Path | None = None  # env build area; default ~/.cache/llm-pack/envs or $LLM_PACK_WORK
     jobs: int = 4
     progress: bool = True
+    against: tuple[Path, ...] = ()  # a delta: leave out what these inventories / earlier bundles hold
 
 
 @dataclass
@@ -61,11 +62,15 @@ class BuildResult:
     models: list[dict] = field(default_factory=list)
     environments: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    provided: int = 0  # a delta: artifacts left to the target, and their bytes
+    provided_size: int = 0
 
     def to_dict(self) -> dict:
         return {"bundle": str(self.bundle_dir), "name": self.name, "version": self.version, "size": self.size,
                 "artifacts": self.artifacts, "signed_by": self.signed_by, "seconds": round(self.seconds, 2),
                 "models": self.models, "environments": self.environments,
+                "delta": {"provided": self.provided, "provided_size": self.provided_size,
+                          "full_size": self.size + self.provided_size} if self.provided else None,
                 "timings": {k: round(v, 2) for k, v in self.timings.items()}}
 
 
@@ -81,6 +86,9 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
     t0 = time.monotonic()
     timings: dict[str, float] = {}
     manifest = load_manifest(opts.manifest)
+    from packager.against import load_against
+
+    against = load_against(opts.against)  # read before anything is built: a bad file fails at once
     key = load_private_key(opts.key) if opts.key else None
     if key is None:
         log("warning: no --key given: the bundle will be unsigned and install.sh will refuse it "
@@ -120,7 +128,7 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
     t = time.monotonic()
     try:
         bundle, model_entries, env_entries, links = _assemble(opts, manifest, store, key, pinned, blobs,
-                                                              built_envs, log)
+                                                              built_envs, log, against)
     except OSError as e:
         if e.filename is None:  # a failed write() names no file: say where the bundle was being written
             e.filename = os.fspath(opts.out_dir)
@@ -131,7 +139,12 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
         from packager.signing import public_pem
         fingerprint = fmt.key_fingerprint(public_pem(key))
     log(f"models placed: {', '.join(f'{n} {k}' for k, n in sorted(links.items()))}" if links else "")
-    return BuildResult(bundle_dir=bundle.root, name=bundle.name, version=bundle.version,
+    if against is not None:
+        log(f"delta against {', '.join(against.sources)}: {len(bundle.provided)} artifacts "
+            f"({human_size(bundle.provided_size())}) left to the target, {human_size(bundle.total_size())} in the "
+            f"bundle (full: {human_size(bundle.total_size() + bundle.provided_size())})")
+    return BuildResult(provided=len(bundle.provided), provided_size=bundle.provided_size(),
+                       bundle_dir=bundle.root, name=bundle.name, version=bundle.version,
                        size=bundle.total_size(), artifacts=len(bundle.artifacts), signed_by=fingerprint,
                        seconds=time.monotonic() - t0,
                        models=[{"name": m["name"], "commit": m["commit"], "files": len(m["files"]),
@@ -143,7 +156,8 @@ def build(opts: BuildOptions, log=print) -> BuildResult:
                        timings=timings)
 
 
-def _assemble(opts: BuildOptions, manifest: Manifest, store: ContentStore, key, pinned, blobs, built_envs, log):
+def _assemble(opts: BuildOptions, manifest: Manifest, store: ContentStore, key, pinned, blobs, built_envs, log,
+              against=None):
     """Step 4 of :func:`build`: place, hash what was not read, sign, switch. ``(bundle, models, envs, links)``."""
     from packager.sources.base import Progress, content_hash
     from packager.sources.local import remember_hash
@@ -232,7 +246,9 @@ def _assemble(opts: BuildOptions, manifest: Manifest, store: ContentStore, key, 
         }
         signer = (lambda data: key.sign(data)) if key is not None else None
         with _repair_on_damage(None, on_damage):
-            bundle = w.commit(doc, sign=signer, verify_jobs=opts.jobs)
+            bundle = w.commit(doc, sign=signer, verify_jobs=opts.jobs,
+                              provided=against.provides if against is not None else None,
+                              delta=against.delta_info() if against is not None else None)
     return bundle, model_entries, env_entries, links
 
 

@@ -6,6 +6,8 @@ reader (:class:`installer.bundle.reader.Bundle`) before it is signed.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import hashlib
 import os
@@ -16,7 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from installer.bundle.hashing import hash_files
-from installer.bundle.names import ARTIFACT_KINDS, FORMAT_VERSION, MANIFEST_NAME, SIGNATURE_NAME, bundle_dirname
+from installer.bundle.names import (
+    ARTIFACT_KINDS,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    PROVIDED,
+    SIGNATURE_NAME,
+    bundle_dirname,
+)
 from installer.bundle.reader import Artifact, Bundle, canonical_json, check_relpath
 from installer.errors import IntegrityError
 
@@ -167,16 +176,46 @@ class BundleWriter:
     def artifacts(self) -> list[Artifact]:
         return sorted(self._artifacts.values(), key=lambda a: a.path)
 
+    def leave_out(self, provided: Callable[[Artifact], bool], *, known_only: bool = False) -> list[Artifact]:
+        """A delta bundle: remove from the staging directory every artifact ``provided`` says the target has
+        (by kind and sha256), keeping its entry with ``provided: "target"``. ``known_only``: only those whose
+        sha256 is already known (a pending artifact recorded with its sha256 is then never read)."""
+        out = []
+        for rel, a in list(self._artifacts.items()):
+            if a.provided is not None or not a.sha256 or a.size < 0:
+                continue
+            if known_only is False and rel in self._pending:
+                continue
+            if not provided(a):
+                continue
+            p = self.staging.joinpath(*rel.split("/"))
+            p.unlink(missing_ok=True)
+            self._pending.pop(rel, None)
+            self._hashed_stat.pop(os.fspath(p), None)
+            self._artifacts[rel] = dataclasses.replace(a, provided=PROVIDED)
+            out.append(self._artifacts[rel])
+        _prune_empty_dirs(self.staging)
+        return out
+
     def commit(self, manifest: dict, *, sign: Callable[[bytes], bytes] | None,
-               verify_jobs: int | None = None, rehash: bool = False) -> Bundle:
+               verify_jobs: int | None = None, rehash: bool = False,
+               provided: Callable[[Artifact], bool] | None = None, delta: dict | None = None) -> Bundle:
         """Hash what is pending, write MANIFEST.json, re-open with the reader and check, sign, switch.
 
-        ``rehash=True`` also reads again the artifacts that were hashed as they were written.
+        ``rehash=True`` also reads again the artifacts that were hashed as they were written. ``provided``
+        (a delta bundle): the artifacts it accepts are left out (:meth:`leave_out`) and MANIFEST.json gets
+        ``delta`` when at least one was.
         """
+        if provided is not None:
+            self.leave_out(provided, known_only=True)  # a cached env archive the target has is never read
         self.hash_pending(jobs=verify_jobs)
+        if provided is not None:
+            self.leave_out(provided)
         manifest = dict(manifest)
         manifest["format_version"] = FORMAT_VERSION
         manifest["artifacts"] = [a.to_dict() for a in self.artifacts]
+        if delta is not None and any(a.provided for a in self.artifacts):
+            manifest["delta"] = delta
         data = canonical_json(manifest)
         (self.staging / MANIFEST_NAME).write_bytes(data)
         # Re-open with the installer's own reader before signing (a bundle we cannot read is never signed).
@@ -217,6 +256,13 @@ class BundleWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _prune_empty_dirs(top: Path) -> None:
+    for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda t: -len(t[0])):
+        if Path(dirpath) != top:
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)
 
 
 def _remove(path: Path) -> None:

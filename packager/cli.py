@@ -98,14 +98,25 @@ def _emit(obj: dict, as_json: bool, text: str) -> None:
 @click.option("--jobs", "-j", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Parallel downloads / hashing threads.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--against", "against", multiple=True, type=click.Path(path_type=Path),
+              help="Build a delta: leave out every environment, model file and runtime this server inventory "
+                   "(`llm-install --inventory --json`) or earlier bundle (directory or MANIFEST.json) holds. "
+                   "Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (logs go to stderr).")
 def build(manifest: Path, out_dir: Path, key: Path | None, store: Path | None, jobs: int, no_progress: bool,
-          as_json: bool) -> None:
+          against: tuple[Path, ...], as_json: bool) -> None:
     """Build a bundle from MANIFEST (YAML).
 
     Models are pinned to exact commits and every file is checked against the sha256 the hub lists;
     environments are solved for the target's CUDA and glibc, not this host's. Re-running after an
     interruption resumes: files already in the content store are not fetched again.
+
+    \b
+    Delta bundles (ship only what changed):
+      llm-install --inventory --json > site-a.json        # on the server; carry the file out
+      pack build m.yaml --key k.key --against site-a.json # the full signed MANIFEST, fewer files
+    The installer takes what the delta leaves out from the server's installed copies (hashing them) and
+    refuses, before changing anything, a server that lacks one.
     """
     from packager.build import BuildOptions
     from packager.build import build as do_build
@@ -115,10 +126,12 @@ def build(manifest: Path, out_dir: Path, key: Path | None, store: Path | None, j
             click.echo(msg, err=as_json)
 
     res = do_build(BuildOptions(manifest=manifest, out_dir=out_dir, key=key, store=store, jobs=jobs,
-                                progress=not no_progress and not as_json), log=log)
+                                progress=not no_progress and not as_json, against=against), log=log)
+    delta = (f"; delta: {res.provided} artifacts ({human_size(res.provided_size)}) left to the target"
+             if res.provided else "")
     _emit(res.to_dict(), as_json,
           f"bundle {res.bundle_dir} ({human_size(res.size)}, {res.artifacts} artifacts, "
-          f"{'signed by ' + res.signed_by if res.signed_by else 'UNSIGNED'}) in {res.seconds:.1f}s")
+          f"{'signed by ' + res.signed_by if res.signed_by else 'UNSIGNED'}{delta}) in {res.seconds:.1f}s")
 
 
 @main.command()
@@ -152,11 +165,14 @@ def verify(bundle: Path, pubkeys: tuple[Path, ...], insecure: bool, jobs: int | 
     b.check_files(jobs=jobs)
     secs = time.monotonic() - t
     size = b.total_size()
+    delta = (f"; a delta: {len(b.provided)} artifacts ({human_size(b.provided_size())}) are left to the target "
+             "(`pack inspect` lists them)" if b.provided else "")
     _emit({"ok": True, "bundle": str(b.root), "signed_by": signer, "artifacts": len(b.artifacts), "size": size,
+           "provided": len(b.provided), "provided_size": b.provided_size(),
            "seconds": round(secs, 2)}, as_json,
           f"OK {b.root}: signature {'by ' + signer if signer else 'NOT CHECKED (--insecure)'}, "
           f"{len(b.artifacts)} artifacts, {human_size(size)} verified in {secs:.1f}s "
-          f"({size / max(secs, 1e-9) / 1e6:.0f} MB/s)")
+          f"({size / max(secs, 1e-9) / 1e6:.0f} MB/s){delta}")
 
 
 @main.command()
@@ -168,6 +184,22 @@ def inspect(bundle: Path, as_json: bool) -> None:
 
     info = describe(bundle)
     _emit(info, as_json, render(info))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the inventory JSON (the form `pack build --against` "
+              "and `pack diff` read).")
+def inventory(bundle: Path, as_json: bool) -> None:
+    """What BUNDLE holds, in the inventory form a server prints with `llm-install --inventory`.
+
+    `pack build --against BUNDLE` reads a bundle directly; this shows what it would leave out.
+    """
+    from installer.bundle.inventory import render
+    from packager.against import read_source
+
+    inv, _ = read_source(bundle)
+    _emit(inv, as_json, render(inv))
 
 
 @main.command()

@@ -31,7 +31,30 @@ def describe(path: Path) -> dict:
             "signed": (b.root / SIGNATURE_NAME).exists(), "manifest_sha256": b.manifest_sha256,
             "target": m.get("target"), "environments": envs, "models": models,
             "services": m.get("services", []), "size_by_kind": by_kind, "total_size": b.total_size(),
-            "artifacts": len(b.artifacts)}
+            "artifacts": len(b.artifacts), "delta": _delta(b)}
+
+
+def _delta(b: Bundle) -> dict | None:
+    """What a delta bundle expects the target to have (None: a full bundle)."""
+    if not b.provided:
+        return None
+    m = b.manifest
+    prov = {a.path: a for a in b.provided}
+    envs = [{"name": e["name"], "content_hash": e["content_hash"], "archive_sha256": prov[e["artifact"]].sha256,
+             "size": prov[e["artifact"]].size}
+            for e in m.get("environments") or [] if e.get("artifact") in prov]
+    models = []
+    for x in m.get("models") or []:
+        mine = [a for p, a in prov.items() if p.startswith(f"{x['dir']}/")]
+        if mine:
+            models.append({"name": x["name"], "commit": x["commit"], "files": len(mine),
+                           "of_files": len(x["files"]), "size": sum(a.size for a in mine)})
+    rt = (m.get("runtime") or {}).get("artifact")
+    d = m.get("delta") or {}
+    return {"against": d.get("against"), "base": d.get("base") or [], "provided": len(prov),
+            "provided_size": b.provided_size(), "full_size": b.total_size() + b.provided_size(),
+            "environments": envs, "models": models,
+            "runtime": {"sha256": prov[rt].sha256, "size": prov[rt].size} if rt in prov else None}
 
 
 def _h(n: int | None) -> str:
@@ -67,4 +90,17 @@ def render(info: dict) -> str:
         out.append(f"  llm@{s['name']}: model {s['model']} as {s.get('served_model_name')!r} on "
                    f"{s['host']}:{s['port']}, env {s.get('environment')}, GPUs {gpus}, "
                    f"tp {s.get('tensor_parallel_size')}, max_model_len {s.get('max_model_len') or 'auto'}")
+    d = info.get("delta")
+    if d:
+        base = ", ".join(f"{b['name']} {b['version']}" for b in d["base"]) or "?"
+        out.append(f"delta: built against {base} ({d['against']}); {d['provided']} artifacts "
+                   f"({_h(d['provided_size'])}) must already be on the server (full version: {_h(d['full_size'])})")
+        for e in d["environments"]:
+            out.append(f"  needs environment {e['name']} (content {e['content_hash'][:16]}, archive sha256 "
+                       f"{e['archive_sha256'][:16]}, {_h(e['size'])}) installed")
+        for x in d["models"]:
+            out.append(f"  needs {x['files']} of the {x['of_files']} files of model {x['name']} ({_h(x['size'])}) "
+                       "installed (any installed version with the same sha256)")
+        if d["runtime"]:
+            out.append(f"  needs the installer runtime {d['runtime']['sha256'][:16]} installed (/opt/llm/runtime)")
     return "\n".join(out)
