@@ -188,8 +188,9 @@ class BundleSpec:
     extra_envs: list[dict] = field(default_factory=list)  # e.g. {"name": ..., "existing": "/opt/venv"}
 
 
-def make_bundle(out_dir: Path, spec: BundleSpec, keys: Keys | None) -> Path:
-    """Write a bundle through BundleWriter (signed when ``keys`` is given); returns its directory."""
+def make_bundle(out_dir: Path, spec: BundleSpec, keys: Keys | None, *, against=None) -> Path:
+    """Write a bundle through BundleWriter (signed when ``keys`` is given); returns its directory.
+    ``against`` (a :class:`packager.against.Against`): a delta bundle, as ``pack build --against`` writes."""
     with BundleWriter(out_dir, spec.name, spec.version) as w:
         w.add_bytes(INSTALL_SH, (INSTALLER_PKG / "bootstrap" / "install.sh").read_bytes(), kind="bootstrap", mode=0o755)
         wf = write_tar_gz(w.path(INSTALLER_ARCHIVE), [("installer", INSTALLER_PKG)])
@@ -241,7 +242,8 @@ def make_bundle(out_dir: Path, spec: BundleSpec, keys: Keys | None) -> Path:
             "services": spec.services,
         }
         sign = (lambda data: keys.private.sign(data)) if keys is not None else None
-        return w.commit(doc, sign=sign).root
+        return w.commit(doc, sign=sign, provided=against.provides if against is not None else None,
+                        delta=against.delta_info() if against is not None else None).root
 
 
 def _sha(p: Path) -> str:
