@@ -60,6 +60,8 @@ class JourneyResult:
     network_attempts: list[str] = field(default_factory=list)
     restarts_after_kill: int = 0
     upgrade_output: str = ""
+    inventory: dict = field(default_factory=dict)  # `llm-install --inventory --json` after the first install
+    delta: dict = field(default_factory=dict)  # the 1.0.1 delta: provided, provided_size, full_size, size
     versions: list[str] = field(default_factory=list)  # active version after upgrade, after rollback
     after_rollback: dict = field(default_factory=dict)
     uninstall_rc: int | None = None
@@ -273,19 +275,32 @@ def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print
     if len(vols) < 2:
         raise AssertionError(f"expected several volumes, got {res.volumes}")
 
-    # a newer version of the same bundle (environment and model unchanged: reused at build and install)
+    # the next version goes on a second "USB disk": a delta bundle built (after the first install) against
+    # the inventory the server prints, so it carries only what the server lacks
     usb2 = work / "usb2"
     shutil.rmtree(usb2, ignore_errors=True)
     usb2.mkdir()
-    if full:
+
+    def build_next() -> None:
         t = time.monotonic()
-        write_manifest(work / "demo-next.yaml", channel=channel, model=model, version="1.0.1")
-        if via_hub:
-            model_next = {"source": "local", "path": str(model_dir)}  # the hub is gone; same bytes
-            write_manifest(work / "demo-next.yaml", channel=channel, model=model_next, version="1.0.1")
+        inv = work / "server.inventory.json"
+        r = c.run(["llm-install", "--inventory", "--json"], timeout=120)
+        inv.write_text(r.stdout)
+        res.inventory = json.loads(r.stdout)
+        # the hub is gone by now: the same bytes from the local directory (a model pinned by content, so a
+        # new model directory on the server, whose files the delta takes from the installed copies)
+        model_next = {"source": "local", "path": str(model_dir)} if via_hub else model
+        write_manifest(work / "demo-next.yaml", channel=channel, model=model_next, version="1.0.1")
         pack_cmd(["build", str(work / "demo-next.yaml"), "--key", str(keys / "build.key"), "--out", str(usb2),
-                  "--no-progress"], env, log)
-        stage("pack build 1.0.1 (reuse)", t)
+                  "--no-progress", "--against", str(inv)], env, log)
+        from installer.bundle import Bundle
+
+        b = Bundle.load(usb2 / "tiny-demo-1.0.1")
+        res.delta = {"provided": len(b.provided), "provided_size": b.provided_size(),
+                     "kinds": sorted({a.kind for a in b.provided}), "size": du(b.root),
+                     "files": sorted(a.path for a in b.artifacts)}
+        stage("pack build 1.0.1 (delta)", t, note=f"{res.delta['size'] / 1e3:.0f} kB bundle, "
+              f"{res.delta.get('provided', 0)} artifacts left to the server")
 
     # -- target ----------------------------------------------------------------------------------
     t = time.monotonic()
@@ -341,6 +356,7 @@ def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print
                                                          "Temporary failure in name resolution",
                                                          "Failed to get the IP address"))]
         if full:
+            build_next()
             _kill_upgrade_rollback(c, res, stage, log)
         t = time.monotonic()
         c.systemctl("stop", f"llm@{SERVICE}")
@@ -378,7 +394,7 @@ def _kill_upgrade_rollback(c, res: JourneyResult, stage, log: Callable[[str], No
         raise AssertionError(f"upgrade failed:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}")
     res.upgrade_output = r.stdout + r.stderr
     res.versions.append(_active_version(c))
-    stage("upgrade to 1.0.1", t, note="restarts llm@tiny, waits for /health + one completion")
+    stage("upgrade to 1.0.1 (delta)", t, note="restarts llm@tiny, waits for /health + one completion")
     t = time.monotonic()
     r = c.run(["llm-install", "--rollback"], timeout=600, check=False)
     log(r.stdout[-2000:] + r.stderr[-2000:])

