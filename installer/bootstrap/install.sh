@@ -840,9 +840,9 @@ main() {
         if [ "$provided" = target ]; then
             # a delta bundle: the runtime an earlier install verified and kept, named by that archive's sha256
             [[ $rt_sha =~ ^[0-9a-f]{64}$ ]] || die "MANIFEST.json: the entry of $rt_art has no usable sha256"
-            py=$ROOT/opt/llm/runtime/${rt_sha:0:16}/$rt_py
-            if [ ! -x "$py" ] || [ -L "$ROOT/opt/llm/runtime/${rt_sha:0:16}" ]; then
-                die "this delta bundle needs the installer runtime ${rt_sha:0:16} installed here (it was built against an install that has it), and $ROOT/opt/llm/runtime/${rt_sha:0:16} is not there" \
+            py=${ROOT%/}/opt/llm/runtime/${rt_sha:0:16}/$rt_py
+            if [ ! -x "$py" ] || [ -L "${ROOT%/}/opt/llm/runtime/${rt_sha:0:16}" ]; then
+                die "this delta bundle needs the installer runtime ${rt_sha:0:16} installed here (it was built against an install that has it), and ${ROOT%/}/opt/llm/runtime/${rt_sha:0:16} is not there" \
                     "install the full bundle (pack build without --against), or the bundle this delta was built against first (pack inspect shows it)"
             fi
             say "delta bundle: using the installer runtime an earlier install verified: $py"

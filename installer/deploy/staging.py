@@ -181,7 +181,9 @@ class Staging:
         if mine:
             self.say(f"model {model['name']}: {len(mine)} files ({human_size(sum(a.size for a in mine))}) from the "
                      "copies installed here (delta bundle): linked and hashed")
-        self.say(f"model {model['name']}: verifying and copying {len(todo) - len(mine)} files ({human_size(total)})")
+        if len(todo) > len(mine):
+            self.say(f"model {model['name']}: verifying and copying {len(todo) - len(mine)} files "
+                     f"({human_size(total)})")
         self.doing = f"copying model {model['name']} into {final}"
         for f, _ in todo:
             (final / f["path"]).parent.mkdir(parents=True, exist_ok=True)
