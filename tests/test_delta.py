@@ -197,3 +197,28 @@ def test_delta_refuses_an_altered_installed_copy_and_changes_nothing(root, v1, t
     assert after == before
     st = json.loads(run_installer("status", "--root", root, "--json").stdout)
     assert st["bundles"][0]["active"] == "1.0.0"
+
+
+def test_pack_inventory_of_a_bundle_and_bad_against_inputs(v1, tmp_path):
+    r = pack("inventory", v1)
+    assert r.returncode == 0 and "* demo 1.0.0" in r.stdout and "t1: content " in r.stdout, r.stdout + r.stderr
+    inv = json.loads(pack("inventory", v1, "--json").stdout)
+    assert inv["source"]["kind"] == "bundle" and inv["models"][0]["files"][0]["path"] == "config.json"
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    m = tmp_path / "m.yaml"
+    m.write_text(f'bundle: {{name: x, version: "1"}}\nmodels: [{{name: m, source: local, path: "{model_dir}"}}]\n')
+    cases = {
+        tmp_path / "missing.json": "no such file or directory",
+        tmp_path / "junk.json": "not JSON",
+        tmp_path / "other.json": "neither a server inventory nor a MANIFEST.json",
+        tmp_path / "old.json": "not an inventory of version 1",
+    }
+    (tmp_path / "junk.json").write_text("{oops")
+    (tmp_path / "other.json").write_text('{"hello": 1}')
+    (tmp_path / "old.json").write_text('{"inventory_version": 99}')
+    for path, why in cases.items():
+        r = pack("build", m, "--out", tmp_path / "out", "--no-progress", "--against", path)
+        assert r.returncode != 0 and why in r.stderr and "Traceback" not in r.stderr, (path, r.stderr)
+        assert not (tmp_path / "out").exists()  # refused before anything was built
