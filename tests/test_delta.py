@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -222,3 +224,22 @@ def test_pack_inventory_of_a_bundle_and_bad_against_inputs(v1, tmp_path):
         r = pack("build", m, "--out", tmp_path / "out", "--no-progress", "--against", path)
         assert r.returncode != 0 and why in r.stderr and "Traceback" not in r.stderr, (path, r.stderr)
         assert not (tmp_path / "out").exists()  # refused before anything was built
+
+
+def test_an_environment_rebuilt_from_the_same_lock_packs_to_the_same_sha256(conda_channel, wheel_dir, tmp_path):
+    """A delta leaves an environment out by its archive's sha256: a rebuild from the same lock (an emptied build
+    cache) must give the same bytes (pip's .pyc files are hash-checked, not stamped
+    with the install time; the archive's members are sorted with fixed mtime and owner)."""
+    from packager.env.build import build_env
+    from packager.env.pack import pack_env
+    from tests.conda.fixtures import TARGET, env_spec
+
+    shas = []
+    for i in range(2):
+        shutil.rmtree(tmp_path / "work", ignore_errors=True)  # the build cache emptied: everything built again
+        built = build_env(env_spec("t1", conda_channel, wheel_dir), TARGET, tmp_path / "work", progress=False)
+        assert list(built.prefix.rglob("*.pyc")), "pip compiled nothing: the test would prove nothing"
+        packed = pack_env(built, tmp_path / f"t1-{i}.tar.zst")
+        shas.append((built.content_hash, packed.sha256))
+        time.sleep(1.1)  # a later second: an install-time stamp would differ
+    assert shas[0] == shas[1]

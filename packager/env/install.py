@@ -51,6 +51,10 @@ def run_env(prefix: Path, args: list[str], *, progress: bool, what: str,
                         "PIP_PREFIX", "CONDA_PREFIX")}
     env.update(PATH=f"{prefix / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONNOUSERSITE="1",
                CONDA_PREFIX=str(prefix), PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
+    # reproducible bytes: with SOURCE_DATE_EPOCH set, the .pyc files pip compiles are hash-checked instead of
+    # stamped with the install time, so an environment rebuilt from the same lock packs to the same sha256 (a
+    # delta bundle then leaves it out); 1980-01-01, the earliest date a wheel (zip) built on the way can hold
+    env.setdefault("SOURCE_DATE_EPOCH", "315532800")
     cmd = [str(env_python(prefix)), *args]
     if progress:
         proc = subprocess.run(cmd, env=env, stdout=sys.stderr, stderr=None, text=True)
