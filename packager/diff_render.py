@@ -12,6 +12,7 @@ from installer.sizes import human_size
 
 MAX_FILES = 12  # per model
 MAX_PACKAGES = 30  # per environment and package manager
+SIZE_KEYS = ("size", "archive_size")
 
 
 def _h(n: object) -> str:
@@ -26,7 +27,7 @@ def _short(v: object) -> str:
 def _val(k: str, v: object) -> str:
     if v is None:
         return "-"
-    if k.endswith("size") and isinstance(v, int):
+    if k in SIZE_KEYS and isinstance(v, int):
         return _h(v)
     if isinstance(v, list):
         return "[" + " ".join(map(str, v)) + "]"
@@ -66,8 +67,10 @@ def _packages(label: str, p: Mapping, conda: bool) -> list[str]:
     return [f"      {label}: {counts}"] + [f"        {x}" for x in _cut(items, MAX_PACKAGES)]
 
 
-ENV_NAMES = {"vllm_version": "vLLM", "cuda_runtime": "CUDA runtime", "min_driver": "min driver",
-             "archive_size": "archive", "archive_sha256": "archive sha256", "content_hash": "content"}
+ARCHIVE_KEYS = ("archive_size", "archive_sha256", "content_hash")
+ENV_NAMES = {"vllm_version": "vLLM", "cuda": "CUDA (manifest)", "cuda_runtime": "CUDA runtime",
+             "min_driver": "min driver", "archive_size": "archive", "archive_sha256": "sha256",
+             "content_hash": "content hash"}
 
 
 def _environments(e: Mapping) -> list[str]:
@@ -80,8 +83,12 @@ def _environments(e: Mapping) -> list[str]:
     for x in e["removed"]:
         out.append(f"  - {x['name']}: vLLM {x['vllm_version'] or '-'}, {_h(x['archive_size'])}")
     for c in e["changed"]:
-        head = _fields(c["fields"], ENV_NAMES)
-        out.append(f"  ~ {c['name']}: {head}" if head else f"  ~ {c['name']}: packages")
+        f = c["fields"]
+        head = _fields({k: v for k, v in f.items() if k not in ARCHIVE_KEYS}, ENV_NAMES)
+        out.append(f"  ~ {c['name']}: {head or 'packages'}")
+        archive = _fields({k: v for k, v in f.items() if k in ARCHIVE_KEYS}, ENV_NAMES)
+        if archive:
+            out.append(f"      {archive}")
         out += _packages("conda", c["conda"], True) + _packages("pip", c["pip"], False)
     return out
 
