@@ -85,7 +85,8 @@ def _environments(e: Mapping) -> list[str]:
     for c in e["changed"]:
         f = c["fields"]
         head = _fields({k: v for k, v in f.items() if k not in ARCHIVE_KEYS}, ENV_NAMES)
-        out.append(f"  ~ {c['name']}: {head or 'packages'}")
+        pkgs = any(c[m][k] for m in ("conda", "pip") for k in ("added", "removed", "changed"))
+        out.append(f"  ~ {c['name']}: {head or ('packages' if pkgs else 'same packages, archive rebuilt')}")
         archive = _fields({k: v for k, v in f.items() if k in ARCHIVE_KEYS}, ENV_NAMES)
         if archive:
             out.append(f"      {archive}")

@@ -190,7 +190,8 @@ def _model(model: Mapping, arts: Mapping[str, Artifact], licenses: list[str]) ->
     return Component(type=ComponentType.MACHINE_LEARNING_MODEL, name=name, bom_ref=f"model/{name}",
                      version=model.get("commit"), purl=model_purl(model), components=files,
                      licenses=_license_list(licenses), external_references=refs,
-                     description=f"{model.get('source')} {model.get('repo') or 'local directory'}",
+                     description=f"{model.get('source')} {model.get('repo')}" if model.get("repo") else
+                     "a local directory",
                      properties=_props(source=model.get("source"), repo=model.get("repo"),
                                        revision=model.get("revision"), pinned_by=model.get("pinned_by"),
                                        content_hash=model.get("content_hash"), size=model.get("size")))
