@@ -226,3 +226,24 @@ def test_license_metadata_expression_name_classifiers(tmp_path) -> None:
     assert readme_license(tmp_path / "README.md") == ["qwen-research"]
     (tmp_path / "README.md").write_text("# no front matter\nlicense: mit\n")
     assert readme_license(tmp_path / "README.md") == []
+
+
+def test_the_sbom_of_a_delta_lists_what_the_target_provides(built) -> None:
+    """A delta leaves model files and the environment to the target: the SBOM still lists them, marked."""
+    from installer.bundle.reader import Artifact
+    from packager.sbom import make_sbom
+
+    bundle, _pub, _ = built
+    doc = json.loads((bundle / "MANIFEST.json").read_text())
+    arts = [Artifact.from_dict({**a, "provided": "target"} if a["kind"] in ("model", "environment") else a)
+            for a in doc.pop("artifacts")]
+    data = make_sbom(doc, arts)
+    validate(data)
+    comps = components(json.loads(data))
+    assert props(comps["env/e1"])["llm-pack:provided"] == "target" and comps["env/e1"]["hashes"]
+    for m in doc["models"]:
+        for f in m["files"]:
+            c = comps[f"model/{m['name']}/{f['path']}"]
+            assert props(c)["llm-pack:provided"] == "target" and c["hashes"][0]["content"] == f["sha256"]
+    assert "llm-pack:provided" not in props(comps["file/install.sh"])
+    assert make_sbom(doc, arts) == data  # the same inputs, the same bytes
