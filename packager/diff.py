@@ -15,6 +15,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from installer.bundle import inventory as inv_mod
 from installer.bundle.names import MANIFEST_NAME, PROVIDABLE_KINDS, SPLIT_INFO
@@ -70,16 +71,76 @@ def load_side(path: str | Path) -> Side:
                          hint=f"pass {KINDS}") from e
     label = str(path)
     if isinstance(obj, dict) and "inventory_version" in obj:
+        if obj.get("inventory_version") == inv_mod.INVENTORY_VERSION:
+            check_inventory(obj, label)  # first: what load_inventory reads too, named by field
         return Side(label, "inventory", inv_mod.load_inventory(data, source=label))
     if isinstance(obj, dict) and "format_version" in obj and "bundle" in obj:
         records = Manifest.from_json(data, source=str(p))
         sha = hashlib.sha256(data).hexdigest()
         raw = dict(records.raw)
+        check_inventory({"environments": raw.get("environments") or []}, str(p))  # the locks are free-form JSON
         return Side(label, kind or "manifest", inv_mod.from_manifest(raw, sha, path=label), raw)
     found = ", ".join(sorted(obj)[:6]) if isinstance(obj, dict) else type(obj).__name__
     raise UsageError(f"{path}: neither a bundle, a MANIFEST.json nor an inventory (JSON with {found or 'nothing'})",
                      hint=f"pass {KINDS}: a MANIFEST.json has format_version and bundle, an inventory "
                      "inventory_version")
+
+
+def check_inventory(inv: Mapping, label: str) -> None:
+    """Refuse, naming the field, what the comparison reads and an inventory lacks (a hand-edited file)."""
+    def fail(where: str, what: str) -> NoReturn:
+        raise UsageError(f"{label}: {where}: {what}",
+                         hint="write it with `llm-install --inventory --json` (or `pack inventory BUNDLE --json`)")
+
+    def size(x: Mapping, key: str, where: str) -> None:
+        v = x.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            fail(f"{where}.{key}", f"a size in bytes, not {v!r}")
+
+    def items(x: Mapping, key: str) -> list:
+        v = x.get(key)
+        return v if isinstance(v, list) else []  # not a list: load_inventory says so
+
+    def named(x: object, where: str) -> Mapping:
+        if not isinstance(x, dict) or not isinstance(x.get("name"), str):
+            fail(where, "needs a name (a string)")
+        return x
+
+    for i, b in enumerate(items(inv, "bundles")):
+        if not isinstance(b, dict):
+            fail(f"bundles[{i}]", "an object")
+        size(b, "size", f"bundles[{i}]")
+        size(b, "full_size", f"bundles[{i}]")
+        svcs = b.get("services") or []
+        if not isinstance(svcs, list):
+            fail(f"bundles[{i}].services", "a list of services")
+        for j, sv in enumerate(svcs):
+            named(sv, f"bundles[{i}].services[{j}]")
+    for i, e in enumerate(items(inv, "environments")):
+        named(e, f"environments[{i}]")
+        size(e, "archive_size", f"environments[{i}]")
+        lock = e.get("lock") or {}
+        if not isinstance(lock, dict):
+            fail(f"environments[{i}].lock", "an object with conda and pip lists")
+        for mgr in ("conda", "pip"):
+            entries = lock.get(mgr) or []
+            if not isinstance(entries, list):
+                fail(f"environments[{i}].lock.{mgr}", "a list of packages")
+            for j, x in enumerate(entries):
+                named(x, f"environments[{i}].lock.{mgr}[{j}]")
+    for i, m in enumerate(items(inv, "models")):
+        named(m, f"models[{i}]")
+        size(m, "size", f"models[{i}]")
+        files = m.get("files") or []
+        if not isinstance(files, list):
+            fail(f"models[{i}].files", "a list of files")
+        for j, f in enumerate(files):
+            if not isinstance(f, dict) or not isinstance(f.get("path"), str):
+                fail(f"models[{i}].files[{j}]", "needs a path (a string)")
+    for i, r in enumerate(items(inv, "runtimes")):
+        if not isinstance(r, dict):
+            fail(f"runtimes[{i}]", "an object")
+        size(r, "size", f"runtimes[{i}]")
 
 
 # --------------------------------------------------------------------------- comparing

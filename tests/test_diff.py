@@ -220,3 +220,45 @@ def test_bad_input_is_a_clear_error_never_a_traceback(bundles, tmp_path, what, c
         # the CLI's own error (an exception it did not handle would be r.exception, not SystemExit)
         assert isinstance(r.exception, SystemExit) and r.exit_code in (1, 2), r.exception
         assert r.output.startswith("error: ") and says in r.output and "hint:" in r.output, r.output
+
+
+def test_fuzz_inventories_and_manifests_give_only_the_tools_errors(tmp_path) -> None:
+    """2,000 mutations each of a valid inventory and a valid MANIFEST.json (values replaced by random JSON or
+    hostile strings, deleted, unknown keys added), compared both ways with the valid one: `pack diff`'s loader
+    and comparison raise nothing but the tool's own errors, and the text renders."""
+    import copy
+
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from installer.errors import LlmPackError
+    from packager.diff import diff, load_side
+    from packager.diff_render import render
+    from tests.faults.test_fuzz import SETTINGS, mutated
+    from tests.faults.test_manifest_fields import valid_manifest
+
+    manifest = valid_manifest()
+    inventory = from_manifest(manifest, "ab" * 32, path="x")
+    good_m, good_i = tmp_path / "good-manifest.json", tmp_path / "good-inventory.json"
+    good_m.write_text(json.dumps(manifest))
+    good_i.write_text(json.dumps(inventory))
+    sides = [load_side(good_m), load_side(good_i)]
+    counts = {"refused": 0, "compared": 0}
+
+    @SETTINGS.__class__(SETTINGS, max_examples=2000)
+    @given(st.one_of(mutated(copy.deepcopy(manifest)), mutated(copy.deepcopy(inventory))))
+    def run(doc) -> None:
+        p = tmp_path / "fuzzed.json"
+        p.write_text(json.dumps(doc))
+        try:
+            side = load_side(p)
+        except LlmPackError as e:
+            assert str(e) and "Traceback" not in str(e)
+            counts["refused"] += 1
+            return
+        for other in sides:
+            assert render(diff(side, other)) and render(diff(other, side))
+        counts["compared"] += 1
+
+    run()
+    assert counts["refused"] > 0 and counts["compared"] > 0, counts
