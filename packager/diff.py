@@ -56,13 +56,12 @@ def load_side(path: str | Path) -> Side:
         kind = "bundle"
     else:
         kind = ""
-    try:
-        if p.stat().st_size > MAX_JSON_FILE:
-            raise UsageError(f"{p}: {p.stat().st_size} bytes: too large for a MANIFEST.json or an inventory",
-                             hint=f"pass {KINDS}")
-        data = p.read_bytes()
-    except IsADirectoryError as e:
-        raise UsageError(f"{p}: not a regular file", hint=f"pass {KINDS}") from e
+    if not p.is_file():  # a FIFO or a device would be read forever
+        raise UsageError(f"{p}: not a regular file", hint=f"pass {KINDS}")
+    if p.stat().st_size > MAX_JSON_FILE:
+        raise UsageError(f"{p}: {p.stat().st_size} bytes: too large for a MANIFEST.json or an inventory",
+                         hint=f"pass {KINDS}")
+    data = p.read_bytes()
     try:
         obj = json.loads(data)
     except (ValueError, RecursionError) as e:

@@ -156,6 +156,31 @@ def test_manifest_files_and_inventories_compare_like_bundles(bundles, tmp_path) 
     d = diff_paths(a, inv_c)
     assert not d["delta"]["exact"] and d["delta"]["by_kind"] == {"model": len(WEIGHTS) + len(GEN)}
     assert "install.sh, the installer and the SBOM not counted" in pack("diff", str(a), str(inv_c)).stdout
+    # split volume 1 reads as the bundle it was split from
+    r = CliRunner().invoke(main, ["split", str(c), "--size", "30M", "--out", str(tmp_path / "usb")])
+    assert r.exit_code == 0, r.output
+    vol1 = sorted((tmp_path / "usb").iterdir())[0]
+    d = diff_paths(a, vol1)
+    assert d["b"]["kind"] == "bundle" and d["models"] == ref["models"] and d["delta"] == ref["delta"]
+
+
+def test_a_delta_bundle_as_b_counts_what_it_leaves_to_the_target(bundles, tmp_path) -> None:
+    """B's MANIFEST marks its model files as provided by the target (as a delta build writes it): its size in
+    the bundle drops, and a delta against A still carries what A lacks."""
+    a, _, c = bundles
+    doc = json.loads((c / "MANIFEST.json").read_text())
+    for art in doc["artifacts"]:
+        if art["kind"] == "model":
+            art["provided"] = "target"
+    doc["delta"] = {"against": "bundle", "base": [{"name": "demo", "version": "1.0"}]}
+    p = tmp_path / "MANIFEST.json"
+    p.write_text(json.dumps(doc))
+    ref, d = diff_paths(a, c), diff_paths(a, p)
+    model_bytes = sum(x["size"] for x in doc["artifacts"] if x["kind"] == "model")
+    assert d["b"]["bundles"][0]["delta"] and d["b"]["size"] == ref["b"]["size"] - model_bytes
+    assert d["b"]["full_size"] == ref["b"]["size"] and d["delta"] == ref["delta"]
+    text = pack("diff", str(a), str(p)).stdout
+    assert "B: demo 1.2 (delta)" in text and "with what it leaves to the target" in text
 
 
 def test_a_server_holding_both_versions_needs_only_the_fixed_files(bundles, tmp_path) -> None:
@@ -208,11 +233,21 @@ def test_json_keys_are_stable(bundles) -> None:
     ("bad-manifest", b'{"format_version": 1, "bundle": {"name": "x;y", "version": "1"}, "artifacts": []}',
      "bundle.name"),
     ("emptydir", "dir", "a directory without MANIFEST.json: not a bundle"),
+    ("fifo", "fifo", "not a regular file"),
+    ("inventory-without-names", json.dumps({"inventory_version": 1, "bundles": [], "runtimes": [], "environments": [],
+                                            "models": [{"files": []}]}).encode(), "models[0]: needs a name"),
+    ("manifest-lock", None, "environments[0].lock.pip[0]: needs a name"),
 ])
 def test_bad_input_is_a_clear_error_never_a_traceback(bundles, tmp_path, what, content, says) -> None:
     p = tmp_path / what
     if content == "dir":
         p.mkdir()
+    elif content == "fifo":
+        os.mkfifo(p)
+    elif what == "manifest-lock":  # a real MANIFEST whose (free-form) lock was edited
+        doc = json.loads((bundles[0] / "MANIFEST.json").read_text())
+        doc["environments"][0]["lock"]["pip"][0] = {"version": "1"}
+        p.write_text(json.dumps(doc))
     elif content is not None:
         p.write_bytes(content)
     for args in ((str(p), str(bundles[0])), (str(bundles[0]), str(p))):
