@@ -254,7 +254,8 @@ def diff_cmd(a: Path, b: Path, as_json: bool, exit_code: bool) -> None:
 
 @main.command(name="sbom")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--out", "out_file", type=click.Path(path_type=Path), help="Write it to FILE instead of stdout.")
+@click.option("--out", "out_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="Write it to FILE instead of stdout.")
 @click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(path_type=Path),
               help="Also check the bundle's signature with this key (repeatable).")
 def sbom_cmd(bundle: Path, out_file: Path | None, pubkeys: tuple[Path, ...]) -> None:
