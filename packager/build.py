@@ -244,6 +244,9 @@ def _assemble(opts: BuildOptions, manifest: Manifest, store: ContentStore, key, 
             "models": model_entries,
             "services": [_service_entry(s) for s in manifest.services],
         }
+        from packager.sbom import SBOM_NAME, build_sbom  # the whole version's SBOM, signed with the MANIFEST
+        w.add_bytes(SBOM_NAME, build_sbom(doc, w.artifacts, built_envs, {p.name: b for p, b in zip(pinned, blobs)}),
+                    kind="sbom")
         signer = (lambda data: key.sign(data)) if key is not None else None
         with _repair_on_damage(None, on_damage):
             bundle = w.commit(doc, sign=signer, verify_jobs=opts.jobs,

@@ -264,6 +264,47 @@ def validate(manifest: Path) -> None:
                f"{len(m.models)} model(s), {len(m.services)} service(s)")
 
 
+@main.command(name="diff")
+@click.argument("a", metavar="A", type=click.Path(path_type=Path))
+@click.argument("b", metavar="B", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (stable keys, docs/bundle-format.md).")
+@click.option("--exit-code", is_flag=True, help="Exit 1 when A and B differ (as `git diff --exit-code`).")
+def diff_cmd(a: Path, b: Path, as_json: bool, exit_code: bool) -> None:
+    """What changed from A to B: models, environments, services, sizes and the delta's size.
+
+    A and B: each a bundle directory (or split volume 1), a MANIFEST.json or an inventory JSON
+    (`llm-install --inventory --json`, `pack inventory BUNDLE --json`).
+    """
+    from packager.diff import diff_paths
+    from packager.diff_render import render
+
+    d = diff_paths(a, b)
+    _emit(d, as_json, render(d))
+    if exit_code and not d["identical"]:
+        sys.exit(1)
+
+
+@main.command(name="sbom")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--out", "out_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="Write it to FILE instead of stdout.")
+@click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(path_type=Path),
+              help="Also check the bundle's signature with this key (repeatable).")
+def sbom_cmd(bundle: Path, out_file: Path | None, pubkeys: tuple[Path, ...]) -> None:
+    """Print BUNDLE's CycloneDX 1.6 SBOM (sbom.cdx.json), checked against the sha256 MANIFEST.json lists."""
+    from packager.sbom import read_bundle_sbom
+    from packager.signing import read_pubkeys
+
+    data = read_bundle_sbom(bundle, read_pubkeys(list(pubkeys)) if pubkeys else None)
+    if out_file is None:
+        click.echo(data.decode("utf-8"), nl=False)
+        return
+    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, out_file)
+    click.echo(f"wrote {out_file} ({human_size(len(data))})", err=True)
+
+
 def _dir_size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 

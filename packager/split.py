@@ -179,8 +179,9 @@ def split_bundle(
         if "\n" in a.path or "\r" in a.path:
             raise BundleError(f"{a.path!r}: a newline in a file name cannot be listed in {VOLUME_INDEX}")
     head = [MANIFEST_NAME] + ([SIGNATURE_NAME] if (bundle.root / SIGNATURE_NAME).exists() else [])
-    # bootstrap first (install.sh, the installer, the runtime): the first disk can start the install
-    order = {"bootstrap": 0, "installer": 1, "runtime": 2, "environment": 3, "model": 4}
+    # bootstrap first (install.sh, the installer, the runtime): the first disk can start the install; the small
+    # SBOM right after install.sh, so `pack sbom` reads it from the first disk
+    order = {"bootstrap": 0, "sbom": 0.5, "installer": 1, "runtime": 2, "environment": 3, "model": 4}
     arts = sorted(bundle.artifacts, key=lambda a: (order.get(a.kind, 5), a.path))
     sources = [(a.path, a.size) for a in arts if a.path != INSTALL_SH]
     fixed = [(h, (bundle.root / h).stat().st_size) for h in head]

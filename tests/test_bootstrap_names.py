@@ -44,6 +44,7 @@ BOOTSTRAP_NAMES = {
 NOT_BOOTSTRAP_NAMES = {
     "INSTALLER_ARCHIVE": "read from MANIFEST.json (installer.artifact)",
     "RUNTIME_DIR": "the runtime archive is read from MANIFEST.json (runtime.artifact)",
+    "SBOM_NAME": "the SBOM is for reviewers (`pack sbom`): nothing on the target reads it",
     "ENVS_DIR": "environments are the Python installer's", "MODELS_DIR": "models are the Python installer's",
     "VOLUME_PREFIX": "volume names come from SPLIT.json (checked by pattern)",
     "ARTIFACT_KINDS": "the bootstrap looks artifacts up by path", "BUFSIZE": "Python's read size",

@@ -130,6 +130,8 @@ build:
       - "**/*.py"
   script:
     - {base_python()} {copy_py} {base} $PREFIX
+about:
+  license: Python-2.0
 """,
         "llmtest-text": """
 package:
@@ -142,6 +144,8 @@ build:
     - mkdir -p $PREFIX/share/llmtest $PREFIX/etc/llmtest
     - echo "prefix=$PREFIX" > $PREFIX/share/llmtest/prefix.txt
     - printf '[paths]\\ndata = %s/share/llmtest\\n' "$PREFIX" > $PREFIX/etc/llmtest/config.ini
+about:
+  license: BSD-3-Clause
 """,
         "llmtest-bin": """
 package:

@@ -13,13 +13,16 @@ def _record_hash(data: bytes) -> str:
 
 
 def build_wheel(dest_dir: Path, name: str, version: str, modules: dict[str, str],
-                console_scripts: dict[str, str] | None = None, requires: list[str] | None = None) -> Path:
-    """Write ``<name>-<version>-py3-none-any.whl`` into ``dest_dir``; ``modules`` maps paths to source text."""
+                console_scripts: dict[str, str] | None = None, requires: list[str] | None = None,
+                metadata: list[tuple[str, str]] | None = None) -> Path:
+    """Write ``<name>-<version>-py3-none-any.whl`` into ``dest_dir``; ``modules`` maps paths to source text,
+    ``metadata`` adds METADATA fields (e.g. ``("License-Expression", "MIT")``)."""
     dist = name.replace("-", "_")
     di = f"{dist}-{version}.dist-info"
     files: dict[str, bytes] = {p: s.encode() for p, s in modules.items()}
     meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
     meta += "".join(f"Requires-Dist: {r}\n" for r in requires or [])
+    meta += "".join(f"{k}: {v}\n" for k, v in metadata or [])
     files[f"{di}/METADATA"] = meta.encode()
     files[f"{di}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: llm-pack-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
     if console_scripts:

@@ -15,6 +15,7 @@ INSTALLER_ARCHIVE = "installer.tar.gz"
 ENVS_DIR = "envs"
 RUNTIME_DIR = "runtime"
 MODELS_DIR = "models"
+SBOM_NAME = "sbom.cdx.json"  # CycloneDX 1.6 JSON SBOM of the whole version (artifact kind "sbom"; not installed)
 # split volumes (written by packager/split.py, joined by bootstrap/install.sh)
 PIECE_SUFFIX = ".part"
 VOLUME_PREFIX = "vol"
@@ -24,7 +25,7 @@ SPLIT_INFO = "SPLIT.json"
 # the PATH every service and preflight probe runs with after the environment's own bin/
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-ARTIFACT_KINDS = ("bootstrap", "installer", "runtime", "environment", "model")
+ARTIFACT_KINDS = ("bootstrap", "installer", "runtime", "environment", "model", "sbom")
 PROVIDED = "target"  # artifacts[].provided: not in the bundle, the target has it (a delta bundle)
 PROVIDABLE_KINDS = ("runtime", "environment", "model")  # what a delta bundle may leave to the target
 BUFSIZE = 1 << 20

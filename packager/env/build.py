@@ -26,6 +26,7 @@ from packager.env.facts import (
     read_conda_meta,
 )
 from packager.env.install import clear_prefix, install
+from packager.env.licenses import env_licenses
 from packager.env.pip import download_kernels, pip_install, pip_uninstall
 from packager.env.solve import conda_specs, solve
 from packager.errors import EnvironmentBuildError
@@ -65,6 +66,9 @@ class BuiltEnv:
     target: TargetSpec = field(default_factory=TargetSpec)
     cuda_runtime_source: str | None = None  # where cuda_runtime was read, e.g. "torch 2.8.0+cu128"
     compiler: str | None = None  # the C compiler the env carries, relative to the prefix (spec.compiler only)
+    # {"conda": {name: license}, "pip": {name: [licenses]}} from the packages' own metadata: for the SBOM only,
+    # not in the lock nor the content hash (packager/env/licenses.py)
+    licenses: dict = field(default_factory=dict, compare=False)
     timings: dict = field(default_factory=dict, compare=False)  # seconds: solve, install, pip, inspect
 
     @property
@@ -198,7 +202,8 @@ def _finish(spec: EnvSpec, target: TargetSpec, prefix: Path, report: dict, timin
         content_hash=content_hash(lock, target, spec), vllm=detect_vllm(site, pip_lock),
         needed_libraries=sorted(scan.needed), needed_by={k: v[:3] for k, v in scan.needed.items()},
         glibc_floor=scan.glibc, target=target,
-        cuda_runtime_source=cuda_source, compiler=compiler, timings=timings)
+        cuda_runtime_source=cuda_source, compiler=compiler, timings=timings,
+        licenses=env_licenses(site, conda_meta, pip_lock))
 
 
 def content_hash(lock: dict, target: TargetSpec, spec: EnvSpec) -> str:

