@@ -62,6 +62,7 @@ class JourneyResult:
     upgrade_output: str = ""
     inventory: dict = field(default_factory=dict)  # `llm-install --inventory --json` after the first install
     delta: dict = field(default_factory=dict)  # the 1.0.1 delta: provided, provided_size, full_size, size
+    delta_sbom: dict = field(default_factory=dict)  # its sbom.cdx.json
     versions: list[str] = field(default_factory=list)  # active version after upgrade, after rollback
     after_rollback: dict = field(default_factory=dict)
     uninstall_rc: int | None = None
@@ -299,6 +300,7 @@ def run_journey(work: Path, *, via_hub: bool, log: Callable[[str], None] = print
         res.delta = {"provided": len(b.provided), "provided_size": b.provided_size(),
                      "kinds": sorted({a.kind for a in b.provided}), "size": du(b.root),
                      "files": sorted(a.path for a in b.artifacts)}
+        res.delta_sbom = json.loads((b.root / "sbom.cdx.json").read_bytes())  # the whole version, signed
         stage("pack build 1.0.1 (delta)", t, note=f"{res.delta['size'] / 1e3:.0f} kB bundle, "
               f"{res.delta.get('provided', 0)} artifacts left to the server")
 

