@@ -101,7 +101,8 @@ def _resolver(inst: Installer, m: Mapping, rec: Mapping):
         model = models[svc["model"]]
         mdir = rec["models"][svc["model"]]
         adapters = tuple((a["name"], rec["models"][a["name"]], int(a["adapter"]["rank"]))
-                         for a in models.values() if (a.get("adapter") or {}).get("base") == svc["model"])
+                         for a in models.values() if (a.get("adapter") or {}).get("base") == svc["model"]
+                         and svc.get("task", "generate") == "generate")
         if svc.get("serve_by") == "repo_id":
             return InstancePaths(
                 Path(prefix),

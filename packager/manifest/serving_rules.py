@@ -51,10 +51,8 @@ def serving_checks(add: Callable[[list[Any], str], None], problems: Problems, da
             add(["services", i, "model"], f"{s['model']!r} is a LoRA adapter: serve its base model "
                                           f"{adapter_names[s['model']].get('base')!r} (its adapters are served "
                                           "with it, by name)")
-        mine = [a for a in adapters if a.get("base") == s.get("model")]
-        if mine and (s.get("task") or "generate") != "generate":
-            add(["services", i, "task"], f"LoRA adapters of {s.get('model')!r} are served only by a "
-                                         "task: generate service")
+        generate = (s.get("task") or "generate") == "generate"
+        mine = [a for a in adapters if a.get("base") == s.get("model")] if generate else []
         limit = s.get("max_lora_rank")
         for a in mine:
             rank = ranks.get(a.get("name"))

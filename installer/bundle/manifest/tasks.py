@@ -122,7 +122,8 @@ def rank_problem(rank: int, limit: int | None = None) -> str | None:
 def adapter_problems(models: Sequence[Mapping], services: Sequence[Mapping]) -> list[tuple[tuple, str]]:
     """Cross-checks of MANIFEST ``models[]`` (an adapter has ``adapter: {base, rank}``) and ``services[]``:
     every adapter's base is a model (not an adapter) of the same manifest, its rank is one vLLM serves and
-    within the limit of each service of its base; a service serves a base model, never an adapter.
+    within the limit of each (task: generate) service of its base; a service serves a base model, never an
+    adapter.
     Returns ``(path from the MANIFEST root, message)``."""
     out: list[tuple[tuple, str]] = []
     bases = {m.get("name") for m in models if not m.get("adapter")}
@@ -145,6 +146,8 @@ def adapter_problems(models: Sequence[Mapping], services: Sequence[Mapping]) -> 
             out.append((("services", j, "model"), f"{s['model']!r} is a LoRA adapter: serve its base model "
                                                   f"{base!r} (its adapters are served with it, by name)"))
             continue
+        if (s.get("task") or "generate") != "generate":
+            continue  # adapters are served by the model's generate services only
         mine = [a for a in adapters.values() if a["adapter"].get("base") == s.get("model")]
         limit = s.get("max_lora_rank")
         for a in mine:
@@ -154,7 +157,4 @@ def adapter_problems(models: Sequence[Mapping], services: Sequence[Mapping]) -> 
             if a.get("name") == (s.get("served_model_name") or s.get("name")):
                 out.append((("services", j), f"adapter {a.get('name')!r} has the name the service serves its "
                                              "base model as: rename one of them"))
-        if mine and (s.get("task") or "generate") != "generate":
-            out.append((("services", j, "task"), f"LoRA adapters of {s.get('model')!r} are served only by a "
-                                                 "task: generate service"))
     return out
