@@ -165,6 +165,11 @@ def test_bench_falls_back_and_saves_json_next_to_the_state(tmp_path: Path, serve
     saved = root / doc["saved"].lstrip("/")
     assert saved.parent == root / "var/lib/llm/bench" and json.loads(saved.read_text())["rows"] == doc["rows"]
     assert all(max(p["prompt"]) < 300 for p in _Handler.seen)  # ids from the model's own vocabulary
+    # the failure is remembered for this environment: the next run does not try `vllm bench serve` again
+    said.clear()
+    again = bench(root, "tiny", BenchOptions(concurrency=(1,), input_len=8, output_len=3, num_prompts=2),
+                  say=said.append)
+    assert "did not work" in again["note"] and not any(s.startswith("concurrency 1: vllm bench serve") for s in said)
 
 
 def test_bench_refuses_what_it_cannot_measure(tmp_path: Path, server) -> None:

