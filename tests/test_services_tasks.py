@@ -283,3 +283,70 @@ def test_inspect_names_adapters_and_tasks() -> None:
     text = render(info)
     assert "LoRA adapter of base (rank 8)" in text
     assert "task embed (convert embed)" in text and text.rstrip().endswith("max_model_len auto")
+
+
+# --------------------------------------------------------------------------- the post-start requests
+
+class _Api:
+    """A small HTTP server answering /v1/embeddings and /v1/score as vLLM does (or as told)."""
+
+    def __init__(self, answers: dict[str, tuple[int, object]]) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        seen = self.seen = []
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                seen.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+                status, doc = answers.get(self.path, (404, {"error": "no route"}))
+                body = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.srv.server_address[1]
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+def test_probes_send_the_request_of_the_task() -> None:
+    from installer.bundle.manifest import ServiceRecord
+    from installer.service.health import curl_example, probe_service
+
+    api = _Api({"/v1/embeddings": (200, {"model": "e", "data": [{"embedding": [0.1, -0.2, 0.3]}]}),
+                "/v1/score": (200, {"model": "r", "data": [{"score": 0.9}, {"score": 0.1}]})})
+    try:
+        emb = ServiceRecord(name="e", model="m", task="embed", port=api.port)
+        r = probe_service("127.0.0.1", api.port, emb)
+        assert r["dimensions"] == 3 and r["content"] == "3 dimensions"
+        r = probe_service("127.0.0.1", api.port, ServiceRecord(name="r", model="m", task="score", port=api.port))
+        assert r["scores"] == [0.9, 0.1] and r["content"] == "0.9000, 0.1000"
+        assert [p for p, _ in api.seen] == ["/v1/embeddings", "/v1/score"]
+        assert api.seen[0][1]["model"] == "e" and len(api.seen[1][1]["text_2"]) == 2
+        assert "/v1/embeddings" in curl_example(emb) and "/v1/score" in curl_example(
+            ServiceRecord(name="r", model="m", task="score"))
+    finally:
+        api.close()
+
+
+def test_probes_refuse_what_is_not_an_answer() -> None:
+    from installer.bundle.manifest import ServiceRecord
+    from installer.service.health import probe_service
+
+    api = _Api({"/v1/embeddings": (200, {"data": [{"embedding": []}]}), "/v1/score": (500, {"error": "dead"})})
+    try:
+        with pytest.raises(InstallError, match="embedding answer has no vector"):
+            probe_service("127.0.0.1", api.port, ServiceRecord(name="e", model="m", task="embed"))
+        with pytest.raises(InstallError, match="score request to /v1/score answered HTTP 500"):
+            probe_service("127.0.0.1", api.port, ServiceRecord(name="r", model="m", task="score"))
+    finally:
+        api.close()
