@@ -112,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p = sub.add_parser("clean", help="remove what a refused or interrupted install kept in its staging tree")
     _common(p)
+    p = sub.add_parser("bench", help="benchmark an installed, running instance (vllm bench serve, offline)")
+    _common(p)
+    p.add_argument("name", help="the instance (llm@NAME)")
+    p.add_argument("--concurrency", default="1,4,16", help="concurrency levels, comma-separated (default 1,4,16)")
+    p.add_argument("--input-len", type=int, default=128, metavar="N", help="prompt tokens per request (128)")
+    p.add_argument("--output-len", type=int, default=64, metavar="N", help="output tokens per request (64)")
+    p.add_argument("--num-prompts", type=int, metavar="N", help="requests per level (default 4 x concurrency, >= 8)")
+    p.add_argument("--plot", type=Path, metavar="FILE.svg", help="draw the curve (.svg; .png needs matplotlib)")
+    p.add_argument("--builtin", action="store_true", help="use the built-in client, not `vllm bench serve`")
     return ap
 
 
@@ -301,6 +310,8 @@ def _run(args: argparse.Namespace, say) -> dict:
         )
     if args.command == "clean":
         return lifecycle.clean(root, lock_timeout=args.lock_timeout, say=say)
+    if args.command == "bench":
+        return _bench(args, say)
     if args.command == "uninstall":
         return lifecycle.uninstall(
             root, args.name, dry_run=args.dry_run, lock_timeout=args.lock_timeout, say=say
@@ -339,6 +350,26 @@ def _run(args: argparse.Namespace, say) -> dict:
         json=args.json,
     )
     return activate.install(bundle, opts, say=say)
+
+
+def _bench(args: argparse.Namespace, say) -> dict:
+    from installer.bench import report
+    from installer.bench.run import BenchOptions, bench, parse_concurrency
+
+    for flag, v in (("--input-len", args.input_len), ("--output-len", args.output_len),
+                    ("--num-prompts", args.num_prompts)):
+        if v is not None and not 1 <= v <= 1_000_000:
+            raise UsageError(f"{flag} {v}: expected a positive number")
+    opts = BenchOptions(concurrency=parse_concurrency(args.concurrency), input_len=args.input_len,
+                        output_len=args.output_len, num_prompts=args.num_prompts, plot=args.plot,
+                        builtin=args.builtin)
+    doc = bench(args.root, args.name, opts, say=say)
+    if not args.json:
+        print(f"llm@{doc['instance']} ({doc['model']}), {doc['input_len']} -> {doc['output_len']} tokens per "
+              f"request, measured by {doc['tool']}")
+        print(report.format_table(doc["rows"]))
+        print(f"saved: {doc['saved']}" + (f"; plot: {doc['plot']}" if doc.get("plot") else ""))
+    return doc
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from installer.sizes import human_size
 from packager import __version__
 from packager.bundle_writer import BundleWriter
 from packager.manifest import load_manifest
+from packager.serving import adapter_info, check_serving
 from packager.spec import EnvSpec, Manifest, ServiceSpec
 from packager.tarball import inputs_key, write_tar_gz
 
@@ -225,6 +226,7 @@ def _assemble(opts: BuildOptions, manifest: Manifest, store: ContentStore, key, 
                 remember_hash(store, src, st, hashed[rel].sha256)
         arts = {a.path: a for a in w.artifacts}
         model_entries = []
+        specs = {m.name: m for m in manifest.models}
         for p in pinned:
             files = [{"path": f.path, "size": arts[f"{fmt.model_dir(p.name)}/{f.path}"].size,
                       "sha256": arts[f"{fmt.model_dir(p.name)}/{f.path}"].sha256} for f in p.files]
@@ -232,7 +234,10 @@ def _assemble(opts: BuildOptions, manifest: Manifest, store: ContentStore, key, 
                 p = replace(p, commit=content_hash((x["path"], x["sha256"]) for x in files))
                 log(f"model {p.name}: local {p.repo} -> {p.commit} (content hash)")
             placed = {f.path: w.path(f"{fmt.model_dir(p.name)}/{f.path}") for f in p.files}
-            model_entries.append(_model_entry(p, files, placed))  # config.json: the bytes just hashed
+            entry = _model_entry(p, files, placed)  # config.json: the bytes just hashed
+            if specs[p.name].adapter_of is not None:
+                entry["adapter"] = adapter_info(specs[p.name], placed)
+            model_entries.append(entry)
         doc = {
             "bundle": {"name": manifest.bundle.name, "version": manifest.bundle.version,
                        "description": manifest.bundle.description, "tool": f"llm-pack {__version__}"},
@@ -244,6 +249,7 @@ def _assemble(opts: BuildOptions, manifest: Manifest, store: ContentStore, key, 
             "models": model_entries,
             "services": [_service_entry(s) for s in manifest.services],
         }
+        check_serving(manifest, doc)
         from packager.sbom import SBOM_NAME, build_sbom  # the whole version's SBOM, signed with the MANIFEST
         w.add_bytes(SBOM_NAME, build_sbom(doc, w.artifacts, built_envs, {p.name: b for p, b in zip(pinned, blobs)}),
                     kind="sbom")
@@ -394,7 +400,10 @@ def _service_entry(s: ServiceSpec) -> dict:
             "pipeline_parallel_size": s.pipeline_parallel_size, "max_model_len": s.max_model_len,
             "dtype": s.dtype, "gpu_memory_utilization": s.gpu_memory_utilization,
             "trust_remote_code": s.trust_remote_code, "api_key_file": s.api_key_file, "serve_by": s.serve_by,
-            "vllm_args": list(s.vllm_args), "env": dict(s.env)}
+            "vllm_args": list(s.vllm_args), "env": dict(s.env),
+            **({"task": s.task} if s.task != "generate" else {}),
+            **({"convert": s.convert} if s.convert else {}),
+            **({"max_lora_rank": s.max_lora_rank} if s.max_lora_rank is not None else {})}
 
 
 def _discard_blob(store: ContentStore, sha256: str) -> Callable[[], str]:

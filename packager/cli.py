@@ -261,7 +261,9 @@ def validate(manifest: Path) -> None:
 
     m = load_manifest(manifest)
     click.echo(f"OK {manifest}: bundle {m.bundle.name} {m.bundle.version}, {len(m.environments)} environment(s), "
-               f"{len(m.models)} model(s), {len(m.services)} service(s)")
+               f"{sum(x.adapter_of is None for x in m.models)} model(s), "
+               + (f"{n} adapter(s), " if (n := sum(x.adapter_of is not None for x in m.models)) else "")
+               + f"{len(m.services)} service(s)")
 
 
 @main.command(name="diff")

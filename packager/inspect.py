@@ -25,7 +25,8 @@ def describe(path: Path) -> dict:
              "needed_libraries": e.get("needed_libraries", [])}
             for e in m.get("environments", [])]
     models = [{"name": x["name"], "source": x["source"], "repo": x.get("repo"), "revision": x.get("revision"),
-               "commit": x["commit"], "files": len(x["files"]), "size": x["size"]}
+               "commit": x["commit"], "files": len(x["files"]), "size": x["size"],
+               **({"adapter": x["adapter"]} if x.get("adapter") else {})}
               for x in m.get("models", [])]
     return {"bundle": str(b.root), "name": b.name, "version": b.version, "format_version": m["format_version"],
             "signed": (b.root / SIGNATURE_NAME).exists(), "manifest_sha256": b.manifest_sha256,
@@ -82,14 +83,17 @@ def render(info: dict) -> str:
     out.append("models:" if info["models"] else "models: none")
     for x in info["models"]:
         src = x["repo"] or "local directory"
+        lora = f", LoRA adapter of {x['adapter']['base']} (rank {x['adapter']['rank']})" if x.get("adapter") else ""
         out.append(f"  {x['name']}: {x['source']} {src} @ {x['revision'] or '-'} -> {x['commit']}, "
-                   f"{x['files']} files, {_h(x['size'])}")
+                   f"{x['files']} files, {_h(x['size'])}{lora}")
     out.append("services:" if info["services"] else "services: none")
     for s in info["services"]:
         gpus = ",".join(map(str, s.get("gpus") or [])) or "-"
         out.append(f"  llm@{s['name']}: model {s['model']} as {s.get('served_model_name')!r} on "
                    f"{s['host']}:{s['port']}, env {s.get('environment')}, GPUs {gpus}, "
-                   f"tp {s.get('tensor_parallel_size')}, max_model_len {s.get('max_model_len') or 'auto'}")
+                   f"tp {s.get('tensor_parallel_size')}, max_model_len {s.get('max_model_len') or 'auto'}"
+                   + (f", task {s['task']}" + (f" (convert {s['convert']})" if s.get("convert") else "")
+                      if s.get("task", "generate") != "generate" else ""))
     d = info.get("delta")
     if d:
         base = ", ".join(f"{b['name']} {b['version']}" for b in d["base"]) or "?"

@@ -64,6 +64,7 @@ class ModelSpec:
     allow_patterns: tuple[str, ...] = ()
     ignore_patterns: tuple[str, ...] = ()
     endpoint: str | None = None  # hub mirror; default HF_ENDPOINT / MODELSCOPE_ENDPOINT / the public hub
+    adapter_of: str | None = None  # a LoRA adapter (manifest.yaml adapters[]) of this models[].name
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,9 @@ class ServiceSpec:
     serve_by: str = "path"  # path | repo_id (serve from an offline HF cache view by repo id)
     vllm_args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()  # extra environment variables for the unit
+    task: str = "generate"  # generate | embed | score
+    convert: str | None = None  # embed | classify (vLLM --convert)
+    max_lora_rank: int | None = None  # default: from the adapters' ranks
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ def test_published_schema_is_current_and_valid_json() -> None:
     shipped = (ROOT / "packager" / "schema" / "manifest.schema.json").read_text()
     assert shipped == schema_json(), "run: pack schema > packager/schema/manifest.schema.json"
     schema = json.loads(shipped)
-    assert set(schema["properties"]) == {"bundle", "target", "environments", "models", "services"}
+    assert set(schema["properties"]) == {"bundle", "target", "environments", "models", "adapters", "services"}
     assert schema["properties"]["services"]["items"]["properties"]["port"]["maximum"] == 65535
 
 

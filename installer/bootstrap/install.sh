@@ -63,6 +63,9 @@ Other actions (they also work after the bundle's disk is gone, via /usr/local/sb
   --inventory            what this server holds (bundles, environments, models with per-file sha256)
                          [--json]: the input of `pack build --against` for a delta bundle
   --clean                remove what a refused or interrupted install kept (ROOT/var/lib/llm/staging)
+  bench NAME [OPTIONS]   benchmark the running instance llm@NAME (vllm bench serve, offline)
+                         [--concurrency 1,4,16] [--input-len N] [--output-len N] [--num-prompts N]
+                         [--plot FILE.svg] [--builtin] [--json]
   --json                 machine-readable result on stdout (messages go to stderr)
   -h, --help             this text
 
@@ -737,6 +740,18 @@ main() {
         --status) action=status ;;
         --inventory) action=inventory ;;
         --clean) action=clean ;;
+        bench)
+            action=bench
+            shift
+            while [ $# -gt 0 ]; do
+                case "$1" in
+                --root) [ $# -ge 2 ] || die "--root needs a DIR" "" 2; ROOT=$2; shift ;;
+                *) pass+=("$1") ;;
+                esac
+                shift
+            done
+            break
+            ;;
         --root) [ $# -ge 2 ] || die "--root needs a DIR" "" 2; ROOT=$2; shift ;;
         --workdir) [ $# -ge 2 ] || die "--workdir needs a DIR" "" 2; workdir=$2; shift ;;
         --bundle) [ $# -ge 2 ] || die "--bundle needs a DIR" "" 2; bundle=$2; shift ;;

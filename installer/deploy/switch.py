@@ -123,10 +123,12 @@ def after_switch(
 
         services = {s["name"]: s for s in m.get("services") or []}
         for n in to_check:
-            say(f"waiting for {systemd.unit_name(n)} to answer (health, then one completion)...")
+            task = services[n].get("task") or "generate"
+            what = {"embed": "one embedding", "score": "one score"}.get(task, "one completion")
+            say(f"waiting for {systemd.unit_name(n)} to answer (health, then {what})...")
             r = health.check_instance(inst.t.root, services[n], timeout=opts.health_timeout)
             say(
-                f"{n}: healthy after {r['healthy_s']:.0f} s; completion: {r['completion'].get('content')!r}\n"
+                f"{n}: healthy after {r['healthy_s']:.0f} s; {what.split()[-1]}: {r['completion'].get('content')!r}\n"
                 f"try it:\n{r['curl']}"
             )
             out.append({"name": n, **r})

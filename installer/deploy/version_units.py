@@ -100,13 +100,17 @@ def _resolver(inst: Installer, m: Mapping, rec: Mapping):
             prefix, env_meta = installed_env(inst, env_name)
         model = models[svc["model"]]
         mdir = rec["models"][svc["model"]]
+        adapters = tuple((a["name"], rec["models"][a["name"]], int(a["adapter"]["rank"]))
+                         for a in models.values() if (a.get("adapter") or {}).get("base") == svc["model"]
+                         and svc.get("task", "generate") == "generate")
         if svc.get("serve_by") == "repo_id":
             return InstancePaths(
                 Path(prefix),
                 str(model.get("repo") or model["name"]),
                 Path(rec.get("hf_hub") or LEGACY_HF_HUB),
                 env_meta if env_name not in envs else None,
+                adapters,
             )
-        return InstancePaths(Path(prefix), mdir, None, env_meta if env_name not in envs else None)
+        return InstancePaths(Path(prefix), mdir, None, env_meta if env_name not in envs else None, adapters)
 
     return resolve

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from installer.bundle import manifest as records
 from installer.bundle.manifest import EnvironmentRecord, ServiceRecord
-from installer.errors import UsageError
+from installer.errors import InstallError, UsageError
 from installer.preflight.toolchain import service_compiler
 from installer.service.paths import (
     _PLAIN_VALUE_RE,
@@ -72,6 +72,7 @@ def render_env_file(
     bundle: records.BundleInfo | Mapping | None = None,
     key_via_credential: bool = False,
     root: Path = Path("/"),
+    adapters: Sequence[tuple[str, str, int]] = (),
 ) -> str:
     """The text of ``/etc/llm/<service>.env`` (read by systemd and by the ``llm-serve`` launcher).
 
@@ -82,6 +83,9 @@ def render_env_file(
     ``key_via_credential`` the key reaches the service through ``LoadCredential=`` (:func:`render_key_dropin`
     sets ``LLM_API_KEY_FILE`` to the credential) and the env file does not name the operator's file.
     ``root`` is the server's root (where a GPU service's C compiler is looked up, ``/`` but in tests).
+    ``adapters`` are the LoRA adapters served with the model: ``(name, directory on the target, rank)``.
+    The service's task and adapters become vLLM arguments spelled for the environment's vLLM version
+    (``installer/bundle/manifest/tasks.py``), placed before ``vllm_args``.
     """
     svc = as_service(service)
     env = as_env(env_meta)
@@ -156,7 +160,15 @@ def render_env_file(
         put("LLM_TRUST_REMOTE_CODE", 1)
     if svc.api_key_file and not key_via_credential:
         put("LLM_API_KEY_FILE", svc.api_key_file)
-    for i, arg in enumerate(svc.vllm_args, start=1):
+    version = env.vllm.version if env.vllm is not None else None
+    problems = records.task_problems(svc.to_dict(), version)
+    if problems:
+        rel, msg = problems[0]
+        raise InstallError(f"service {name}: {records.field_path(list(rel))}: {msg}")
+    if svc.task != "generate":
+        put("LLM_TASK", svc.task)
+    args = records.task_flags(svc.task, svc.convert, version) + records.lora_flags(adapters, svc.max_lora_rank)
+    for i, arg in enumerate([*args, *svc.vllm_args], start=1):
         put(f"LLM_ARG_{i}", arg)
     # the manifest's own variables last: they win over the defaults above (names and values are checked
     # by the service rules, installer/bundle/manifest/services.py)

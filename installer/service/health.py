@@ -154,6 +154,17 @@ def probe_completion(
     }
 
 
+def probe_service(host: str | None, port: int, svc: ServiceRecord, api_key: str | None = None) -> dict:
+    """The real request that proves ``svc`` serves: a completion, an embedding or a score, by its task."""
+    from installer.service.probes import probe_embedding, probe_score
+
+    if svc.task == "embed":
+        return probe_embedding(host, port, svc.api_name, api_key)
+    if svc.task == "score":
+        return probe_score(host, port, svc.api_name, api_key)
+    return probe_completion(host, port, svc.api_name, api_key)
+
+
 EX_CONFIG = 78  # llm-serve: the configuration is wrong (the unit does not restart on it)
 EXIT_CREDENTIALS = 243  # systemd: LoadCredential= could not read the file
 
@@ -199,7 +210,8 @@ def unit_failure_cause(name: str, key_file: str | None = None) -> str | None:
 
 
 def check_instance(root: Path, service: ServiceRecord | Mapping, *, timeout: float = 900.0) -> dict:
-    """The post-start check of one started instance: /health, then one real completion.
+    """The post-start check of one started instance: /health, then one real request for its task (a
+    completion, an embedding or a score).
 
     Reads the API key from the service's key file under ``root`` (the installer runs as root), stops waiting
     as soon as the unit gives up (naming the real cause: the launcher's own message for exit 78), and
@@ -221,7 +233,7 @@ def check_instance(root: Path, service: ServiceRecord | Mapping, *, timeout: flo
         unit=systemd.unit_name(name),
         why=lambda: unit_failure_cause(name, svc.api_key_file),
     )
-    completion = probe_completion(svc.host, svc.port, svc.api_name, key)
+    completion = probe_service(svc.host, svc.port, svc, key)
     return {"healthy_s": round(healthy_s, 3), "completion": completion, "curl": curl_example(svc)}
 
 
@@ -254,16 +266,19 @@ def read_api_key(root: Path, key_file: str | None) -> str | None:
 def curl_example(service: ServiceRecord | Mapping, *, max_tokens: int = 64) -> str:
     """The ``curl`` a user can run on the server to talk to ``service`` (a MANIFEST services[] entry)."""
     svc = systemd.as_service(service)
-    url = base_url(svc.host, svc.port) + "/v1/chat/completions"
     model = svc.api_name
-    body = json.dumps(
-        {
+    if svc.task == "embed":
+        path, doc = "/v1/embeddings", {"model": model, "input": "Hello! Who are you?"}
+    elif svc.task == "score":
+        path, doc = "/v1/score", {"model": model, "text_1": "Who are you?", "text_2": ["A model.", "A cat."]}
+    else:
+        path, doc = "/v1/chat/completions", {
             "model": model,
             "messages": [{"role": "user", "content": "Hello! Who are you?"}],
             "max_tokens": max_tokens,
-        },
-        separators=(",", ":"),
-    )
+        }
+    url = base_url(svc.host, svc.port) + path
+    body = json.dumps(doc, separators=(",", ":"))
     parts = [f"curl -sS {shlex.quote(url)}", "-H 'Content-Type: application/json'"]
     if svc.api_key_file:  # a checked plain path (installer/bundle/manifest/): nothing in it for the shell
         parts.append(f'-H "Authorization: Bearer $(sudo cat {shlex.quote(svc.api_key_file)})"')

@@ -89,13 +89,14 @@ class InstancePaths(NamedTuple):
     ``model_path`` is what vLLM gets as ``--model``: the model directory, or the repo id when the service is
     served by repo id from the Hugging Face cache view ``hf_cache``. ``env_meta`` is the environment's
     MANIFEST entry (a record or its dict) when the manifest being installed does not carry it (a
-    model-only bundle).
+    model-only bundle). ``adapters`` are the model's LoRA adapters: ``(name, directory, rank)``.
     """
 
     env_prefix: Path
     model_path: str
     hf_cache: Path | None = None
     env_meta: Mapping | EnvironmentRecord | None = None
+    adapters: tuple[tuple[str, str, int], ...] = ()  # LoRA adapters served with the model: (name, dir, rank)
 
 
 def check_instance_name(name: str) -> str:

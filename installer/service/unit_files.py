@@ -120,7 +120,7 @@ def render_instance(root: Path, m: Manifest, svc: records.ServiceRecord, paths: 
     via_credential = credentials and svc.api_key_file is not None
     text = render_env_file(svc, env, env_prefix=paths.env_prefix, model_path=paths.model_path,
                            hf_cache=paths.hf_cache, bundle=m.bundle, key_via_credential=via_credential,
-                           root=root)
+                           root=root, adapters=paths.adapters)
     return InstanceFiles(
         env_file=text,
         devices_dropin=render_devices_dropin(env, nvidia_modprobe=nvidia_modprobe),

@@ -98,6 +98,12 @@ def _to_spec(path: Path, d: dict, warnings: tuple[str, ...] = ()) -> Manifest:
                         allow_patterns=_tuple(m.get("allow_patterns")),
                         ignore_patterns=_tuple(m.get("ignore_patterns")), endpoint=m.get("endpoint"))
               for m in d.get("models") or []]
+    models += [ModelSpec(name=a["name"], source=a["source"], repo=a.get("repo"), revision=a.get("revision"),
+                         path=(base / a["path"]).resolve() if a.get("path") else None,
+                         allow_patterns=_tuple(a.get("allow_patterns")),
+                         ignore_patterns=_tuple(a.get("ignore_patterns")), endpoint=a.get("endpoint"),
+                         adapter_of=a["base"])
+               for a in d.get("adapters") or []]
     default_env = envs[0].name if len(envs) == 1 else None
     services = []
     for s in d.get("services") or []:

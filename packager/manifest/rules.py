@@ -24,6 +24,7 @@ def cross_checks(problems: Problems, tree: NodeTree, data: dict, base: Path) -> 
     services = data.get("services") or []
     if not envs and not models:
         add([], "a manifest needs at least one entry under environments or models")
+    adapters = data.get("adapters") or []
     for section, items in (("environments", envs), ("models", models), ("services", services)):
         seen: dict[str, int] = {}
         for i, item in enumerate(items):
@@ -32,6 +33,9 @@ def cross_checks(problems: Problems, tree: NodeTree, data: dict, base: Path) -> 
                 if name in seen:
                     add([section, i, "name"], f"duplicate name {name!r} (also {section}[{seen[name]}])")
                 seen[name] = i
+    from packager.manifest.serving_rules import serving_checks
+
+    serving_checks(add, problems, data, base)
     for i, env in enumerate(envs):
         env = env or {}
         if env.get("existing") is not None:
@@ -70,29 +74,31 @@ def cross_checks(problems: Problems, tree: NodeTree, data: dict, base: Path) -> 
                 and not env.get("python"):
             add(["environments", i], "an environment needs 'conda' specs (and usually 'python'), a 'prefix' "
                                     "or 'existing'")
-    for i, m in enumerate(models):
-        m = m or {}
-        src = m.get("source")
-        if src in ("huggingface", "modelscope"):
-            if not m.get("repo"):
-                add(["models", i], f"source {src} needs 'repo' (org/name)")
-            if m.get("path") is not None:
-                add(["models", i, "path"], f"'path' is only for source: local (source is {src})")
-        elif src == "local":
-            if not m.get("path"):
-                add(["models", i], "source local needs 'path' (a directory on the build host)")
-            elif not problems.has(["models", i, "path"]) and not _is_dir(base / str(m["path"])):
-                add(["models", i, "path"], f"{base / str(m['path'])} is not a directory")
-            for key in ("repo", "revision", "endpoint"):
-                if m.get(key) is not None and key != "repo":
-                    add(["models", i, key], f"{key!r} does not apply to source: local")
+    for section, items in (("models", models), ("adapters", adapters)):
+        for i, m in enumerate(items):
+            m = m or {}
+            src = m.get("source")
+            if src in ("huggingface", "modelscope"):
+                if not m.get("repo"):
+                    add([section, i], f"source {src} needs 'repo' (org/name)")
+                if m.get("path") is not None:
+                    add([section, i, "path"], f"'path' is only for source: local (source is {src})")
+            elif src == "local":
+                if not m.get("path"):
+                    add([section, i], "source local needs 'path' (a directory on the build host)")
+                elif not problems.has([section, i, "path"]) and not _is_dir(base / str(m["path"])):
+                    add([section, i, "path"], f"{base / str(m['path'])} is not a directory")
+                for key in ("repo", "revision", "endpoint"):
+                    if m.get(key) is not None and key != "repo":
+                        add([section, i, key], f"{key!r} does not apply to source: local")
     model_names = {m.get("name") for m in models if m}
     env_names = {e.get("name") for e in envs if e}
     listeners: list[tuple[str | None, int]] = []
     where: list[int] = []
     for i, s in enumerate(services):
         s = s or {}
-        if s.get("model") is not None and s["model"] not in model_names:
+        adapter_names = {(a or {}).get("name") for a in data.get("adapters") or []}
+        if s.get("model") is not None and s["model"] not in model_names and s["model"] not in adapter_names:
             add(["services", i, "model"], f"no model named {s['model']!r} in this manifest"
                                           f"{did_you_mean(str(s['model']), [str(n) for n in model_names])}")
         if s.get("environment") is not None and s["environment"] not in env_names:

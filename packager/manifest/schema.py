@@ -78,6 +78,13 @@ MODEL_SCHEMA = _obj({
                      pattern=_anchored(records.URL_RE)),
 }, ("name", "source"), "a model snapshot")
 
+ADAPTER_SCHEMA = _obj({
+    **{k: v for k, v in MODEL_SCHEMA["properties"].items()},
+    "name": _str("adapter name: clients ask for it as the model (`model: <name>`)", pattern=NAME_RE),
+    "base": _str("the models[].name it adapts: served with every service of that model "
+                 "(--enable-lora --lora-modules name=path, --max-lora-rank from adapter_config.json)"),
+}, ("name", "source", "base"), "a LoRA adapter (peft: adapter_config.json + weights), pinned like a model")
+
 SERVICE_SCHEMA = _obj({
     "name": _str("instance name: systemctl start llm@<name>", pattern=NAME_RE),
     "model": _str("a models[].name"),
@@ -101,6 +108,13 @@ SERVICE_SCHEMA = _obj({
     "vllm_args": _strlist("extra vLLM arguments"),
     "env": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]},
             "description": "extra environment variables for the service"},
+    "task": {"type": "string", "enum": list(records.TASKS),
+             "description": "what it serves: generate (chat/completions), embed (/v1/embeddings), score "
+                            "(/v1/score, /rerank); spelled for the environment's vLLM (--runner pooling or --task)"},
+    "convert": {"type": "string", "enum": ["embed", "classify"],
+                "description": "adapt a generative model for task embed/score (vLLM --convert, vLLM >= 0.10.1)"},
+    "max_lora_rank": {"type": "integer", "enum": list(records.LORA_RANKS),
+                      "description": "vLLM --max-lora-rank (default: the smallest that holds the adapters' ranks)"},
 }, ("name", "model"), "a vLLM instance run by systemd as llm@<name>")
 
 SCHEMA: dict = {
@@ -116,6 +130,7 @@ SCHEMA: dict = {
                         "glibc": _str("oldest glibc on the target servers", pattern=_anchored(records.GLIBC_RE))}),
         "environments": {"type": "array", "items": ENV_SCHEMA},
         "models": {"type": "array", "items": MODEL_SCHEMA},
+        "adapters": {"type": "array", "items": ADAPTER_SCHEMA},
         "services": {"type": "array", "items": SERVICE_SCHEMA},
     }, ("bundle",)),
 }

@@ -31,7 +31,7 @@ from installer.bundle.manifest.document import (
 )
 from installer.bundle.manifest.environments import EnvFrame, EnvironmentRecord, VllmInfo, as_environment
 from installer.bundle.manifest.fields import ManifestFieldError
-from installer.bundle.manifest.models import HEX40_RE, HEX64_RE, ModelFile, ModelRecord
+from installer.bundle.manifest.models import HEX40_RE, HEX64_RE, AdapterInfo, ModelFile, ModelRecord
 from installer.bundle.manifest.rules import (
     ABS_PATH_RE,
     API_KEY_ENV,
@@ -85,6 +85,17 @@ from installer.bundle.manifest.services import (
     service_problems,
     service_warnings,
 )
+from installer.bundle.manifest.tasks import (
+    LORA_RANKS,
+    MAX_LORA_RANK,
+    TASKS,
+    adapter_problems,
+    lora_flags,
+    parse_version,
+    rank_problem,
+    task_flags,
+    task_problems,
+)
 
 __all__ = [
     "ABS_PATH_RE", "API_KEY_ENV", "ARCHES", "CLIMB_RE", "COMMIT_RE", "CUDA_RE", "CUDA_RUNTIME_RE", "DEFAULT_HOST",
@@ -92,6 +103,8 @@ __all__ = [
     "HOSTNAME_RE", "LOOPBACK_HOSTS", "MAX_TEXT", "MODULE_RE", "NAME_RE", "PATH_PART_RE", "PLATFORMS", "PYTHON_RE",
     "REPO_RE", "REVISION_RE", "RUNTIME_ARTIFACT_RE", "RUNTIME_PYTHON_RE", "SERVED_NAME_RE", "SERVE_BY",
     "SERVICE_FIELDS", "SHA256_RE", "SONAME_RE", "SOURCES", "TOOL_RE", "URL_RE", "VERSION_RE", "WILDCARD_HOSTS",
+    "LORA_RANKS", "MAX_LORA_RANK", "TASKS", "AdapterInfo", "adapter_problems", "lora_flags", "parse_version",
+    "rank_problem", "task_flags", "task_problems",
     "ArtifactRecord", "ArtifactRef", "BundleInfo", "EnvFrame", "EnvironmentRecord", "Manifest", "ManifestFieldError",
     "ModelFile", "ModelRecord", "Problem", "ServiceRecord", "TargetInfo", "VllmInfo", "abs_path_problem",
     "as_environment", "as_manifest", "as_service", "control_char_problem", "field_path", "host_problem",

@@ -24,6 +24,7 @@ from installer.bundle.manifest.rules import (
     VERSION_RE,
 )
 from installer.bundle.manifest.services import ServiceRecord, port_conflicts
+from installer.bundle.manifest.tasks import adapter_problems, task_problems
 from installer.bundle.names import ARTIFACT_KINDS, FORMAT_VERSION, MANIFEST_NAME, PROVIDABLE_KINDS, PROVIDED
 from installer.errors import BundleError
 
@@ -216,6 +217,13 @@ class Manifest(Record):
         for i, a in enumerate(self.artifacts):
             if a.path in (MANIFEST_NAME, MANIFEST_NAME + ".sig"):
                 r.fail(("artifacts", i, "path"), f"{a.path!r} is reserved")
+        for path, msg in adapter_problems([m.to_dict() for m in self.models], [s.to_dict() for s in self.services]):
+            r.fail(path, msg)
+        for i, s in enumerate(self.services):
+            env = self.environment(s.environment)
+            version = env.vllm.version if env is not None and env.vllm is not None else None
+            for rel, msg in task_problems(s.to_dict(), version):
+                r.fail(("services", i, *rel), msg)
         ports = port_conflicts((s.host, s.port) for s in self.services)
         for i, j in ports:
             s = self.services[i]

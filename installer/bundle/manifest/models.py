@@ -35,6 +35,21 @@ class ModelFile(Record):
 
 
 @dataclass(frozen=True)
+class AdapterInfo(Record):
+    """A LoRA adapter's facts (``models[].adapter``): the model it adapts and its rank (adapter_config.json)."""
+
+    base: str
+    rank: int
+
+    @classmethod
+    def read(cls, r: FieldReader) -> AdapterInfo:
+        if not isinstance(r.obj, dict):
+            r.fail((), f"expected an object, found {kind_of(r.obj)}")
+        r.only_keys(("base", "rank"))
+        return cls(base=r.str("base", NAME_RE, what="model name"), rank=r.int("rank", minimum=1, maximum=65536))
+
+
+@dataclass(frozen=True)
 class ModelRecord(Record):
     name: str
     source: str
@@ -49,6 +64,13 @@ class ModelRecord(Record):
     pinned_by: str | None = None  # "commit" (the hub's commit id) or "content" (content_hash; ModelScope branches)
     content_hash: str | None = None
     hub_file_commits: tuple[str, ...] = ()
+    adapter: AdapterInfo | None = None  # a LoRA adapter of the model adapter.base (written only when set)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if out.get("adapter") is None:
+            out.pop("adapter", None)
+        return out
 
     @classmethod
     def read(cls, r: FieldReader) -> ModelRecord:
@@ -83,7 +105,13 @@ class ModelRecord(Record):
                    config=freeze(config or {}),
                    pinned_by=r.str("pinned_by", optional=True, choices=("commit", "content")),
                    content_hash=r.str("content_hash", HEX64_RE, optional=True, what="content hash (64 hex digits)"),
-                   hub_file_commits=r.str_list("hub_file_commits", HEX40_RE, what="commit id (40 hex digits)"))
+                   hub_file_commits=r.str_list("hub_file_commits", HEX40_RE, what="commit id (40 hex digits)"),
+                   adapter=_adapter(r))
+
+
+def _adapter(r: FieldReader) -> AdapterInfo | None:
+    child = r.child("adapter", optional=True)
+    return AdapterInfo.read(child) if child is not None else None
 
 
 def _endpoint(r: FieldReader) -> str | None:

@@ -26,6 +26,7 @@ from installer.bundle.manifest.rules import (
     is_loopback,
     value_problem,
 )
+from installer.bundle.manifest.tasks import CONVERTS, LORA_RANKS, TASKS
 from installer.bundle.names import MANIFEST_NAME
 
 
@@ -123,7 +124,10 @@ def service_warnings(svc: Mapping) -> list[Problem]:
 
 SERVICE_FIELDS = ("name", "model", "environment", "served_model_name", "host", "port", "gpus",
                   "tensor_parallel_size", "pipeline_parallel_size", "max_model_len", "dtype",
-                  "gpu_memory_utilization", "trust_remote_code", "api_key_file", "serve_by", "vllm_args", "env")
+                  "gpu_memory_utilization", "trust_remote_code", "api_key_file", "serve_by", "vllm_args", "env",
+                  "task", "convert", "max_lora_rank")
+# written to MANIFEST.json only when set: a bundle without them has the MANIFEST it had before they existed
+OPTIONAL_FIELDS = {"task": "generate", "convert": None, "max_lora_rank": None}
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,16 @@ class ServiceRecord(Record):
     serve_by: str = "path"
     vllm_args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=lambda: FrozenDict())
+    task: str = "generate"  # generate | embed | score (installer/bundle/manifest/tasks.py)
+    convert: str | None = None  # embed | classify: adapt a generative model (vLLM >= 0.10.1)
+    max_lora_rank: int | None = None  # default: from the adapters' ranks
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        for key, default in OPTIONAL_FIELDS.items():
+            if out.get(key) == default:
+                del out[key]
+        return out
 
     @classmethod
     def read(cls, r: FieldReader) -> ServiceRecord:
@@ -187,6 +201,9 @@ class ServiceRecord(Record):
             serve_by=r.str("serve_by", choices=SERVE_BY, optional=True) or "path",
             vllm_args=args,
             env=FrozenDict(env),
+            task=r.str("task", choices=TASKS, optional=True) or "generate",
+            convert=r.str("convert", choices=CONVERTS, optional=True),
+            max_lora_rank=_lora_rank(r),
         )
         problems = service_problems({**svc.to_dict(), "env": env_r.obj if env_r is not None else {}})
         if problems:
@@ -198,6 +215,13 @@ class ServiceRecord(Record):
     def api_name(self) -> str:
         """The model name clients use (served_model_name, default the service name)."""
         return self.served_model_name or self.name
+
+
+def _lora_rank(r: FieldReader) -> int | None:
+    v = r.int("max_lora_rank", minimum=1, optional=True)
+    if v is not None and v not in LORA_RANKS:
+        r.fail(("max_lora_rank",), f"{v} is not a rank vLLM accepts (one of {', '.join(map(str, LORA_RANKS))})")
+    return v
 
 
 def as_service(s: ServiceRecord | Mapping, *, path: tuple = ("services", 0)) -> ServiceRecord:
