@@ -182,6 +182,17 @@ def with_overrides(bundle: Bundle, ov: dict, *, source: str) -> Bundle:
     return dataclasses.replace(bundle, manifest=merged, records=records, overrides=ov)
 
 
+def check_owned_ports(root: Path) -> dict[int, str]:
+    """Ports held by installed instances (their own port is no conflict for an upgrade, as in `install`)."""
+    from installer.deploy.installed import owned_ports
+    from installer.deploy.placement import Installer
+
+    try:
+        return owned_ports(Installer(Path(root), lambda s: None))
+    except LlmPackError:
+        return {}
+
+
 def check_bootstrap(d: Path, bundle: Bundle) -> Path:
     """install.sh's private work directory (``--bootstrap``), whose unpacked runtime and installer are kept
     on the target: accepted only as install.sh makes it (a directory of this user, closed to others, holding
@@ -308,6 +319,7 @@ def _run(args: argparse.Namespace, say) -> dict:
             preflight_manifest(root, bundle.manifest),
             root=root,
             skip=args.skip_check,
+            owned_ports=check_owned_ports(root),
             install_dir=Path(root) / layout.INSTALL_DIR.lstrip("/"),
         )
         if not args.json:
