@@ -32,9 +32,13 @@ def parse_check(stdout: str, stderr: str = "", rc: int | None = None) -> dict:
     return {"ok": False, "checks": [], "error": err or f"the check exited {rc} with no output"}
 
 
-def _problem(c: Mapping) -> str:
+DETAIL_WIDTH = 160  # a check's detail in the table (the host's own `install.sh --check` shows it whole)
+
+
+def _problem(c: Mapping, width: int = DETAIL_WIDTH) -> str:
     subject = f" ({c['subject']})" if c.get("subject") else ""
-    return f"{c.get('status')} {c.get('name')}{subject}: {c.get('detail', '')}".rstrip()
+    text = f"{c.get('status')} {c.get('name')}{subject}: {c.get('detail', '')}".rstrip()
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def render(results: Mapping[str, Mapping | None]) -> str:
@@ -54,7 +58,7 @@ def render(results: Mapping[str, Mapping | None]) -> str:
             verdict, first = "ERROR", str(r["error"])
         else:
             verdict = "READY" if r.get("ok") else "REFUSED"
-            first = _problem(bad[0]) if bad else ""
+            first = _problem(bad[0], 100) if bad else ""
         rows.append((host, str(n["PASS"]), str(n["WARN"]), str(n["FAIL"]), verdict, first))
         for c in bad:
             details.append(f"  {host}: {_problem(c)}")

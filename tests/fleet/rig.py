@@ -77,8 +77,11 @@ class Fleet:
         argv = self.net.exec_argv(["env", "-C", str(playbook_dir), *[f"{k}={v}" for k, v in env.items()],
                                    str(self.ansible_bin / "ansible-playbook"), *args])
         t0 = time.monotonic()
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout, env=env)
-        run = Run(list(args), proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t0)
+        log = self.work / f"ansible-{len(self.runs) + 1}.log"  # follow a run with tail -f
+        with open(log, "w") as out:
+            proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, text=True, check=False,
+                                  timeout=timeout, env=env)
+        run = Run(list(args), proc.returncode, log.read_text(), time.monotonic() - t0)
         self.runs.append(run)
         print(f"\n$ ansible-playbook {' '.join(args)}   ({run.seconds:.1f} s, rc {run.rc})\n{run.out[-5000:]}")
         return run

@@ -12,6 +12,7 @@ timeout for that host), h2 is back on 1.0.0 and the rollout stops before h3 -> r
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -129,9 +130,8 @@ def test_offline_ansible_then_rollout_upgrade_failure_and_rollback(fleet) -> Non
     run = f.playbook(f.work / "v2", "site.yml")
     print("\nupgrade with a failing host:\n" + run.out[-3000:])
     assert run.rc != 0
-    assert "h2: install of tiny-demo 1.0.1 failed" in run.out.replace("\n", " "), run.out[-4000:]
+    assert re.search(r"h2: install of tiny-demo 1\.0\.1\s+failed", run.out), run.out[-4000:]
     assert f.active("h1") == "1.0.1" and f.active("h2") == "1.0.0" and f.active("h3") == "1.0.0"
-    assert run.recap()["h3"]["changed"] > 0 or True  # copy of the 1.0.1 bundle happened in the prepare play
     assert "install | install.sh" not in _tasks_on(run.out, "h3")
     f.timings["6. upgrade (h1 ok, h2 fails -> stop)"] = run.seconds
     f.completion("h1")
