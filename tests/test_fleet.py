@@ -90,7 +90,7 @@ def test_preflight_table_one_row_per_host_then_the_problems() -> None:
                                                      "free space on /opt/llm")]})
     results = {"h1": table.parse_check(ok), "h3": table.parse_check(bad),
                "h2": table.parse_check("", "bundle x: ...\nerror: MANIFEST.json.sig: no trusted key", 1),
-               "h4": None}
+               "h4": None, "h5": {"ok": False, "checks": [], "error": "", "not_run": "check mode: would copy"}}
     text = table.render(results)
     lines = text.splitlines()
     assert lines[0].split() == ["HOST", "PASS", "WARN", "FAIL", "RESULT", "FIRST", "PROBLEM"]
@@ -100,7 +100,8 @@ def test_preflight_table_one_row_per_host_then_the_problems() -> None:
     assert "no trusted key" in lines[2]
     assert lines[3].split()[:5] == ["h3", "1", "0", "1", "REFUSED"] and "FAIL disk" in lines[3]
     assert "NOT RUN" in lines[4]
-    assert "fleet preflight: 1 of 4 host(s) ready" in text
+    assert lines[5].split()[:5] == ["h5", "0", "0", "0", "NOT"] and "check mode: would copy" in lines[5]
+    assert "fleet preflight: 1 of 5 host(s) ready" in text
     assert "h3: FAIL disk: /opt/llm: needs 3.6 GiB" in text and "remedy: free space on /opt/llm" in text
     assert table.parse_check("not json", "", 2)["ok"] is False
 

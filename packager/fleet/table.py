@@ -54,7 +54,9 @@ def render(results: Mapping[str, Mapping | None]) -> str:
         n = {s: sum(1 for c in checks if c.get("status") == s) for s in ("PASS", "WARN", "FAIL")}
         bad = [c for c in checks if c.get("status") in ("FAIL", "WARN")]
         bad.sort(key=lambda c: c.get("status") != "FAIL")
-        if r.get("error"):
+        if r.get("not_run"):
+            verdict, first = "NOT RUN", str(r["not_run"])
+        elif r.get("error"):
             verdict, first = "ERROR", str(r["error"])
         else:
             verdict = "READY" if r.get("ok") else "REFUSED"

@@ -23,7 +23,7 @@ from tests.fleet.bundles import ensure_fleet_bundles
 from tests.fleet.rig import PORTS, SMALL_DISK_HOST, fleet_rig
 from tests.nspawn.fixtures import require_nspawn
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 def _unchanged(fleet, host: str) -> None:
