@@ -138,6 +138,18 @@ def test_generate_checks_every_host_and_writes_a_playbook_ansible_accepts(tmp_pa
     for t in ("copy", "preflight", "install"):
         assert t in tags
 
+    def listed(*args: str) -> str:
+        return subprocess.run([ANSIBLE / "ansible-playbook", "site.yml", "--list-tasks", *args], cwd=out,
+                              capture_output=True, text=True, check=True,
+                              env={"PATH": f"{ANSIBLE}:/usr/bin:/bin", "HOME": str(tmp_path),
+                                   "ANSIBLE_HOME": str(tmp_path)}).stdout
+
+    only_install = listed("--tags", "install")  # the install needs the copy and the preflight: they come along
+    assert "install | install.sh" in only_install and "preflight | install.sh --check" in only_install
+    only_pre = listed("--tags", "copy,preflight")  # carry and check, install nothing
+    assert "preflight | the fleet" in only_pre and "install | install.sh" not in only_pre
+    assert "bootstrap | unpack" in only_pre  # the bootstrap always runs
+
 
 def test_the_roles_template_gives_what_pack_fleet_checked(tmp_path, bundle, keys) -> None:
     """The role renders install.sh --overrides from the inventory (Jinja, real Ansible); pack fleet checked
