@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from installer.bundle import MANIFEST_NAME, TRUSTED_KEYS, Bundle
+from installer.bundle import MANIFEST_NAME, TRUSTED_KEYS, Bundle, overrides
 from installer.deploy import install as activate
 from installer.deploy import layout, lifecycle
 from installer.deploy.installed import preflight_manifest
@@ -69,6 +69,14 @@ def _bundle_args(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="split volumes: where the others are (each DIR a volume, or the directory holding it); default: "
         "beside --bundle, the first volume",
+    )
+    p.add_argument(
+        "--overrides",
+        type=Path,
+        metavar="FILE",
+        help="per-server service fields (JSON: {\"services\": {NAME: {\"port\": 8001, ...}}}); host, port, "
+        "gpus, api_key_file, tensor_parallel_size, gpu_memory_utilization, max_model_len; checked by the "
+        "MANIFEST service rules",
     )
     p.add_argument(
         "--skip-check",
@@ -186,7 +194,30 @@ def load_bundle(args: argparse.Namespace) -> tuple[Bundle, str]:
     if split:  # read in place from the volumes; SPLIT.json: install.sh's copy beside the manifest, or volume 1's
         info_dir = args.manifest.parent if args.manifest is not None else args.bundle
         verified = attach_volumes(verified, args.bundle, info_dir, args.volumes, terminal_prompt())
+    if args.overrides is not None:
+        verified = with_overrides(verified, overrides.load(args.overrides), source=f"--overrides {args.overrides}")
     return verified, signed_by
+
+
+def with_overrides(bundle: Bundle, ov: dict, *, source: str) -> Bundle:
+    """The bundle with per-server service overrides merged (and validated); unchanged when they are empty."""
+    import dataclasses
+
+    merged, records = overrides.apply(bundle.manifest, ov, source=source)
+    if records is None:
+        return bundle
+    return dataclasses.replace(bundle, manifest=merged, records=records, overrides=ov)
+
+
+def check_owned_ports(root: Path) -> dict[int, str]:
+    """Ports held by installed instances (their own port is no conflict for an upgrade, as in `install`)."""
+    from installer.deploy.installed import owned_ports
+    from installer.deploy.placement import Installer
+
+    try:
+        return owned_ports(Installer(Path(root), lambda s: None))
+    except LlmPackError:
+        return {}
 
 
 def check_bootstrap(d: Path, bundle: Bundle) -> Path:
@@ -327,6 +358,7 @@ def _run(args: argparse.Namespace, say) -> dict:
             preflight_manifest(root, bundle.manifest),
             root=root,
             skip=args.skip_check,
+            owned_ports=check_owned_ports(root),
             install_dir=Path(root) / layout.INSTALL_DIR.lstrip("/"),
         )
         if bundle.provided:

@@ -246,6 +246,47 @@ def split(bundle: Path, size: str, out_dir: Path | None, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--inventory", "-i", required=True, type=click.Path(path_type=Path),
+              help="Ansible INI inventory; the servers are the group [llm_fleet].")
+@click.option("--pubkey", required=True, type=click.Path(path_type=Path),
+              help="The build's public key: the bundle is verified with it, and the hosts trust it.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("fleet"), show_default=True,
+              help="Where to write the playbook (ansible.cfg, site.yml, rollback.yml, roles/, group_vars/).")
+@click.option("--bundle-src", help="The bundle's path on the admin host, if not where it is now.")
+@click.option("--with-ansible", is_flag=True,
+              help="Also download ansible-core wheels (this host needs PyPI) for an offline admin host.")
+@click.option("--ansible-python", metavar="X.Y", help="The admin host's Python for --with-ansible [default: this one].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def fleet(bundle: Path, inventory: Path, pubkey: Path, out_dir: Path, bundle_src: str | None, with_ansible: bool,
+          ansible_python: str | None, as_json: bool) -> None:
+    """Write an Ansible playbook that rolls BUNDLE out to the servers of an inventory.
+
+    Copies the bundle to each host once (checked against MANIFEST.json's sha256), runs install.sh --check
+    everywhere and prints one preflight table, then installs in rolling batches with the post-start check
+    as the gate. Per-host ports, GPUs and key files come from inventory variables (docs/fleet.md).
+    """
+    from packager.fleet.generate import generate
+
+    res = generate(bundle, inventory, pubkey, out_dir, bundle_src=bundle_src)
+    info = res.to_dict()
+    if with_ansible:
+        from packager.fleet.wheels import download
+
+        wheels = download(out_dir, python_version=ansible_python, log=lambda m: click.echo(m, err=True))
+        info["wheels"] = [w.name for w in wheels]
+    lines = [f"fleet playbook for {res.bundle} {res.version} -> {res.out} ({len(res.hosts)} host(s): "
+             f"{', '.join(res.hosts)})"]
+    lines += [f"  {h}: overrides {json.dumps(o['services'], sort_keys=True)}" for h, o in res.overrides.items()
+              if o["services"]]
+    if with_ansible:
+        lines.append(f"  ansible-core: {len(info['wheels'])} wheels in {out_dir / 'wheels'}; on the admin host: "
+                     f"bash {out_dir / 'install-ansible.sh'}")
+    lines.append(f"then: cd {res.out} && ansible-playbook site.yml   (--check for a dry run)")
+    _emit(info, as_json, "\n".join(lines))
+
+
+@main.command()
 def schema() -> None:
     """Print the manifest's JSON Schema (for editors: yaml-language-server, VS Code)."""
     from packager.manifest import schema_json

@@ -10,11 +10,12 @@ with Container(ensure_rootfs(), binds=[(usb_dir, "/media/usb", True)]) as c:
 
 from devkit.nspawn.container import Container
 from devkit.nspawn.errors import ContainerCommandError, ContainerError
-from devkit.nspawn.rootfs import PACKAGES, RootfsBuildError, default_cache_dir, ensure_rootfs
+from devkit.nspawn.rootfs import PACKAGES, SSH_PACKAGES, RootfsBuildError, default_cache_dir, ensure_rootfs
 from devkit.nspawn.workdirs import reap_stale
 
 __all__ = [
     "PACKAGES",
+    "SSH_PACKAGES",
     "Container",
     "ContainerCommandError",
     "ContainerError",

@@ -53,6 +53,7 @@ class Container(Commands):
         keep: bool | None = None,
         overlay: bool | None = None,
         nspawn_args: Sequence[str] = (),
+        network_namespace: str | None = None,
     ) -> None:
         self.rootfs_tar = Path(rootfs_tar)
         self.binds = [(Path(h), str(c), bool(ro)) for h, c, ro in binds]
@@ -60,6 +61,9 @@ class Container(Commands):
         # Extra systemd-nspawn options, e.g. ["--tmpfs=/tmp:mode=1777,size=8G"] (the default /tmp and
         # /dev/shm are tmpfs of 10% of the host's RAM) or ["--setenv=X=1"].
         self.nspawn_args = list(nspawn_args)
+        # None: no network (only lo). A name from `ip netns` (devkit/nspawn/netns.py): the container joins it.
+        self.network_namespace = network_namespace
+        self._netns_fd: int | None = None
         # LLM_TEST_KEEP_CONTAINER=1 keeps the tree after stop() for debugging.
         self.keep = keep if keep is not None else os.environ.get("LLM_TEST_KEEP_CONTAINER") == "1"
         # Overlay over a shared extracted tree (fast) unless LLM_TEST_NSPAWN_OVERLAY=0 or unsupported;
@@ -125,13 +129,18 @@ class Container(Commands):
 
         self._t_boot = time.monotonic()
         console = open(self.dir / "console.log", "wb")
+        if self.network_namespace is not None:  # /run is a fresh tmpfs for nspawn: hand it the netns as an fd
+            self._netns_fd = os.open(f"/run/netns/{self.network_namespace}", os.O_RDONLY | os.O_CLOEXEC)
         try:
             self._proc = subprocess.Popen(
                 self._nspawn_cmd(), stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, pass_fds=(self._netns_fd,) if self._netns_fd is not None else (),
             )  # fmt: skip
         finally:
             console.close()
+            if self._netns_fd is not None:
+                os.close(self._netns_fd)
+                self._netns_fd = None
         write_state(self.dir, {"owner": proc_id(os.getpid()), "nspawn": proc_id(self._proc.pid)})
         self._leader = self._find_leader(timeout=30.0)
         write_state(
@@ -148,12 +157,15 @@ class Container(Commands):
         nspawn = [
             "systemd-nspawn", "--quiet", "--boot",
             "--register=no", "--keep-unit",
-            "--private-network",
             "--link-journal=no", "--resolv-conf=off", "--timezone=off",
             "--console=read-only",
             f"--machine={self.name}",
             f"--directory={self.root}",
         ]  # fmt: skip
+        if self._netns_fd is not None:
+            nspawn.append(f"--network-namespace-path=/proc/self/fd/{self._netns_fd}")
+        else:
+            nspawn.append("--private-network")
         nspawn += self.nspawn_args
         for host, cpath, ro in self.binds:
             opt = "--bind-ro" if ro else "--bind"

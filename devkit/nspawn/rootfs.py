@@ -39,6 +39,9 @@ PACKAGES: tuple[str, ...] = (
     "coreutils",
 )
 
+# The fleet test's targets (tests/fleet/): the same server with an SSH daemon for Ansible; cached under its own key.
+SSH_PACKAGES: tuple[str, ...] = (*PACKAGES, "openssh-server")
+
 # Paths (relative to the rootfs) removed after debootstrap: docs, man pages, locales, apt caches.
 TRIM_DIRS: tuple[str, ...] = (
     "usr/share/doc",

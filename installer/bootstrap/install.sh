@@ -46,6 +46,7 @@ Install (default):
   --pubkey FILE          trust this public key (repeatable); default: ROOT/etc/llm/trusted-keys/*.pub
   --insecure             accept an unsigned bundle or one signed by an unknown key
   --skip-check NAME      skip one preflight check on purpose (repeatable)
+  --overrides FILE       per-server service fields (JSON): port, host, gpus, api_key_file, ... (docs/fleet.md)
   --dry-run              verify and print the plan; change nothing
   --enable               enable the llm@ units (start at boot)
   --start                start the llm@ units, wait for /health and one real completion
@@ -760,7 +761,7 @@ main() {
             while [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; do VOLUME_DIRS+=("$1"); shift; done
             continue
             ;;
-        --skip-check | --name | --lock-timeout | --health-timeout)
+        --skip-check | --name | --lock-timeout | --health-timeout | --overrides)
             [ $# -ge 2 ] || die "$1 needs a value" "" 2
             pass+=("$1" "$2")
             shift

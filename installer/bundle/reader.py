@@ -85,6 +85,9 @@ class Bundle:
     signature: bytes | None = field(default=None, compare=False, repr=False)
     # split volumes (root is volume 1): the artifacts are read in place from their pieces, never joined
     volumes: Volumes | None = field(default=None, compare=False, repr=False)
+    # per-host service overrides (installer/bundle/overrides.py) already merged into manifest/records; part of
+    # the installed version's id, never of the signed bytes
+    overrides: dict | None = field(default=None, compare=False, repr=False)
     provided: tuple[Artifact, ...] = ()
 
     @property

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from installer import fsutil
-from installer.bundle import MANIFEST_NAME, SIGNATURE_NAME, Bundle
+from installer.bundle import MANIFEST_NAME, SIGNATURE_NAME, Bundle, overrides
 from installer.deploy import state as st
 from installer.deploy.delta import check_delta, describe_base
 from installer.deploy.installed import installed_env, intact, owned_ports, with_installed_envs
@@ -291,6 +291,8 @@ def _install_locked(inst: Installer, bundle: Bundle, bid: str, opts: InstallOpti
         inst.place_file(f"{host_rec}/{MANIFEST_NAME}", bundle.manifest_bytes)
         if bundle.signature is not None:  # the bytes that were verified, not a second read of the bundle
             inst.place_file(f"{host_rec}/{SIGNATURE_NAME}", bundle.signature)
+        if not overrides.is_empty(bundle.overrides):  # this version's per-server service fields
+            inst.place_file(f"{host_rec}/{overrides.OVERRIDES_NAME}", overrides.canonical(bundle.overrides or {}))
         rec["unit_files"] = prepare_units(inst, name, bid, m, rec, say)
         if boot and len(boot) == 2:
             inst.place_file(WRAPPER, wrapper_text(), mode=0o755)

@@ -46,6 +46,7 @@ from installer.bundle.names import (  # noqa: F401  (layout.X is how the deploy 
     UNIT_VERSIONS,
     WRAPPER,
 )
+from installer.bundle.overrides import identity_suffix
 from installer.errors import BundleError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -64,7 +65,7 @@ def safe_name(value: str, what: str) -> str:
 def bundle_id(bundle: Bundle) -> str:
     return (
         f"{safe_name(bundle.name, 'bundle name')}-{safe_name(bundle.version, 'version')}-"
-        f"{bundle.manifest_sha256[:12]}"
+        f"{identity_suffix(bundle.manifest_bytes, bundle.overrides)}"
     )
 
 

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from installer import fsutil
-from installer.bundle import MANIFEST_NAME
+from installer.bundle import MANIFEST_NAME, overrides
 from installer.deploy import state as st
 from installer.deploy.delta import DeltaSources
 from installer.deploy.journal import Journal
@@ -35,7 +35,7 @@ from installer.deploy.layout import (
     staged,
 )
 from installer.deploy.staging import Staging
-from installer.errors import InstallError
+from installer.errors import InstallError, LlmPackError
 
 
 class Installer(Journal, Staging):
@@ -148,11 +148,18 @@ class Installer(Journal, Staging):
     def stored_manifest(self, bid: str) -> dict:
         p = self.t.host(f"{BUNDLE_RECORDS}/{bid}/{MANIFEST_NAME}")
         try:
-            return json.loads(p.read_bytes())
+            m = json.loads(p.read_bytes())
         except (OSError, ValueError) as e:
             raise InstallError(
                 f"the record of installed bundle {bid} is missing or damaged ({p}: {e})"
             ) from e
+        ov = p.with_name(overrides.OVERRIDES_NAME)
+        if ov.is_file():  # the per-server service fields this version was installed with
+            try:
+                m, _ = overrides.apply(m, overrides.parse(ov.read_bytes(), source=str(ov)), source=str(ov))
+            except (OSError, LlmPackError) as e:
+                raise InstallError(f"the record of installed bundle {bid} is damaged ({ov}: {e})") from e
+        return m
 
     def line_of(self, name: str | None) -> tuple[str, dict]:
         lines = self.state["lines"]

@@ -1,0 +1,1 @@
+"""Roll a bundle out to many offline servers with Ansible (`pack fleet`)."""
