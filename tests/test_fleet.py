@@ -212,3 +212,35 @@ def test_bootstrap_script_checks_the_runtime_then_unpacks_it(tmp_path, bundle, k
     r = subprocess.run(["bash", bad, dest2], capture_output=True, text=True, check=False)
     assert r.returncode != 0 and "sha256" in r.stderr and not dest2.exists()
     assert list(dest2.parent.iterdir()) == []
+
+
+def test_a_delta_bundles_bootstrap_uses_the_runtime_the_host_kept(tmp_path, bundle, keys, t1_parts) -> None:
+    """A delta leaves the runtime to the hosts: `pack fleet` writes a bootstrap that copies the one an earlier
+    install kept (/opt/llm/runtime/<sha[:16]>) and refuses, naming it, on a host that lacks it."""
+    from packager.against import load_against
+
+    delta = make_bundle(tmp_path / "d", BundleSpec(version="1.0.1", env=t1_parts, models=[tiny_model()],
+                                                   services=[service()]), keys, against=load_against([bundle]))
+    assert Bundle.load(delta).artifact(Bundle.load(delta).records.runtime.artifact).provided == "target"
+    inv = tmp_path / "hosts.ini"
+    inv.write_text("[llm_fleet]\nh1\n")
+    generate(delta, inv, keys.pub, tmp_path / "fleet")
+    script = tmp_path / "fleet/roles/llm_bundle/files/bootstrap.sh"
+    assert "LLM_FLEET_PAYLOAD" not in script.read_text()  # nothing of the runtime travels
+    gv = yaml.safe_load((tmp_path / "fleet/group_vars/all/llm_bundle.yml").read_text())
+    py = gv["llm_python"].split("}}/", 1)[1]
+    assert all(a["path"] != "runtime/t1.tar.gz" for a in gv["llm_artifacts"])
+    host = tmp_path / "host"
+    env = {"PATH": "/usr/bin:/bin", "LLM_FLEET_ROOT": str(host)}
+    r = subprocess.run(["bash", script, tmp_path / "py"], capture_output=True, text=True, env=env, check=False)
+    assert r.returncode == 1 and "leaves the installer runtime" in r.stderr and "install the full bundle" in r.stderr
+    # the host as an earlier install of the full bundle left it
+    rt_sha = Bundle.load(delta).artifact("runtime/t1.tar.gz").sha256
+    kept = host / "opt/llm/runtime" / rt_sha[:16]
+    kept.mkdir(parents=True)
+    subprocess.run(["tar", "-xzf", t1_parts.runtime, "-C", kept], check=True)
+    r = subprocess.run(["bash", script, tmp_path / "py"], capture_output=True, text=True, env=env, check=False)
+    assert r.returncode == 0 and "kept by an earlier install" in r.stdout, r.stderr
+    out = subprocess.run([tmp_path / "py" / py, "-c", "import sys; print(sys.version_info[0])"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "3"

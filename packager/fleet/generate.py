@@ -98,7 +98,10 @@ def generate(bundle_dir: Path, inventory: Path, pubkey: Path, out: Path, *, bund
     files_dir.mkdir(parents=True, exist_ok=True)
     rt = b.artifact(b.records.runtime.artifact)
     py = PurePosixPath(b.records.runtime.python or "bin/python3").as_posix()
-    (files_dir / "bootstrap.sh").write_text(bootstrap_script(b.path_of(rt).read_bytes(), rt.sha256, py))
+    if rt.provided:  # a delta bundle: the hosts' Python is the runtime their earlier install kept
+        (files_dir / "bootstrap.sh").write_text(bootstrap_from_installed(rt.sha256, py))
+    else:
+        (files_dir / "bootstrap.sh").write_text(bootstrap_script(b.path_of(rt).read_bytes(), rt.sha256, py))
     gv = out / "group_vars" / "all"
     gv.mkdir(parents=True, exist_ok=True)
     (gv / "llm_bundle.yml").write_text(group_vars(b, key, py, rt.sha256, bundle_src or str(b.root.resolve())))
@@ -153,6 +156,33 @@ def group_vars(b: Bundle, key: bytes, py: str, rt_sha: str, src: str) -> str:
             f"{b.name} {b.version}; host variables override the settings (llm_preflight_policy: stop|skip, "
             "llm_health_timeout, llm_enable, llm_fleet_dir); -e llm_serial=N sets the batch size\n")
     return head + yaml.safe_dump(doc, sort_keys=False, width=120)
+
+
+def bootstrap_from_installed(sha256: str, py: str) -> str:
+    """The bootstrap of a delta bundle (it leaves the runtime to the hosts): a copy of the runtime an earlier
+    install verified and kept under /opt/llm/runtime/<sha256[:16]> (named by that archive's sha256), or a
+    clear refusal on a host that lacks it (``LLM_FLEET_ROOT`` prefixes the path, for tests)."""
+    return f"""#!/bin/bash
+# written by `pack fleet` for a delta bundle: the hosts' Python is the installer runtime an earlier install kept.
+# usage: bootstrap.sh DIR
+set -euo pipefail
+dest=$1
+py={json.dumps(py)}
+kept="${{LLM_FLEET_ROOT:-}}/opt/llm/runtime/{sha256[:16]}"
+if [ -x "$dest/$py" ]; then echo "present: $dest/$py"; exit 0; fi
+if [ -L "$kept" ] || [ ! -x "$kept/$py" ]; then
+    echo "error: this delta bundle leaves the installer runtime {sha256[:16]} to the host, and $kept is not" \
+        "there: install the full bundle on this host first (pack fleet of the bundle built without --against)" >&2
+    exit 1
+fi
+mkdir -p -- "$(dirname -- "$dest")"
+tmp=$(mktemp -d "$(dirname -- "$dest")/.boot.XXXXXX")
+trap 'rm -rf -- "$tmp"' EXIT
+cp -a -- "$kept" "$tmp/rt"
+"$tmp/rt/$py" -I -c 'import json, zipfile, hashlib'
+mv -T -- "$tmp/rt" "$dest"
+echo "installed: $dest/$py (the runtime kept by an earlier install)"
+"""
 
 
 def bootstrap_script(runtime: bytes, sha256: str, py: str) -> str:
