@@ -190,6 +190,13 @@ class Staging:
         stop = threading.Event()
         lock = threading.Lock()
 
+        def verified(f: Mapping, a, dst: Path) -> None:  # synced, then logged: a re-run skips it
+            fsutil.fsync_file(dst)
+            with lock, open(log, "a", encoding="utf-8") as lf:
+                lf.write(f"{a.sha256} {a.size} {f['path']}\n")
+                lf.flush()
+                os.fsync(lf.fileno())
+
         def one(f: Mapping, a) -> None:
             if stop.is_set():
                 return
@@ -203,11 +210,7 @@ class Staging:
                 with lock:
                     self.reused[how] = self.reused.get(how, 0) + 1
                     self.reused_bytes += n
-                fsutil.fsync_file(dst)
-                with lock, open(log, "a", encoding="utf-8") as lf:
-                    lf.write(f"{a.sha256} {a.size} {f['path']}\n")
-                    lf.flush()
-                    os.fsync(lf.fileno())
+                verified(f, a, dst)
                 return
             src = source_of(bundle, a)
             try:
@@ -223,11 +226,7 @@ class Staging:
                 raise
             with lock:
                 self.bytes_read += n
-            fsutil.fsync_file(dst)
-            with lock, open(log, "a", encoding="utf-8") as lf:
-                lf.write(f"{a.sha256} {a.size} {f['path']}\n")
-                lf.flush()
-                os.fsync(lf.fileno())
+            verified(f, a, dst)
             fsutil.crash_point(f"verified {dst}")
 
         # split volumes: the files whose volumes are all mounted now in parallel; then the others one by one,
