@@ -403,7 +403,9 @@ def _service_entry(s: ServiceSpec) -> dict:
             "vllm_args": list(s.vllm_args), "env": dict(s.env),
             **({"task": s.task} if s.task != "generate" else {}),
             **({"convert": s.convert} if s.convert else {}),
-            **({"max_lora_rank": s.max_lora_rank} if s.max_lora_rank is not None else {})}
+            **({"max_lora_rank": s.max_lora_rank} if s.max_lora_rank is not None else {}),
+            **({"nodes": s.nodes} if s.nodes > 1 else {}),
+            **({"ray": dict(s.ray)} if s.ray else {})}
 
 
 def _discard_blob(store: ContentStore, sha256: str) -> Callable[[], str]:

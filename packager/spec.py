@@ -89,6 +89,8 @@ class ServiceSpec:
     task: str = "generate"  # generate | embed | score
     convert: str | None = None  # embed | classify (vLLM --convert)
     max_lora_rank: int | None = None  # default: from the adapters' ranks
+    nodes: int = 1  # > 1: one service over a Ray cluster of that many servers
+    ray: tuple[tuple[str, int], ...] = ()  # {port, wait_s} of that cluster (as the manifest gives them)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from installer.errors import BundleError, UsageError
 
 OVERRIDES_NAME = "overrides.json"  # kept beside an installed version's MANIFEST.json record
 OVERRIDABLE = ("host", "port", "gpus", "api_key_file", "tensor_parallel_size", "gpu_memory_utilization",
-               "max_model_len")
+               "max_model_len", "node")  # node: this server's part in a service that spans nodes (cluster.py)
 MAX_BYTES = 64 * 1024
 
 

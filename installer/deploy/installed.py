@@ -77,4 +77,10 @@ def owned_ports(inst: Installer) -> dict[int, str]:
             continue
         for s in m.get("services") or []:
             ports[int(s["port"])] = s["name"]
+            if int(s.get("nodes") or 1) > 1:  # its Ray unit's fixed ports (installer/bundle/manifest/cluster.py)
+                from installer.bundle.manifest import RaySettings
+
+                ray = RaySettings(**(s.get("ray") or {}))
+                for p in ray.ports(head=True).values():
+                    ports[p] = s["name"]
     return ports

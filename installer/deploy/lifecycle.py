@@ -50,8 +50,9 @@ def rollback(
         rec = inst.state["bundles"][prev]
         activate_version(inst, name, prev, m, rec, say)  # one atomic switch; `cur` becomes previous
         from installer import service as systemd
+        from installer.deploy.switch import units_for
 
-        restarted = systemd.restart_instances(rec.get("services") or [], root=inst.t.root)
+        restarted = systemd.restart_instances(units_for(m, rec.get("services") or []), root=inst.t.root)
         if restarted:
             say(f"restarted: {', '.join(restarted)}")
         say(f"{name} {pv} is active again ({cv} kept as previous)")

@@ -88,12 +88,24 @@ def roll_back_failed(inst: Installer, name: str, bid: str, old_line: Mapping, sa
     old = old_line["active"]
     say(f"{name}: the new version failed its check: rolling back to {inst.state['bundles'][old]['version']}")
     switch(inst, name, old, say, previous=old_line.get("previous"))
-    restarted = systemd.restart_instances(inst.state["bundles"][old].get("services") or [], root=inst.t.root)
+    restarted = systemd.restart_instances(
+        units_for(inst.stored_manifest(old), inst.state["bundles"][old].get("services") or []), root=inst.t.root)
     if restarted:
         say(f"restarted on the previous version: {', '.join(restarted)}")
     inst.release(bid)
     del inst.state["bundles"][bid]
     inst.save()
+
+
+def units_for(m: Mapping, names: list[str]) -> list[str]:
+    """The units this server runs for the instances ``names``, in start order: ``llm@<name>`` stands as the
+    instance name; a service that spans nodes runs its Ray head before it, or only its Ray worker
+    (installer/service/cluster.py)."""
+    from installer.bundle.manifest import as_service
+    from installer.service import cluster
+
+    services = {s["name"]: s for s in m.get("services") or []}
+    return [u for n in names for u in (cluster.units_of(as_service(services[n])) if n in services else [n])]
 
 
 def after_switch(
@@ -104,25 +116,30 @@ def after_switch(
     out: list[dict] = []
     if not names:
         return out
+    units = units_for(m, names)
     if opts.enable:
-        systemd.enable(names, root=inst.t.root)
-        say(f"enabled: {', '.join(systemd.unit_name(n) for n in names)}")
+        systemd.enable(units, root=inst.t.root)
+        say(f"enabled: {', '.join(systemd.unit_name(n) for n in units)}")
     if not inst.t.live:
         say(f"staging tree {inst.t.root}: nothing started (start the units after booting the image)")
         return out
-    restarted = systemd.restart_instances(names, root=inst.t.root)
+    restarted = systemd.restart_instances(units, root=inst.t.root)
     if restarted:
         say(f"restarted on the new version: {', '.join(restarted)}")
     to_check = list(restarted)
     if opts.start:
-        rest = [n for n in names if n not in restarted]
+        rest = [n for n in units if n not in restarted]
         systemd.start(rest, root=inst.t.root)
         to_check += rest
     if to_check:
-        from installer.service import health
+        from installer.service import cluster, health
 
         services = {s["name"]: s for s in m.get("services") or []}
         for n in to_check:
+            if n not in services:  # a Ray unit: the worker's is checked (the head's is, through llm@ on it)
+                if "-worker@" in n:
+                    out.append({"name": n, **cluster.check_worker(inst.t.root, n, say, timeout=opts.health_timeout)})
+                continue
             task = services[n].get("task") or "generate"
             what = {"embed": "one embedding", "score": "one score"}.get(task, "one completion")
             say(f"waiting for {systemd.unit_name(n)} to answer (health, then {what})...")

@@ -42,12 +42,28 @@ def prepare_units(inst: Installer, name: str, bid: str, m: Mapping, rec: Mapping
     inst.place_file(template, systemd.template_text())
     inst.place_file(launcher, systemd.launcher_text(), mode=0o755)
     files += [template, launcher, f"{LINES}/{name}"]
+    if any(int(svc.get("nodes") or 1) > 1 for svc in services):  # the Ray units of services that span nodes
+        for rel, text, mode in cluster_files():
+            inst.place_file(rel, text, mode=mode)
+            files.append(rel)
     for svc in services:
         n = systemd.check_instance_name(svc["name"])
         for f, to in instance_links(name, n):
             inst.place_link(f, to)
             files.append(f)
     return files
+
+
+def cluster_files() -> list[tuple[str, str, int]]:
+    """(absolute path, text, mode) of the Ray unit templates, their launcher and the node lister."""
+    from installer import service as systemd
+    from installer.service import cluster
+
+    out = [("/" + (systemd.UNIT_DIR / t).as_posix(), (systemd.UNITS_SRC / t).read_text(encoding="utf-8"), 0o644)
+           for t in cluster.RAY_TEMPLATES.values()]
+    for p in (cluster.RAY_LAUNCHER, cluster.RAY_NODES):
+        out.append(("/" + p.as_posix(), (systemd.UNITS_SRC / p.name).read_text(encoding="utf-8"), 0o755))
+    return out
 
 
 def instance_links(line: str, n: str) -> list[tuple[str, str]]:

@@ -19,7 +19,7 @@ PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 
 
 CHECKS = ("driver", "gpus", "tp-heads", "gpu-memory", "compute-capability", "glibc", "arch", "disk",
-          "ports", "api-keys", "systemd", "libraries", "environment", "compiler")
+          "ports", "cluster", "api-keys", "systemd", "libraries", "environment", "compiler")
 
 
 GPU_CHECKS = ("driver", "gpus", "gpu-memory", "compute-capability")

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from installer.bundle.manifest import Manifest
+from installer.preflight.cluster import check_cluster
 from installer.preflight.context import (
     CHECKS,
     GPU_CHECKS,
@@ -52,6 +53,7 @@ def run_preflight(manifest: Manifest | Mapping, *, root: Path = Path("/"), skip:
 _CHECK_FUNCS = {
     "driver": check_driver, "gpus": check_gpus, "tp-heads": check_tp_heads, "gpu-memory": check_gpu_memory,
     "compute-capability": check_compute_capability, "glibc": check_glibc, "arch": check_arch,
-    "disk": check_disk, "ports": check_ports, "api-keys": check_api_keys, "systemd": check_systemd,
+    "disk": check_disk, "ports": check_ports, "cluster": check_cluster, "api-keys": check_api_keys,
+    "systemd": check_systemd,
     "libraries": check_libraries, "environment": check_environment, "compiler": check_compiler,
 }

@@ -10,6 +10,7 @@ from installer.bundle import manifest as records
 from installer.bundle.manifest import EnvironmentRecord, ServiceRecord
 from installer.errors import InstallError, UsageError
 from installer.preflight.toolchain import service_compiler
+from installer.service.cluster import ClusterNode
 from installer.service.paths import (
     _PLAIN_VALUE_RE,
     DEFAULT_ENTRYPOINT,
@@ -73,6 +74,7 @@ def render_env_file(
     key_via_credential: bool = False,
     root: Path = Path("/"),
     adapters: Sequence[tuple[str, str, int]] = (),
+    cluster: ClusterNode | None = None,
 ) -> str:
     """The text of ``/etc/llm/<service>.env`` (read by systemd and by the ``llm-serve`` launcher).
 
@@ -84,6 +86,8 @@ def render_env_file(
     sets ``LLM_API_KEY_FILE`` to the credential) and the env file does not name the operator's file.
     ``root`` is the server's root (where a GPU service's C compiler is looked up, ``/`` but in tests).
     ``adapters`` are the LoRA adapters served with the model: ``(name, directory on the target, rank)``.
+    ``cluster`` is this server's part in a service that spans nodes (installer/service/cluster.py): its
+    address, interface, the head and the Ray settings the ``llm-ray`` launcher and ``llm-serve`` read.
     The service's task and adapters become vLLM arguments spelled for the environment's vLLM version
     (``installer/bundle/manifest/tasks.py``), placed before ``vllm_args``.
     """
@@ -122,6 +126,9 @@ def render_env_file(
     # by vLLM's processes to reach each other, and a single-host server reaches them on loopback whatever
     # address the API listens on. Multi-host setups set VLLM_HOST_IP in the service's `env`.
     put("VLLM_HOST_IP", "127.0.0.1")
+    if cluster is not None:  # a node of a multi-node service: its address on the cluster network, Ray's settings
+        for key, value in cluster.env().items():
+            put(key, value)
     # devices
     if not cpu and svc.gpus:
         put("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in svc.gpus))

@@ -345,8 +345,32 @@ def instance_status(
             row["restarts"] = int(props["NRestarts"]) if props.get("NRestarts", "").isdigit() else None
             row["enabled"] = props.get("UnitFileState")
             row["health"] = _health(host, port, timeout) if row["active"] == "active" else "down"
+        if env.get("LLM_RAY_ROLE"):
+            row["cluster"] = _cluster_status(root, name, env, live)
+            if env["LLM_RAY_ROLE"] == "worker":  # no API server here: the Ray worker's unit is the instance
+                row["unit"] = row["cluster"]["unit"]
+                for k in ("active", "health"):
+                    row[k] = row["cluster"].get(k) if k == "active" else None
         rows.append(row)
     return rows
+
+
+def _cluster_status(root: Path, name: str, env: dict, live: bool) -> dict:
+    """A node of a service that spans nodes: its role, its Ray unit, and the cluster's nodes as the head
+    reports them (installer/service/cluster.py)."""
+    from installer.service import cluster
+
+    role = env["LLM_RAY_ROLE"]
+    unit = cluster.ray_unit(role, name)
+    out: dict = {"role": role, "unit": unit, "head": env.get("LLM_RAY_HEAD"), "address": env.get("VLLM_HOST_IP"),
+                 "expected_nodes": int(env["LLM_RAY_NODES"]) if env.get("LLM_RAY_NODES", "").isdigit() else None,
+                 "active": None, "nodes": None, "error": None}
+    if live:
+        out["active"] = systemd.unit_properties(unit, ["ActiveState"]).get("ActiveState")
+        nodes, error = cluster.cluster_nodes(env.get("LLM_PYTHON", ""), env.get("LLM_RAY_HEAD", ""), root=root)
+        out["nodes"] = sorted(str(n.get("address")) for n in nodes) if error is None else None
+        out["error"] = error
+    return out
 
 
 def format_status(rows: list[dict]) -> str:
@@ -364,4 +388,12 @@ def format_status(rows: list[dict]) -> str:
         ["-" if r.get(k) is None else str(r.get(k)) for _, k in cols] for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+    text = "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+    for r in rows:
+        c = r.get("cluster")
+        if c:
+            nodes = (f"{len(c['nodes'])} of {c['expected_nodes']} node(s) joined: {', '.join(c['nodes']) or '-'}"
+                     if c.get("nodes") is not None else f"nodes unknown ({c.get('error') or 'not running'})")
+            text += (f"\n{r['instance']}: Ray {c['role']} ({c['unit']}: {c.get('active') or '-'}), this node "
+                     f"{c.get('address')}, head {c.get('head')}; {nodes}")
+    return text

@@ -109,7 +109,16 @@ def check_instance_name(name: str) -> str:
     return name
 
 
+_RAY_UNIT_RE = re.compile(r"llm-ray-(?:head|worker)@(.+)\.service")
+
+
 def unit_name(name: str) -> str:
+    """``llm@<name>.service`` for an instance name; a Ray unit of an instance (``llm-ray-head@<name>.service``,
+    installer/service/cluster.py) stands for itself."""
+    m = _RAY_UNIT_RE.fullmatch(name) if isinstance(name, str) else None
+    if m:
+        check_instance_name(m.group(1))
+        return name
     return f"llm@{check_instance_name(name)}.service"
 
 

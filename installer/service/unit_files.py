@@ -13,6 +13,7 @@ from installer.bundle import manifest as records
 from installer.bundle.manifest import Manifest
 from installer.errors import InstallError
 from installer.fsutil import write_atomic
+from installer.service import cluster
 from installer.service.dropin import find_nvidia_modprobe, render_devices_dropin, render_key_dropin, uses_credentials
 from installer.service.envfile import render_env_file
 from installer.service.paths import (
@@ -120,10 +121,15 @@ def render_instance(root: Path, m: Manifest, svc: records.ServiceRecord, paths: 
     via_credential = credentials and svc.api_key_file is not None
     text = render_env_file(svc, env, env_prefix=paths.env_prefix, model_path=paths.model_path,
                            hf_cache=paths.hf_cache, bundle=m.bundle, key_via_credential=via_credential,
-                           root=root, adapters=paths.adapters)
+                           root=root, adapters=paths.adapters, cluster=cluster.resolve(svc, m))
+    devices = render_devices_dropin(env, nvidia_modprobe=nvidia_modprobe)
+    if svc.multi_node and svc.node is not None and svc.node.is_head:
+        head = cluster.ray_unit("head", svc.name)
+        devices += ("# This node is the head of the service's Ray cluster (docs/multinode.md): starting the API\n"
+                    f"# server starts the Ray head first; stopping the head stops it.\n[Unit]\nRequires={head}\n")
     return InstanceFiles(
         env_file=text,
-        devices_dropin=render_devices_dropin(env, nvidia_modprobe=nvidia_modprobe),
+        devices_dropin=devices,
         key_dropin=render_key_dropin(svc) if via_credential else None,
         problems=tuple(check_api_key_file(root, svc.api_key_file, via_credential=credentials)),
     )
@@ -207,6 +213,8 @@ def remove_units(root: Path, names: Iterable[str]) -> list[Path]:
     names = [check_instance_name(n) for n in names]
     if root == Path("/") and systemd_running() and names:
         systemctl("disable", "--now", *[unit_name(n) for n in names], check=False)
+        if (root / UNIT_DIR / cluster.RAY_TEMPLATES["head"]).exists():  # services that spanned nodes
+            systemctl("disable", "--now", *cluster.all_ray_units(names), check=False)
     removed: list[Path] = []
     for n in names:
         for p in (env_file_path(root, n), dropin_path(root, n), key_dropin_path(root, n)):
@@ -234,5 +242,5 @@ def remove_units(root: Path, names: Iterable[str]) -> list[Path]:
                 d.rmdir()
     if root == Path("/") and systemd_running():
         systemctl("daemon-reload", check=False)
-        systemctl("reset-failed", *[unit_name(n) for n in names], check=False)
+        systemctl("reset-failed", *[unit_name(n) for n in names], *cluster.all_ray_units(names), check=False)
     return removed

@@ -107,7 +107,9 @@ def _to_spec(path: Path, d: dict, warnings: tuple[str, ...] = ()) -> Manifest:
     default_env = envs[0].name if len(envs) == 1 else None
     services = []
     for s in d.get("services") or []:
-        kw = {k: v for k, v in s.items() if k not in ("gpus", "vllm_args", "env")}
+        kw = {k: v for k, v in s.items() if k not in ("gpus", "vllm_args", "env", "ray")}
+        if s.get("ray") is not None:
+            kw["ray"] = tuple(sorted(s["ray"].items()))
         kw.setdefault("environment", default_env)
         services.append(ServiceSpec(**kw, gpus=_tuple(s.get("gpus")), vllm_args=_tuple(s.get("vllm_args")),
                                     env=tuple(sorted((str(k), str(v)) for k, v in (s.get("env") or {}).items()))))

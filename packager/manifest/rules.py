@@ -109,9 +109,18 @@ def cross_checks(problems: Problems, tree: NodeTree, data: dict, base: Path) -> 
             add(["services", i], "several environments: say which one with 'environment'")
         tp, pp = s.get("tensor_parallel_size") or 1, s.get("pipeline_parallel_size") or 1
         gpus = s.get("gpus")
-        if isinstance(gpus, list) and gpus and isinstance(tp, int) and isinstance(pp, int) and len(gpus) != tp * pp:
+        nodes = s.get("nodes", 1)
+        if isinstance(gpus, list) and gpus and isinstance(tp, int) and isinstance(pp, int) and nodes == 1 \
+                and len(gpus) != tp * pp:
             add(["services", i, "gpus"], f"{len(gpus)} GPU(s) listed but tensor_parallel_size × "
                                          f"pipeline_parallel_size = {tp * pp}")
+        if "node" in s:
+            add(["services", i, "node"], "node: (head or worker) is one server's part, not the bundle's: give it "
+                                         "when installing, with install.sh --overrides FILE (docs/multinode.md)")
+        for rel, msg in records.cluster_problems({k: v for k, v in s.items() if k != "node"}):
+            path = ["services", i, *rel]
+            if not problems.has(path):
+                add(path, msg)
         if isinstance(gpus, list) and len(set(gpus)) != len(gpus):
             add(["services", i, "gpus"], "a GPU index is listed twice")
         port = s.get("port", records.DEFAULT_PORT)  # the default port takes part in the check too

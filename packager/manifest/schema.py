@@ -115,6 +115,16 @@ SERVICE_SCHEMA = _obj({
                 "description": "adapt a generative model for task embed/score (vLLM --convert, vLLM >= 0.10.1)"},
     "max_lora_rank": {"type": "integer", "enum": list(records.LORA_RANKS),
                       "description": "vLLM --max-lora-rank (default: the smallest that holds the adapters' ranks)"},
+    "nodes": {"type": "integer", "minimum": 1, "maximum": records.MAX_NODES,
+              "description": "servers the service spans (> 1: a Ray cluster, llm-ray-head@/llm-ray-worker@ units, "
+                             "tensor_parallel_size × pipeline_parallel_size workers spread evenly over them)"},
+    "ray": _obj({"port": {"type": "integer", "minimum": 1024, "maximum": records.MAX_RAY_PORT,
+                          "description": "the head's Ray GCS port (default 6379); Ray's other ports follow it"},
+                 "wait_s": {"type": "integer", "minimum": 10, "maximum": 86400,
+                            "description": "how long vLLM on the head waits for the nodes (default 900)"}},
+                (), "the Ray cluster of a service with nodes > 1"),
+    "node": {"description": "not in the manifest: each server's part (head or worker) is given at install time "
+                           "with install.sh --overrides"},
 }, ("name", "model"), "a vLLM instance run by systemd as llm@<name>")
 
 SCHEMA: dict = {

@@ -21,6 +21,15 @@ and document.py (the whole MANIFEST: header, artifacts, cross-checks, canonical 
 Standard library only: this runs on the target with the bundle's bare Python.
 """
 
+from installer.bundle.manifest.cluster import (
+    MAX_NODES,
+    MAX_RAY_PORT,
+    ROLES,
+    NodeRole,
+    RaySettings,
+    bundle_resource,
+    cluster_problems,
+)
 from installer.bundle.manifest.document import (
     ArtifactRecord,
     ArtifactRef,
@@ -105,6 +114,7 @@ __all__ = [
     "SERVICE_FIELDS", "SHA256_RE", "SONAME_RE", "SOURCES", "TOOL_RE", "URL_RE", "VERSION_RE", "WILDCARD_HOSTS",
     "LORA_RANKS", "MAX_LORA_RANK", "TASKS", "AdapterInfo", "adapter_problems", "lora_flags", "parse_version",
     "rank_problem", "task_flags", "task_problems",
+    "MAX_NODES", "MAX_RAY_PORT", "ROLES", "NodeRole", "RaySettings", "bundle_resource", "cluster_problems",
     "ArtifactRecord", "ArtifactRef", "BundleInfo", "EnvFrame", "EnvironmentRecord", "Manifest", "ManifestFieldError",
     "ModelFile", "ModelRecord", "Problem", "ServiceRecord", "TargetInfo", "VllmInfo", "abs_path_problem",
     "as_environment", "as_manifest", "as_service", "control_char_problem", "field_path", "host_problem",

@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from installer.bundle.manifest.cluster import MAX_NODES, NodeRole, RaySettings, cluster_problems
 from installer.bundle.manifest.fields import FieldReader, kind_of
 from installer.bundle.manifest.record import FrozenDict, Record
 from installer.bundle.manifest.rules import (
@@ -125,9 +126,10 @@ def service_warnings(svc: Mapping) -> list[Problem]:
 SERVICE_FIELDS = ("name", "model", "environment", "served_model_name", "host", "port", "gpus",
                   "tensor_parallel_size", "pipeline_parallel_size", "max_model_len", "dtype",
                   "gpu_memory_utilization", "trust_remote_code", "api_key_file", "serve_by", "vllm_args", "env",
-                  "task", "convert", "max_lora_rank")
+                  "task", "convert", "max_lora_rank", "nodes", "ray", "node")
 # written to MANIFEST.json only when set: a bundle without them has the MANIFEST it had before they existed
-OPTIONAL_FIELDS = {"task": "generate", "convert": None, "max_lora_rank": None}
+OPTIONAL_FIELDS = {"task": "generate", "convert": None, "max_lora_rank": None, "nodes": 1, "ray": None,
+                   "node": None}
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,9 @@ class ServiceRecord(Record):
     task: str = "generate"  # generate | embed | score (installer/bundle/manifest/tasks.py)
     convert: str | None = None  # embed | classify: adapt a generative model (vLLM >= 0.10.1)
     max_lora_rank: int | None = None  # default: from the adapters' ranks
+    nodes: int = 1  # > 1: served over a Ray cluster of that many servers (installer/bundle/manifest/cluster.py)
+    ray: RaySettings | None = None  # the cluster's ports and wait (default RaySettings() when nodes > 1)
+    node: NodeRole | None = None  # this server's part (head or worker): per server, from --overrides
 
     def to_dict(self) -> dict:
         out = super().to_dict()
@@ -204,12 +209,29 @@ class ServiceRecord(Record):
             task=r.str("task", choices=TASKS, optional=True) or "generate",
             convert=r.str("convert", choices=CONVERTS, optional=True),
             max_lora_rank=_lora_rank(r),
+            nodes=r.int("nodes", minimum=1, maximum=MAX_NODES, optional=True, default=1),
+            ray=RaySettings.read(ray_r) if (ray_r := r.child("ray", optional=True)) is not None else None,
+            node=NodeRole.read(node_r) if (node_r := r.child("node", optional=True)) is not None else None,
         )
         problems = service_problems({**svc.to_dict(), "env": env_r.obj if env_r is not None else {}})
+        problems += cluster_problems(svc.to_dict())
         if problems:
             rel, msg = problems[0]
             r.fail(rel, msg)
         return svc
+
+    @property
+    def multi_node(self) -> bool:
+        return self.nodes > 1
+
+    @property
+    def ray_settings(self) -> RaySettings:
+        return self.ray or RaySettings()
+
+    @property
+    def workers_per_node(self) -> int:
+        """Model workers (GPUs) on each node: tensor_parallel_size × pipeline_parallel_size / nodes."""
+        return max(1, self.tensor_parallel_size * self.pipeline_parallel_size // self.nodes)
 
     @property
     def api_name(self) -> str:
