@@ -244,3 +244,58 @@ def test_a_delta_bundles_bootstrap_uses_the_runtime_the_host_kept(tmp_path, bund
     out = subprocess.run([tmp_path / "py" / py, "-c", "import sys; print(sys.version_info[0])"],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "3"
+
+
+CLUSTER_INI = """[llm_fleet]
+n1 ansible_host=10.0.0.1
+n2 ansible_host=10.0.0.2 llm_node_interface=ib0
+n3 ansible_host=10.0.0.3 llm_node_address=10.9.0.3
+
+[llm_ray_head]
+n1 llm_node_address=10.9.0.1
+
+[llm_ray_workers]
+n2
+n3
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster_bundle(tmp_path_factory, t1_parts, keys) -> Path:
+    out = tmp_path_factory.mktemp("fleet-cluster-bundle")
+    return make_bundle(out, BundleSpec(name="big", version="1.0.0", env=t1_parts, models=[tiny_model()],
+                                       services=[service(nodes=3, pipeline_parallel_size=3)]), keys)
+
+
+def test_cluster_roles_come_from_the_inventory_groups(tmp_path, cluster_bundle, keys) -> None:
+    """A service that spans nodes: [llm_ray_head] is the head, [llm_ray_workers] its workers (head_address from
+    the head's llm_node_address); the role's template (real Ansible) gives the same; workers are installed
+    before the head."""
+    inv = tmp_path / "hosts.ini"
+    inv.write_text(CLUSTER_INI)
+    res = generate(cluster_bundle, inv, keys.pub, tmp_path / "fleet")
+    assert res.overrides == {
+        "n1": {"services": {"tiny": {"node": {"role": "head", "address": "10.9.0.1"}}}},
+        "n2": {"services": {"tiny": {"node": {"role": "worker", "head_address": "10.9.0.1", "interface": "ib0"}}}},
+        "n3": {"services": {"tiny": {"node": {"role": "worker", "head_address": "10.9.0.1",
+                                               "address": "10.9.0.3"}}}},
+    }
+    out = tmp_path / "fleet"
+    env = {"PATH": f"{ANSIBLE}:/usr/bin:/bin", "HOME": str(tmp_path), "ANSIBLE_HOME": str(tmp_path)}
+    tpl = "roles/llm_bundle/templates/overrides.json.j2"
+    r = subprocess.run([ANSIBLE / "ansible", "llm_fleet", "-m", "ansible.builtin.debug", "-a",
+                        f"msg={{{{ lookup('template', '{tpl}') | from_json }}}}", "-o"],
+                       cwd=out, capture_output=True, text=True, check=False, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = {h: json.loads(doc)["msg"] for h, _, doc in (ln.partition(" | SUCCESS => ") for ln in r.stdout.splitlines())}
+    assert got == res.overrides
+    plays = subprocess.run([ANSIBLE / "ansible-playbook", "site.yml", "--list-hosts"], cwd=out, capture_output=True,
+                           text=True, check=True, env=env).stdout
+    rolling, head = plays.split("rolling install")[1].split("the Ray head")
+    assert "n2" in rolling and "n3" in rolling and "n1" not in rolling and "n1" in head and "n2" not in head
+    # a host in neither group, or a cluster of the wrong size, is refused before anything is written
+    inv.write_text(CLUSTER_INI.replace("n3\n", ""))
+    with pytest.raises(UsageError) as ei:
+        generate(cluster_bundle, inv, keys.pub, tmp_path / "fleet2")
+    assert "host n3: service tiny spans 3 nodes: put n3 in [llm_ray_head] or [llm_ray_workers]" in ei.value.message
+    assert not (tmp_path / "fleet2").exists()

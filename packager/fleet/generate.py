@@ -73,9 +73,15 @@ def generate(bundle_dir: Path, inventory: Path, pubkey: Path, out: Path, *, bund
                               f"[{inv_mod.GROUP}:children])")
     services = [s.name for s in b.records.services]
     per_host, problems = {}, []
+    spanning = [s for s in b.records.services if s.multi_node]
+    nodes: dict[str, dict] = {}
+    for s in spanning[:1]:  # the hosts' parts in it, from the inventory groups (one such service per bundle)
+        nodes, problems = inv_mod.cluster_nodes(inv, hosts, s.name, s.nodes)
     for h in hosts:
         try:
             ov = inv_mod.host_overrides(inv.host_vars(h), services, host=h)
+            if h in nodes:
+                ov["services"].setdefault(spanning[0].name, {})["node"] = nodes[h]
             overrides.apply(b.manifest, ov, source=f"host {h}")
             per_host[h] = ov
         except UsageError as e:
@@ -137,6 +143,8 @@ def group_vars(b: Bundle, key: bytes, py: str, rt_sha: str, src: str) -> str:
         "llm_bundle_name": b.name,
         "llm_bundle_version": b.version,
         "llm_bundle_services": [s.name for s in b.records.services] if b.records else [],
+        # the service that spans nodes: each host's part comes from [llm_ray_head] / [llm_ray_workers]
+        "llm_cluster_service": next((s.name for s in b.records.services if s.multi_node), "") if b.records else "",
         "llm_bundle_src": src,
         "llm_fleet_dir": FLEET_DIR,
         "llm_bundle_dest": "{{ llm_fleet_dir }}/bundles/" + f"{b.name}-{b.version}",

@@ -9,6 +9,11 @@ The per-host variables (also what the role's ``overrides.json.j2`` turns into ``
 ``llm_port``, ``llm_host``, ``llm_gpus`` (``0,1`` or ``[0, 1]``), ``llm_api_key_file``,
 ``llm_tensor_parallel_size`` for the service ``llm_service`` (default: the bundle's only service), and
 ``llm_overrides`` (the whole ``{"services": {...}}`` object as JSON) on top.
+
+A bundle whose service spans nodes (``nodes: N``, docs/multinode.md) takes each host's part from two groups:
+the one host of ``[llm_ray_head]`` is the head, the hosts of ``[llm_ray_workers]`` its workers (their
+``head_address`` is the head's ``llm_node_address``, else its ``ansible_host``, else its name);
+``llm_node_address`` and ``llm_node_interface`` set a host's own cluster address and interface.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from installer.errors import UsageError
 GROUP = "llm_fleet"  # the group the playbook rolls out to (all hosts of the inventory are checked)
 SIMPLE_VARS = {"llm_port": "port", "llm_host": "host", "llm_gpus": "gpus", "llm_api_key_file": "api_key_file",
                "llm_tensor_parallel_size": "tensor_parallel_size"}
+HEAD_GROUP, WORKER_GROUP = "llm_ray_head", "llm_ray_workers"
 _SECTION = re.compile(r"\[([A-Za-z0-9_.-]+)(?::(vars|children))?\]")
 _HOST = re.compile(r"[A-Za-z0-9_.:-]+")
 
@@ -156,3 +162,34 @@ def _int(v: Any, var: str, host: str) -> int:
 def _gpus(v: Any, host: str) -> list[int]:
     items = v.split(",") if isinstance(v, str) else v if isinstance(v, list | tuple) else [v]
     return [_int(str(x).strip(), "llm_gpus", host) for x in items if str(x).strip()]
+
+
+def cluster_nodes(inv: Inventory, hosts: Sequence[str], service: str, nodes: int) -> tuple[dict[str, dict], list[str]]:
+    """Each host's ``node`` field for the multi-node ``service`` from the inventory groups, and the problems
+    (a host in neither group, not exactly one head, not ``nodes`` hosts in all)."""
+    heads = [h for h in inv.members(HEAD_GROUP) if h in hosts]
+    workers = [h for h in inv.members(WORKER_GROUP) if h in hosts and h not in heads]
+    problems = []
+    if len(heads) != 1:
+        problems.append(f"service {service} spans {nodes} nodes: [{HEAD_GROUP}] must name exactly one host of "
+                        f"[{GROUP}] (it names {len(heads)}: {', '.join(heads) or 'none'})")
+    for h in hosts:
+        if h not in heads and h not in workers:
+            problems.append(f"host {h}: service {service} spans {nodes} nodes: put {h} in [{HEAD_GROUP}] or "
+                            f"[{WORKER_GROUP}]")
+    if len(heads) == 1 and len(heads) + len(workers) != nodes:
+        problems.append(f"service {service} spans {nodes} nodes but the inventory has {len(heads) + len(workers)} "
+                        f"(1 in [{HEAD_GROUP}], {len(workers)} in [{WORKER_GROUP}])")
+    out: dict[str, dict] = {}
+    if problems:
+        return out, problems
+    hv = inv.host_vars(heads[0])
+    head_address = str(hv.get("llm_node_address") or hv.get("ansible_host") or heads[0])
+    for h in heads + workers:
+        v = inv.host_vars(h)
+        node: dict[str, Any] = {"role": "head"} if h in heads else {"role": "worker", "head_address": head_address}
+        for var, key in (("llm_node_address", "address"), ("llm_node_interface", "interface")):
+            if v.get(var):
+                node[key] = str(v[var])
+        out[h] = node
+    return out, problems
