@@ -93,7 +93,9 @@ def render(info: dict) -> str:
                    f"{s['host']}:{s['port']}, env {s.get('environment')}, GPUs {gpus}, "
                    f"tp {s.get('tensor_parallel_size')}, max_model_len {s.get('max_model_len') or 'auto'}"
                    + (f", task {s['task']}" + (f" (convert {s['convert']})" if s.get("convert") else "")
-                      if s.get("task", "generate") != "generate" else ""))
+                      if s.get("task", "generate") != "generate" else "")
+                   + (f", {s['nodes']} nodes over Ray (pp {s.get('pipeline_parallel_size')}, port "
+                      f"{(s.get('ray') or {}).get('port', 6379)})" if (s.get("nodes") or 1) > 1 else ""))
     d = info.get("delta")
     if d:
         base = ", ".join(f"{b['name']} {b['version']}" for b in d["base"]) or "?"
