@@ -92,21 +92,26 @@ def local_address_towards(host: str, port: int) -> str | None:
     return None
 
 
-def interface_of(address: str) -> str | None:
-    """The interface holding the IPv4 ``address`` (None when none does, or for IPv6)."""
+def _ipv4_addresses() -> list[tuple[str, str]]:
+    """(interface, IPv4 address) of every interface that has one."""
     try:
         names = [n for _, n in socket.if_nameindex()]
     except OSError:
-        return None
+        return []
+    out = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for n in names:
             try:
                 raw = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", n.encode()[:15]))
             except OSError:
                 continue
-            if socket.inet_ntoa(raw[20:24]) == address:
-                return n
-    return None
+            out.append((n, socket.inet_ntoa(raw[20:24])))
+    return out
+
+
+def interface_of(address: str) -> str | None:
+    """The interface holding the IPv4 ``address`` (None when none does, or for IPv6)."""
+    return next((n for n, ip in _ipv4_addresses() if ip == address), None)
 
 
 def resolve(svc: ServiceRecord, m: Manifest) -> ClusterNode | None:
@@ -148,20 +153,7 @@ def missing_role_hint(svc: ServiceRecord) -> str:
 
 def _only_address() -> str | None:
     """The one non-loopback IPv4 address of this host (None when there are none or several)."""
-    found = []
-    try:
-        names = [n for _, n in socket.if_nameindex()]
-    except OSError:
-        return None
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for n in names:
-            try:
-                raw = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", n.encode()[:15]))
-            except OSError:
-                continue
-            ip = socket.inet_ntoa(raw[20:24])
-            if not ip.startswith("127."):
-                found.append(ip)
+    found = [ip for _, ip in _ipv4_addresses() if not ip.startswith("127.")]
     return found[0] if len(found) == 1 else None
 
 
