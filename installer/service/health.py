@@ -348,9 +348,7 @@ def instance_status(
         if env.get("LLM_RAY_ROLE"):
             row["cluster"] = _cluster_status(root, name, env, live)
             if env["LLM_RAY_ROLE"] == "worker":  # no API server here: the Ray worker's unit is the instance
-                row["unit"] = row["cluster"]["unit"]
-                for k in ("active", "health"):
-                    row[k] = row["cluster"].get(k) if k == "active" else None
+                row["unit"], row["active"], row["health"] = row["cluster"]["unit"], row["cluster"]["active"], None
         rows.append(row)
     return rows
 
