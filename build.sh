@@ -6,7 +6,8 @@
 #                         container, start llm@tiny and print a real completion (needs root + apt)
 #   ./build.sh test       ... then run the whole test suite (what CI runs)
 #
-# Environment: PYTHON (interpreter to build the venv with, default python3), LLM_PACK_VENV (default .venv).
+# Environment: PYTHON (interpreter to build the venv with, default python3), LLM_PACK_VENV (default .venv),
+#              LLM_TEST_WORKERS (test processes for ./build.sh test, default 2; 0: none).
 set -eu
 
 main() {
@@ -25,7 +26,8 @@ main() {
     case "$cmd" in
         setup) echo "ready: $(venv_bin)/pack --help" ;;
         demo) "$(venv_bin)/python" -m devkit.demo "$@" ;;
-        test) "$(venv_bin)/python" -m pytest "$@" ;;
+        # whole test files go to LLM_TEST_WORKERS workers (default 2; 0 runs them in this process)
+        test) "$(venv_bin)/python" -m pytest -n "${LLM_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
     esac
 }
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -150,8 +151,19 @@ def test_cached_pack_reuses_the_archive_while_the_lock_is_unchanged(built_env, c
     other = build_env(env_spec("t1", conda_channel, wheel_dir, cuda="12.4"), TARGET, tmp_path / "w2", progress=False)
     fourth = cached_pack(other, cache)
     assert not fourth.reused and fourth.path != first.path
-    assert sorted(p.name for p in cache.iterdir()) == sorted([fourth.path.name, fourth.path.with_suffix("")
-                                                              .with_suffix(".json").name])
+    stem = fourth.path.name.removesuffix(".tar.zst")
+    assert sorted(p.name for p in cache.iterdir()) == sorted([f"{stem}.tar.zst", f"{stem}.json", f".{stem}.lock"])
+
+
+def test_two_builds_packing_one_environment_at_once_pack_it_once(built_env, tmp_path):
+    """Two `pack build`s on one host (or test files on two workers) pack the same environment: the second
+    waits for the first and reuses its archive instead of racing it over the same files."""
+    cache = tmp_path / "packed"
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: cached_pack(built_env, cache), range(2)))
+    assert sorted(r.reused for r in results) == [False, True]
+    assert len({(r.path, r.sha256, r.size) for r in results}) == 1
+    assert hashlib.sha256(results[0].path.read_bytes()).hexdigest() == results[0].sha256
 
 
 def test_prefix_form_packs_an_env_built_by_hand(built_env, tmp_path):

@@ -323,8 +323,10 @@ class Container(Commands):
 
 
 def _machine_name(name: str) -> str:
-    clean = re.sub(r"[^A-Za-z0-9-]", "-", name).strip("-")[:40]
-    return clean or "llm-target"
+    clean = re.sub(r"[^A-Za-z0-9-]", "-", name).strip("-")[:40] or "llm-target"
+    # test files run side by side on pytest-xdist workers: one machine name per worker
+    worker = re.sub(r"[^A-Za-z0-9]", "", os.environ.get("PYTEST_XDIST_WORKER", ""))[:8]
+    return f"{clean}-{worker}" if worker else clean
 
 
 def _escape_colon(path: str) -> str:

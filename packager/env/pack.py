@@ -30,6 +30,7 @@ What this means for the target (the installer):
 from __future__ import annotations
 
 import codecs
+import fcntl
 import hashlib
 import json
 import os
@@ -367,6 +368,13 @@ def cached_pack(built: BuiltEnv, cache_dir: Path, *, level: int = 3, threads: in
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{built.spec.name}-{built.content_hash[:16]}"
+    # one pack of an environment at a time: a second build on this host waits, then reuses the archive
+    with open(cache_dir / f".{stem}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _cached_pack_locked(built, cache_dir, stem, level=level, threads=threads)
+
+
+def _cached_pack_locked(built: BuiltEnv, cache_dir: Path, stem: str, *, level: int, threads: int) -> PackResult:
     path, rec_path = cache_dir / f"{stem}.tar.zst", cache_dir / f"{stem}.json"
     if path.is_file() and rec_path.is_file():
         try:
@@ -389,4 +397,5 @@ def cached_pack(built: BuiltEnv, cache_dir: Path, *, level: int = 3, threads: in
         if old != path:
             old.unlink(missing_ok=True)
             old.with_suffix("").with_suffix(".json").unlink(missing_ok=True)
+            (cache_dir / f".{old.name.removesuffix('.tar.zst')}.lock").unlink(missing_ok=True)
     return res

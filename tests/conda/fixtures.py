@@ -9,6 +9,7 @@ whose CLI has a ``download-kernels`` command that writes a marker into the env.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -50,11 +51,14 @@ def zstandard_wheel(dest: Path) -> Path:
     import zstandard
 
     cache = default_cache_dir() / "wheels"
-    found = sorted(cache.glob(f"zstandard-{zstandard.__version__}-*.whl"))
-    if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                        "-d", str(cache), f"zstandard=={zstandard.__version__}"], check=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:  # test files on other workers download it too
+        fcntl.flock(lock, fcntl.LOCK_EX)
         found = sorted(cache.glob(f"zstandard-{zstandard.__version__}-*.whl"))
+        if not found:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                            "-d", str(cache), f"zstandard=={zstandard.__version__}"], check=True)
+            found = sorted(cache.glob(f"zstandard-{zstandard.__version__}-*.whl"))
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / found[0].name
     if not target.exists():
