@@ -8,6 +8,7 @@ BundleWriter as `pack build` does (tests/installer_fixtures.py), with real model
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -226,7 +227,7 @@ def test_json_keys_are_stable(bundles) -> None:
 @pytest.mark.parametrize("what, content, says", [
     ("missing", None, "no such file or directory"),
     ("text", b"hello\n", "neither a bundle, a MANIFEST.json nor an inventory (not valid JSON)"),
-    ("binary", os.urandom(64) + b"\xff", "neither a bundle, a MANIFEST.json nor an inventory"),
+    ("binary", hashlib.shake_256(b"binary").digest(32) + b"\xff", "neither a bundle, a MANIFEST.json nor an inventory"),
     ("other-json", b'{"name": "x", "models": []}', "(JSON with models, name)"),
     ("list", b"[1, 2]", "(JSON with list)"),
     ("bad-inventory", b'{"inventory_version": 7}', "not an inventory of version 1"),
