@@ -27,7 +27,7 @@ main() {
         setup) echo "ready: $(venv_bin)/pack --help" ;;
         demo) "$(venv_bin)/python" -m devkit.demo "$@" ;;
         # whole test files go to LLM_TEST_WORKERS workers (default 2; 0 runs them in this process)
-        test) "$(venv_bin)/python" -m pytest -n "${LLM_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
+        test) "$(venv_bin)/python" -m pytest -n "${LLM_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@" ;;
     esac
 }
 

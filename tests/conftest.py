@@ -37,3 +37,24 @@ _hermetic_environ()
 
 def pytest_report_header(config) -> str:
     return f"hermetic: PIP_CONFIG_FILE={os.environ['PIP_CONFIG_FILE']}, HF_HOME={os.environ['HF_HOME']}"
+
+
+# The longest test files (CI's --durations, 2-core machine, fresh caches), longest first. `./build.sh test`
+# hands whole files to two pytest-xdist workers in collection order (--no-loadscope-reorder), so these start
+# first and the short files fill in around them; the two that build a vLLM environment (vllm-cpu, vllm-ray)
+# start together, the ones that need vllm-cpu built come after it.
+LONGEST_FIRST = (
+    "tests/e2e/test_airgap.py",             # ~10 min: the vllm-cpu environment and the rootfs, then 4 vLLM starts
+    "tests/multinode/test_ray_nspawn.py",   # ~7 min: the vllm-ray environment, two Ray nodes
+    "tests/fleet/test_fleet_nspawn.py",     # ~11 min: three targets, five vLLM starts
+    "tests/e2e/test_services.py",           # ~4 min: chat + embedding instances, LoRA, bench
+    "tests/faults/test_crash.py",
+    "tests/faults/test_corruption.py",
+    "tests/test_demo_model.py",
+    "tests/faults/test_fuzz.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: keeps the rest
