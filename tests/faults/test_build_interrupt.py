@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from devkit.tiny_model import make_tiny_model
+from tests.faults.ctrl_c import default_sigint
 
 pytest_plugins = ("tests.hub.fixtures",)
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +48,8 @@ def _staging_with(out: Path, rel: str) -> bool:
 def _interrupt_while_hashing(cmd: list[str], env: dict, out: Path, delay: float) -> tuple[int, str, float]:
     """Start the build, wait until its staging directory holds the big file (the hash pass starts right
     after placing), wait ``delay`` more, send SIGINT; (exit code, stderr, seconds from SIGINT to exit)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while not _staging_with(out, "models/local/big.safetensors"):
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conda.fixtures import built_env, conda_channel, env_work, wheel_dir  # noqa: F401
+from tests.faults.ctrl_c import default_sigint
 from tests.installer_fixtures import (
     INSTALLER_PKG,
     BundleSpec,
@@ -141,7 +142,7 @@ def test_disk_full_during_env_unpack_then_during_model_copy(tmp_path, big_bundle
 def _start_and_stop_mid_copy(root: Path, bundle: Path, keys) -> subprocess.Popen:
     """Start an install and freeze it (SIGSTOP) while the big model file is being copied."""
     proc = subprocess.Popen([str(c) for c in cmd(root, bundle, keys)], cwd=INSTALLER_PKG.parent,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     stage = root / "var/lib/llm/staging/models/tiny" / ("4" * 40)
     partial = stage / ".model.safetensors.partial"
     deadline = time.monotonic() + 120
